@@ -1,0 +1,123 @@
+"""The reference arithmetic, the op registration (fake, autograd) and backend dispatch."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.conftest import rel_err
+from trp.decompose import RankSpec, compose_conv2d_weight, factor_conv2d_weight
+from trp_kernels import cpp, ops, reference
+
+
+@pytest.mark.parametrize("padding,kernel,dilation,expected", [
+    (1, (3, 3), (1, 1), (1, 1, 1, 1)),
+    ((2, 0), (3, 3), (1, 1), (2, 2, 0, 0)),
+    ("valid", (3, 3), (1, 1), (0, 0, 0, 0)),
+    ("same", (3, 5), (1, 1), (1, 1, 2, 2)),
+    ("same", (4, 2), (1, 1), (1, 2, 0, 1)),   # even kernel: PyTorch puts the extra row/col last
+    ("same", (4, 3), (2, 1), (3, 3, 1, 1)),
+])
+def test_resolve_padding(padding, kernel, dilation, expected):
+    assert reference.resolve_padding(padding, kernel, dilation) == expected
+
+
+@pytest.mark.parametrize("bad", ["full", -1, (1, -2), (1, 2, 3)])
+def test_resolve_padding_rejects(bad):
+    with pytest.raises(ValueError, match="padding"):
+        reference.resolve_padding(bad, (3, 3), (1, 1))
+
+
+@pytest.mark.parametrize("scheme", ["channel", "spatial"])
+@pytest.mark.parametrize("kernel,padding", [((4, 2), "same"), ((3, 3), 1), ((3, 5), (0, 2))])
+def test_lowrank_conv_matches_composed_dense(scheme, kernel, padding):
+    """Two factor convs equal one conv with the multiplied-out weight, for any padding."""
+    conv = torch.nn.Conv2d(5, 7, kernel, padding=padding, dilation=(2, 1), bias=True).double()
+    f = factor_conv2d_weight(conv.weight, RankSpec(rank=3), scheme)
+    x = torch.randn(2, 5, 11, 10, dtype=torch.float64)
+    pad4 = reference.resolve_padding(padding, kernel, (2, 1))
+    out = reference.lowrank_conv2d(x, f.weight1, f.weight2, conv.bias, (1, 1), pad4, (2, 1), scheme)
+    dense = compose_conv2d_weight(f.weight1, f.weight2, scheme)
+    expected = F.conv2d(x, dense, conv.bias, 1, padding, (2, 1))
+    assert out.shape == expected.shape
+    assert rel_err(out, expected) < 1e-12
+
+
+def _conv_args(scheme, channels_last, requires_grad=True, dtype=torch.float64):
+    x = torch.randn(2, 4, 9, 7, dtype=dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    w1 = torch.randn((3, 4, 3, 3) if scheme == "channel" else (3, 4, 3, 1), dtype=dtype)
+    w2 = torch.randn((5, 3, 1, 1) if scheme == "channel" else (5, 3, 1, 3), dtype=dtype)
+    b = torch.randn(5, dtype=dtype)
+    for t in (x, w1, w2, b):
+        t.requires_grad_(requires_grad)
+    return x, w1, w2, b
+
+
+@pytest.mark.parametrize("scheme", ["channel", "spatial"])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("padding", [[1, 1, 1, 1], [0, 1, 2, 1]])
+def test_conv_op_registration(scheme, channels_last, padding):
+    """Schema, fake kernel, autograd registration and AOT dispatch agree with the real op."""
+    args = (*_conv_args(scheme, channels_last), [2, 1], padding, [1, 2], scheme, "cpp")
+    torch.library.opcheck(torch.ops.trp.lowrank_conv2d.default, args)
+
+
+@pytest.mark.parametrize("scheme", ["channel", "spatial"])
+@pytest.mark.parametrize("padding", [[1, 1, 1, 1], [0, 1, 2, 1]])
+def test_conv_op_gradients(scheme, padding):
+    x, w1, w2, b = _conv_args(scheme, False)
+    fn = lambda *t: torch.ops.trp.lowrank_conv2d(*t, [2, 1], padding, [1, 2], scheme, "cpp")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, w1, w2, b))
+    assert torch.autograd.gradcheck(fn, (x, w1, w2, None))
+
+
+def test_conv_op_output_layout_follows_input():
+    x, w1, w2, b = _conv_args("channel", True, requires_grad=False, dtype=torch.float32)
+    out = torch.ops.trp.lowrank_conv2d(x, w1, w2, b, [1, 1], [1, 1, 1, 1], [1, 1], "channel", "cpp")
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+
+
+def _linear_args(requires_grad=True):
+    ts = (torch.randn(3, 2, 6, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64),
+          torch.randn(5, 4, dtype=torch.float64), torch.randn(5, dtype=torch.float64))
+    return tuple(t.requires_grad_(requires_grad) for t in ts)
+
+
+def test_linear_op_registration_and_gradients():
+    x, w1, w2, b = _linear_args()
+    torch.library.opcheck(torch.ops.trp.lowrank_linear.default, (x, w1, w2, b, "cpp"))
+    fn = lambda *t: torch.ops.trp.lowrank_linear(*t, "cpp")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, w1, w2, b))
+    assert torch.autograd.gradcheck(fn, (x, w1, w2, None))
+    out = torch.ops.trp.lowrank_linear(x, w1, w2, b, "cpp")
+    assert rel_err(out, x @ w1.T @ w2.T + b) < 1e-12
+
+
+def test_auto_backend_on_cpu():
+    expected = "cpp" if cpp.available() else "torch"
+    assert ops.resolve_backend("auto", "cpu", torch.float32) == expected
+    assert ops.resolve_backend("auto", "cpu", torch.float64) == "torch"  # cpp runs float32 only
+    assert ops.resolve_backend("auto", "meta", torch.float32) == "torch"
+    assert ops.resolve_backend("torch", "cpu", torch.float16) == "torch"
+
+
+def test_explicit_backend_refusals_are_named():
+    with pytest.raises(ops.BackendError, match=r"backend 'cpp' .*dtype torch.float64 is not supported"):
+        ops.resolve_backend("cpp", "cpu", torch.float64)
+    with pytest.raises(ops.BackendError, match=r"tensors are on meta; cpp needs cpu"):
+        ops.resolve_backend("cpp", "meta", torch.float32)
+    if not ops._TRITON_INTERPRET:
+        with pytest.raises(ops.BackendError, match="triton needs cuda"):
+            ops.resolve_backend("triton", "cpu", torch.float32)
+    with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
+        ops.resolve_backend("cudnn", "cpu", torch.float32)
+
+
+def test_triton_is_never_auto_on_cpu_even_when_interpreting():
+    assert "triton" not in ops.AUTO_ORDER["cpu"]
+
+
+def test_no_backend_is_fused_yet_and_summary_can_say_so():
+    # Flips to True per backend as the fused kernels land (issues 5 and 6).
+    assert [ops.is_fused(b) for b in ops.BACKENDS] == [False, False, False]

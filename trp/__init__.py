@@ -1,0 +1,18 @@
+"""trp: Trained Rank Pruning for CNNs that are faster in wall-clock time, not just on paper.
+
+    model = trp.compile(model)        # fold BN, factor k×k convs, swap in low-rank modules
+    print(trp.summary(model, x))      # MACs and params per layer, before and after
+    trp.save(model, "m.safetensors"); trp.load("m.safetensors", fresh_model)
+"""
+
+from trp.compile import CompileConfig, compile, default_filter
+from trp.decompose import RankSpec, select_rank
+from trp.io import load, save
+from trp.modules import LowRankConv2d, LowRankLinear
+from trp.summary import Summary, summary
+from trp_kernels.ops import BackendError
+
+__version__ = "0.1.0"
+
+__all__ = ["compile", "CompileConfig", "default_filter", "RankSpec", "select_rank", "save", "load",
+           "LowRankConv2d", "LowRankLinear", "summary", "Summary", "BackendError", "__version__"]

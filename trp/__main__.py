@@ -1,0 +1,5 @@
+import sys
+
+from trp.cli import main
+
+sys.exit(main())

@@ -1,0 +1,139 @@
+"""Command line: ``python -m trp demo``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+
+import torch
+
+MODELS = ("resnet18", "resnet50", "resnet20", "resnet56", "vgg16")
+
+
+def _build(name: str):
+    from trp import models
+
+    if name == "resnet18":
+        return models.resnet18(), 224
+    if name == "resnet50":
+        return models.resnet50(), 224
+    if name == "vgg16":
+        return models.vgg16(), 224
+    return models.resnet_cifar(int(name[len("resnet"):])), 32
+
+
+def _randomise_bn(model: torch.nn.Module, g: torch.Generator) -> None:
+    """Non-trivial BatchNorm statistics, so that folding them is actually exercised."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1, generator=g)
+            m.running_var.uniform_(0.5, 2.0, generator=g)
+            m.weight.data.uniform_(0.5, 1.5, generator=g)
+            m.bias.data.normal_(0, 0.1, generator=g)
+
+
+def demo(args: argparse.Namespace) -> dict:
+    import trp
+    from trp import models
+    from trp.timing import measure
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    g = torch.Generator().manual_seed(args.seed)
+    torch.manual_seed(args.seed)
+    model, size = _build(args.model)
+    size = args.size or size
+    model.eval()
+    _randomise_bn(model, g)
+    # Trained networks have decaying spectra (TRP training makes them decay much faster);
+    # random init has flat ones. Until the demo trains (TRP training), it plants one.
+    tau = args.decay
+    models.set_conv_spectra(model, lambda full: torch.exp(-torch.arange(full) / (tau * full)),
+                            scheme=args.scheme, generator=g)
+    x = torch.randn(args.batch, 3, size, size, generator=g)
+    with torch.no_grad():
+        ref = model(x)
+    dense_t = measure(lambda: _no_grad(model, x), warmup=args.warmup, repeats=args.repeats)
+
+    compiled = trp.compile(model, energy=args.energy, scheme=args.scheme, inplace=False)
+    table = trp.summary(compiled, x)
+    with torch.no_grad():
+        out = compiled(x)
+    rel_l2 = ((out - ref).norm() / ref.norm()).item()
+    rel_max = ((out - ref).abs().max() / ref.abs().max()).item()
+    low_t = measure(lambda: _no_grad(compiled, x), warmup=args.warmup, repeats=args.repeats)
+
+    print(f"trp demo: {args.model}, input {tuple(x.shape)}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    print(f"weights: random, k x k conv spectra set to sigma_i = exp(-i / ({tau} * full rank)) "
+          f"(synthetic stand-in for a trained network), BatchNorm statistics random")
+    print(f"trp.compile(model, energy={args.energy}, scheme={args.scheme!r})\n")
+    print(table)
+    print(f"\noutput error vs dense: relative L2 {rel_l2:.3e}, max |diff| / max |y| {rel_max:.3e}")
+    speedup = dense_t["median_ms"] / low_t["median_ms"]
+    print(f"latency (median of {args.repeats} after {args.warmup} warm-up, CPU): dense "
+          f"{dense_t['median_ms']:.2f} ms, compiled {low_t['median_ms']:.2f} ms -> {speedup:.2f}x "
+          f"(conv/linear MACs {table.macs_dense / table.macs:.2f}x fewer)")
+    result = {"model": args.model, "input_shape": list(x.shape), "energy": args.energy, "scheme": args.scheme,
+              "macs_dense": table.macs_dense, "macs": table.macs, "params_dense": table.params_dense,
+              "params": table.params, "rel_l2_error": rel_l2, "rel_max_error": rel_max,
+              "dense_ms": dense_t, "compiled_ms": low_t, "torch": torch.__version__,
+              "threads": torch.get_num_threads(), "rows": table.rows}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"wrote {args.json}")
+    return result
+
+
+def _no_grad(model, x):
+    with torch.no_grad():
+        return model(x)
+
+
+def _positive(kind):
+    def parse(text):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    return parse
+
+
+def _fraction(text):
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m trp", description="Trained Rank Pruning for CNNs.")
+    sub = p.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("demo", help="compress a ResNet, print the summary, the output error and the latency")
+    d.add_argument("--model", choices=MODELS, default="resnet18")
+    d.add_argument("--energy", type=_fraction, default=0.9, help="energy kept per layer (default 0.9)")
+    d.add_argument("--scheme", choices=("channel", "spatial"), default="channel")
+    d.add_argument("--decay", type=_fraction, default=0.1,
+                   help="planted spectrum decay, as a fraction of full rank (default 0.1)")
+    d.add_argument("--batch", type=_positive(int), default=1)
+    d.add_argument("--size", type=_positive(int), default=None, help="input height/width (default: model's)")
+    d.add_argument("--repeats", type=_positive(int), default=20)
+    d.add_argument("--warmup", type=int, default=5)
+    d.add_argument("--threads", type=_positive(int), default=None)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    d.set_defaults(func=demo)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    args.func(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,390 @@
+"""``trp.compile``: fold BatchNorm, factor the eligible layers, swap in low-rank modules.
+
+The work is planned first and applied after, so bad arguments, unmatched overrides, an
+unusable backend or a weight that cannot be factored raise before the model is touched.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional, Union
+
+import torch
+import torch.fx
+import torch.nn as nn
+
+from trp import decompose
+from trp.modules import LOWRANK_TYPES, LowRankConv2d, LowRankLinear, check_backend
+from trp_kernels import ops
+
+FilterFn = Callable[[nn.Module, str], bool]
+OverrideValue = Union[None, int, float, dict]
+
+# Attributes that compile leaves on layers, read by summary() and save().
+NOTE_ATTR = "_trp_note"          # why a layer stayed dense
+FOLDED_ATTR = "_trp_folded_bn"   # fqn of the BatchNorm folded into this conv
+
+
+@dataclass
+class LayerPlan:
+    """What an override asks for one layer: a rank spec and a scheme (or stay dense)."""
+
+    spec: Optional[decompose.RankSpec]
+    scheme: str
+
+
+@dataclass
+class CompileConfig:
+    """The arguments of :func:`compile`, validated."""
+
+    energy: Optional[float] = None
+    rank: Optional[int] = None
+    ratio: Optional[float] = None
+    overrides: Optional[dict] = None
+    scheme: str = "channel"
+    rank_multiple: int = 16
+    backend: str = "auto"
+    filter_fn: Optional[FilterFn] = None
+    fold_bn: bool = True
+    inplace: bool = True
+    spec: decompose.RankSpec = field(init=False)
+    patterns: list = field(init=False)
+
+    def __post_init__(self):
+        self.spec = decompose.RankSpec(energy=self.energy, rank=self.rank, ratio=self.ratio,
+                                       rank_multiple=self.rank_multiple)
+        decompose.check_scheme(self.scheme)
+        check_backend(self.backend)
+        if self.filter_fn is not None and not callable(self.filter_fn):
+            raise TypeError(f"filter_fn must be callable (module, fqn) -> bool, got {self.filter_fn!r}")
+        for name in ("fold_bn", "inplace"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.overrides is not None and not isinstance(self.overrides, dict):
+            raise TypeError(f"overrides must be a dict from fqn regex to rank/energy/None/dict, "
+                            f"got {type(self.overrides).__name__}")
+        self.patterns = [(p, _compile_pattern(p), self._override_plan(p, v))
+                         for p, v in (self.overrides or {}).items()]
+
+    def _override_plan(self, pattern: str, value: OverrideValue) -> LayerPlan:
+        what = f"overrides[{pattern!r}]"
+        if value is None:
+            return LayerPlan(None, self.scheme)
+        if isinstance(value, bool):
+            raise ValueError(f"{what} must be an int rank, a float energy, None or a dict, got {value!r}")
+        if isinstance(value, int):
+            value = {"rank": value}
+        elif isinstance(value, float):
+            value = {"energy": value}
+        if not isinstance(value, dict):
+            raise ValueError(f"{what} must be an int rank, a float energy, None or a dict, got {value!r}")
+        allowed = {"energy", "rank", "ratio", "rank_multiple", "scheme"}
+        unknown = set(value) - allowed
+        if unknown:
+            raise ValueError(f"{what} has unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}")
+        scheme = value.get("scheme", self.scheme)
+        try:
+            decompose.check_scheme(scheme)
+            spec = decompose.RankSpec(energy=value.get("energy"), rank=value.get("rank"),
+                                      ratio=value.get("ratio"),
+                                      rank_multiple=value.get("rank_multiple", self.rank_multiple))
+        except ValueError as e:
+            raise ValueError(f"{what}: {e}") from None
+        if not any(k in value for k in ("energy", "rank", "ratio")):
+            spec = decompose.RankSpec(energy=self.spec.energy, rank=self.spec.rank, ratio=self.spec.ratio,
+                                      rank_multiple=spec.rank_multiple)
+        return LayerPlan(spec, scheme)
+
+    def plan_for(self, fqn: str) -> tuple[Optional[str], LayerPlan]:
+        """(matching override pattern or None, plan) for the layer ``fqn``."""
+        for pattern, regex, plan in self.patterns:
+            if regex.fullmatch(fqn):
+                return pattern, plan
+        return None, LayerPlan(self.spec, self.scheme)
+
+
+def _compile_pattern(pattern) -> re.Pattern:
+    if not isinstance(pattern, str):
+        raise TypeError(f"overrides keys must be regex strings, got {pattern!r}")
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"overrides key {pattern!r} is not a valid regex: {e}") from None
+
+
+# --- model structure -----------------------------------------------------------------
+
+class _Tracer(torch.fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, LOWRANK_TYPES) or super().is_leaf_module(m, qualname)
+
+
+def trace(model: nn.Module) -> Optional[torch.fx.Graph]:
+    """The model's fx graph, or None when it cannot be traced symbolically."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return _Tracer().trace(model)
+    except Exception:  # noqa: BLE001 - any trace failure means: use the fallbacks
+        return None
+
+
+def walk(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module, nn.Module, str]]:
+    """(fqn, module, parent, attribute name) for every module below ``model``, not
+    descending into low-rank modules."""
+    for name, child in model.named_children():
+        fqn = f"{prefix}.{name}" if prefix else name
+        yield fqn, child, model, name
+        if not isinstance(child, LOWRANK_TYPES):
+            yield from walk(child, fqn)
+
+
+def find_stem(model: nn.Module, graph: Optional[torch.fx.Graph] = None) -> Optional[str]:
+    """The fqn of the first convolution the input meets (by data flow when the model traces,
+    else by registration order)."""
+    modules = dict(model.named_modules())
+    graph = graph if graph is not None else trace(model)
+    if graph is not None:
+        for node in graph.nodes:
+            if node.op == "call_module" and isinstance(modules.get(node.target),
+                                                        (nn.modules.conv._ConvNd, LowRankConv2d)):
+                return node.target
+    for fqn, m in model.named_modules():
+        if isinstance(m, (nn.modules.conv._ConvNd, LowRankConv2d)):
+            return fqn
+    return None
+
+
+class DefaultFilter:
+    """The default choice of layers: every k×k Conv2d but the stem; no 1×1 conv, no Linear."""
+
+    def __init__(self, stem: Optional[str]):
+        self.stem = stem
+
+    def why_not(self, module: nn.Module, fqn: str) -> Optional[str]:
+        if isinstance(module, nn.Linear):
+            return "linear layers are not factored by default (admit them with filter_fn)"
+        if fqn == self.stem:
+            return "stem (the first conv the input meets) stays dense by default"
+        if isinstance(module, nn.Conv2d) and tuple(module.kernel_size) == (1, 1):
+            return "1x1 conv: only kxk convs are factored by default"
+        return None
+
+    def __call__(self, module: nn.Module, fqn: str) -> bool:
+        return self.why_not(module, fqn) is None
+
+
+def default_filter(model: nn.Module) -> DefaultFilter:
+    """The filter :func:`compile` uses when ``filter_fn`` is None; combine it with your own,
+    e.g. ``f = trp.default_filter(m); filter_fn=lambda mod, q: isinstance(mod, nn.Linear) or f(mod, q)``."""
+    return DefaultFilter(find_stem(model))
+
+
+@dataclass
+class BNFold:
+    conv: str
+    bn: str
+    weight: torch.Tensor
+    bias: torch.Tensor
+
+
+def _fold_tensors(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    w = conv.weight.detach().double()
+    b = conv.bias.detach().double() if conv.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype,
+                                                                               device=w.device)
+    scale = (bn.running_var.double() + bn.eps).rsqrt()
+    shift = -bn.running_mean.double() * scale
+    if bn.affine:
+        scale, shift = scale * bn.weight.detach().double(), shift * bn.weight.detach().double() + bn.bias.detach().double()
+    dtype = conv.weight.dtype
+    return (w * scale[:, None, None, None]).to(dtype), (b * scale + shift).to(dtype)
+
+
+def _bn_pairs(model: nn.Module, graph: Optional[torch.fx.Graph]) -> list[tuple[str, str]]:
+    """(conv fqn, bn fqn) pairs where the BN reads only that conv's output and the conv feeds
+    only that BN, each called once."""
+    modules = dict(model.named_modules())
+    pairs = []
+    if graph is not None:
+        calls: dict[str, int] = {}
+        for node in graph.nodes:
+            if node.op == "call_module":
+                calls[node.target] = calls.get(node.target, 0) + 1
+        for node in graph.nodes:
+            if node.op != "call_module" or not isinstance(modules.get(node.target), nn.BatchNorm2d):
+                continue
+            src = node.args[0] if node.args else None
+            if (isinstance(src, torch.fx.Node) and src.op == "call_module"
+                    and isinstance(modules.get(src.target), nn.Conv2d) and len(src.users) == 1
+                    and calls[src.target] == 1 and calls[node.target] == 1):
+                pairs.append((src.target, node.target))
+        return pairs
+    # Untraceable model: only an nn.Sequential guarantees that a conv feeds the BN after it.
+    seen: dict[int, int] = {}
+    for m in model.modules():
+        seen[id(m)] = seen.get(id(m), 0) + 1
+    for fqn, seq in model.named_modules():
+        if isinstance(seq, nn.Sequential):
+            names = list(seq._modules)
+            for a, b in zip(names, names[1:]):
+                conv, bn = seq._modules[a], seq._modules[b]
+                if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) \
+                        and seen[id(conv)] == 1 and seen[id(bn)] == 1:
+                    prefix = f"{fqn}." if fqn else ""
+                    pairs.append((prefix + a, prefix + b))
+    return pairs
+
+
+def plan_bn_folds(model: nn.Module, graph: Optional[torch.fx.Graph]) -> tuple[list[BNFold], list[str]]:
+    """Folds of eval-mode BatchNorm2d into the conv before it, and notes on the ones skipped."""
+    modules = dict(model.named_modules())
+    folds, skipped = [], []
+    for conv_fqn, bn_fqn in _bn_pairs(model, graph):
+        conv, bn = modules[conv_fqn], modules[bn_fqn]
+        if bn.training:
+            skipped.append(f"{bn_fqn} (training mode)")
+        elif bn.running_mean is None:
+            skipped.append(f"{bn_fqn} (track_running_stats=False)")
+        elif bn.num_features != conv.out_channels:
+            skipped.append(f"{bn_fqn} (num_features != {conv_fqn}.out_channels)")
+        else:
+            folds.append(BNFold(conv_fqn, bn_fqn, *_fold_tensors(conv, bn)))
+    return folds, skipped
+
+
+# --- compile -------------------------------------------------------------------------
+
+def _decide(fqn: str, m: nn.Module, weight: torch.Tensor, cfg: CompileConfig,
+            filt: FilterFn) -> tuple[Optional[str], Optional[decompose.Factors], Optional[LayerPlan]]:
+    """(note, factors, plan): a note when the layer stays dense, else its factors."""
+    reason = decompose.refusal(m)
+    if reason:
+        return reason, None, None
+    if not filt(m, fqn):
+        why = filt.why_not(m, fqn) if isinstance(filt, DefaultFilter) else None
+        return why or "excluded by filter_fn", None, None
+    pattern, plan = cfg.plan_for(fqn)
+    if plan.spec is None:
+        return f"kept dense by override {pattern!r}", None, None
+    what = f"weight of {fqn!r}"
+    if isinstance(m, nn.Linear):
+        f = decompose.factor_linear_weight(weight, plan.spec, what)
+        dense, low = m.in_features * m.out_features, f.rank * (m.in_features + m.out_features)
+    else:
+        f = decompose.factor_conv2d_weight(weight, plan.spec, plan.scheme, what)
+        args = (m.out_channels, m.in_channels, m.kernel_size, m.stride)
+        dense = decompose.conv_macs_per_pixel(*args, rank=None)
+        low = decompose.conv_macs_per_pixel(*args, rank=f.rank, scheme=plan.scheme)
+    if low >= dense:
+        return (f"rank {f.rank}/{f.full_rank} ({plan.spec.describe()}) would not cut MACs "
+                f"({low} vs {dense} MACs per output pixel)"), None, None
+    return None, f, plan
+
+
+def _lowrank_from(m: nn.Module, f: decompose.Factors, bias: Optional[torch.Tensor], plan: LayerPlan,
+                  backend: str) -> nn.Module:
+    factory = dict(device=m.weight.device, dtype=m.weight.dtype)
+    if isinstance(m, nn.Linear):
+        new = LowRankLinear(m.in_features, m.out_features, f.rank, bias is not None, backend, **factory)
+    else:
+        new = LowRankConv2d(m.in_channels, m.out_channels, m.kernel_size, f.rank, m.stride, m.padding,
+                            m.dilation, bias is not None, plan.scheme, backend, **factory)
+    with torch.no_grad():
+        new.weight1.copy_(f.weight1)
+        new.weight2.copy_(f.weight2)
+        if bias is not None:
+            new.bias.copy_(bias)
+    new.train(m.training)
+    return new
+
+
+def compile(model: nn.Module, *, energy: Optional[float] = None, rank: Optional[int] = None,
+            ratio: Optional[float] = None, overrides: Optional[dict] = None, scheme: str = "channel",
+            rank_multiple: int = 16, backend: str = "auto", filter_fn: Optional[FilterFn] = None,
+            fold_bn: bool = True, inplace: bool = True) -> nn.Module:
+    """Factor ``model``'s eligible layers into low-rank modules and return the model.
+
+    - Rank: at most one of ``energy`` (default 0.9), ``rank``, ``ratio``; ``rank_multiple``
+      rounds energy/ratio ranks up. ``overrides`` maps fqn regexes (``re.fullmatch``, first
+      match wins) to an int rank, a float energy, None (stay dense) or a dict with keys
+      energy/rank/ratio/rank_multiple/scheme. Overrides act on layers the filter admits.
+    - ``filter_fn(module, fqn) -> bool`` chooses layers (default :func:`default_filter`:
+      every k×k Conv2d except the stem).
+    - ``fold_bn`` folds eval-mode BatchNorm2d into the conv that feeds it (the BN becomes
+      ``nn.Identity``); a model in training mode keeps its BNs, with a warning.
+    - ``backend``: 'auto' (per call: triton on CUDA, cpp on CPU, else torch), or one of
+      'triton', 'cpp', 'torch', checked now against the layers' device and dtype.
+    - Layers already factored are not factored again (their backend is updated).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    cfg = CompileConfig(energy, rank, ratio, overrides, scheme, rank_multiple, backend, filter_fn,
+                        fold_bn, inplace)
+    if not cfg.inplace:
+        model = copy.deepcopy(model)
+
+    entries = list(walk(model))
+    layers = [(fqn, m) for fqn, m, _, _ in entries if decompose.is_layer(m) or isinstance(m, LOWRANK_TYPES)]
+    for pattern, regex, _ in cfg.patterns:
+        if not any(regex.fullmatch(fqn) for fqn, _ in layers):
+            names = ", ".join(fqn for fqn, _ in layers[:8])
+            raise ValueError(f"overrides pattern {pattern!r} matches no conv or linear layer "
+                             f"(re.fullmatch on names such as: {names})")
+    if cfg.backend != "auto":
+        for device, dtype in {(p.device, p.dtype) for _, m in layers for p in m.parameters(recurse=False)}:
+            ops.resolve_backend(cfg.backend, device, dtype)
+
+    graph = trace(model)
+    folds, unfolded = plan_bn_folds(model, graph) if cfg.fold_bn else ([], [])
+    if any("training mode" in u for u in unfolded):
+        warnings.warn("trp.compile: the model is in training mode, so BatchNorm layers were not folded; "
+                      "call model.eval() before trp.compile to fold them", stacklevel=2)
+    folded = {f.conv: f for f in folds}
+    filt = cfg.filter_fn or DefaultFilter(find_stem(model, graph))
+
+    replaced: dict[int, nn.Module] = {}
+    swaps, notes = [], {}
+    for fqn, m, parent, name in entries:
+        if isinstance(m, LOWRANK_TYPES) or not decompose.is_layer(m):
+            continue
+        if id(m) in replaced:  # the same layer object registered twice: swap both
+            swaps.append((parent, name, replaced[id(m)], m))
+            continue
+        fold = folded.get(fqn)
+        weight = fold.weight if fold else m.weight
+        note, factors, plan = _decide(fqn, m, weight, cfg, filt)
+        if note is not None:
+            notes[id(m)] = (m, note)
+            continue
+        bias = fold.bias if fold else m.bias
+        new = _lowrank_from(m, factors, bias, plan, cfg.backend)
+        replaced[id(m)] = new
+        swaps.append((parent, name, new, m))
+
+    # Apply: nothing above touched the model.
+    modules = dict(model.named_modules())
+    for fold in folds:
+        conv = modules[fold.conv]
+        target = replaced.get(id(conv))
+        if target is None:
+            with torch.no_grad():
+                conv.weight.copy_(fold.weight)
+                if conv.bias is None:
+                    conv.bias = nn.Parameter(fold.bias.clone(), requires_grad=conv.weight.requires_grad)
+                else:
+                    conv.bias.copy_(fold.bias)
+            target = conv
+        setattr(target, FOLDED_ATTR, fold.bn)
+        parent_fqn, _, attr = fold.bn.rpartition(".")
+        setattr(modules[parent_fqn] if parent_fqn else model, attr, nn.Identity())
+    for m, note in notes.values():
+        setattr(m, NOTE_ATTR, note)
+    for parent, name, new, _old in swaps:
+        setattr(parent, name, new)
+    for _, m, _, _ in walk(model):
+        if isinstance(m, LOWRANK_TYPES):
+            m.backend = cfg.backend
+    return model

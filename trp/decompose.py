@@ -1,0 +1,203 @@
+"""SVD factorisation of Conv2d and Linear weights, and the one rank-selection routine.
+
+Schemes for a conv weight W of shape (n, c, kh, kw) (see DESIGN.md, "The arithmetic"):
+
+- ``channel``: unfold to n × (c·kh·kw); first factor a kh×kw conv c→r, second a 1×1 conv r→n.
+- ``spatial``: unfold to (c·kh) × (n·kw); first factor a kh×1 conv c→r, second a 1×kw conv r→n.
+
+A Linear weight (out, in) factors to in→r then r→out. √Σ goes to each side, so the two
+factors have comparable scale (better conditioned for fine-tuning and for fp16).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from trp_kernels.reference import SCHEMES
+
+DEFAULT_ENERGY = 0.9
+
+
+@dataclass(frozen=True)
+class RankSpec:
+    """How to choose a layer's rank: exactly one of ``energy``, ``rank``, ``ratio``.
+
+    ``energy`` e picks the smallest r with Σ_{i≤r} σ_i² ≥ e·Σσ²; ``ratio`` takes
+    ⌈ratio·full_rank⌉. Both are then rounded up to a multiple of ``rank_multiple`` (what
+    suits the kernels), never above full rank. An explicit integer ``rank`` is used as
+    given (capped at full rank).
+    """
+
+    energy: Optional[float] = None
+    rank: Optional[int] = None
+    ratio: Optional[float] = None
+    rank_multiple: int = 16
+
+    def __post_init__(self):
+        given = [k for k in ("energy", "rank", "ratio") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give at most one of energy, rank, ratio; got {', '.join(given)}")
+        if not given:
+            object.__setattr__(self, "energy", DEFAULT_ENERGY)
+        if self.energy is not None and (isinstance(self.energy, bool) or not isinstance(self.energy, (int, float))
+                                        or not 0.0 < self.energy <= 1.0):
+            raise ValueError(f"energy must be a number in (0, 1], got {self.energy!r}")
+        if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1):
+            raise ValueError(f"rank must be an int >= 1, got {self.rank!r}")
+        if self.ratio is not None and (isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float))
+                                       or not 0.0 < self.ratio <= 1.0):
+            raise ValueError(f"ratio must be a number in (0, 1], got {self.ratio!r}")
+        if isinstance(self.rank_multiple, bool) or not isinstance(self.rank_multiple, int) or self.rank_multiple < 1:
+            raise ValueError(f"rank_multiple must be an int >= 1, got {self.rank_multiple!r}")
+
+    def describe(self) -> str:
+        if self.rank is not None:
+            return f"rank={self.rank}"
+        if self.ratio is not None:
+            return f"ratio={self.ratio:g}"
+        return f"energy={self.energy:g}"
+
+
+def select_rank(singular_values: torch.Tensor, spec: RankSpec) -> int:
+    """The rank ``spec`` asks for, given a layer's singular values (any order-preserving dtype)."""
+    full = int(singular_values.numel())
+    if full == 0:
+        raise ValueError("singular_values is empty")
+    if spec.rank is not None:
+        return min(spec.rank, full)
+    if spec.ratio is not None:
+        r = math.ceil(spec.ratio * full - 1e-9)
+    else:
+        energy = singular_values.detach().double().pow(2)
+        total = energy.sum()
+        if total <= 0:
+            r = 1
+        else:
+            cumulative = torch.cumsum(energy, 0) / total
+            target = torch.tensor(spec.energy, dtype=cumulative.dtype)
+            r = int(torch.searchsorted(cumulative, target).item()) + 1
+    r = max(1, r)
+    r = math.ceil(r / spec.rank_multiple) * spec.rank_multiple
+    return min(r, full)
+
+
+def check_scheme(scheme: str) -> str:
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+    return scheme
+
+
+def unfold_conv_weight(weight: torch.Tensor, scheme: str) -> torch.Tensor:
+    """The matrix whose rank is the conv's rank under ``scheme``."""
+    n, c, kh, kw = weight.shape
+    if check_scheme(scheme) == "channel":
+        return weight.reshape(n, c * kh * kw)
+    return weight.permute(1, 2, 0, 3).reshape(c * kh, n * kw)
+
+
+def conv_singular_values(weight: torch.Tensor, scheme: str) -> torch.Tensor:
+    """Singular values (descending, float64) of the conv weight's ``scheme`` unfolding."""
+    return torch.linalg.svdvals(unfold_conv_weight(weight.detach().double(), scheme))
+
+
+@dataclass
+class Factors:
+    weight1: torch.Tensor
+    weight2: torch.Tensor
+    rank: int
+    full_rank: int
+    singular_values: torch.Tensor  # float64, all of them
+
+
+def _truncated_svd(matrix: torch.Tensor, spec: RankSpec, what: str):
+    m = matrix.detach().double()
+    if not torch.isfinite(m).all():
+        raise ValueError(f"{what} has non-finite values (nan or inf); cannot factor it")
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    r = select_rank(s, spec)
+    root = s[:r].sqrt()
+    return u[:, :r] * root, root[:, None] * vh[:r], r, s
+
+
+def factor_conv2d_weight(weight: torch.Tensor, spec: RankSpec, scheme: str = "channel",
+                         what: str = "conv weight") -> Factors:
+    """Factor a (n, c, kh, kw) weight into ``weight1`` (r, c, kh, kw | kh, 1) and
+    ``weight2`` (n, r, 1, 1 | 1, kw), in the weight's dtype and device."""
+    n, c, kh, kw = weight.shape
+    left, right, r, s = _truncated_svd(unfold_conv_weight(weight, scheme), spec, what)
+    if scheme == "channel":
+        w1 = right.reshape(r, c, kh, kw)
+        w2 = left.reshape(n, r, 1, 1)
+    else:
+        w1 = left.reshape(c, kh, r).permute(2, 0, 1).unsqueeze(-1)
+        w2 = right.reshape(r, n, kw).permute(1, 0, 2).unsqueeze(2)
+    cast = dict(dtype=weight.dtype, device=weight.device, memory_format=torch.contiguous_format)
+    return Factors(w1.to(**cast), w2.to(**cast), r, int(s.numel()), s)
+
+
+def compose_conv2d_weight(weight1: torch.Tensor, weight2: torch.Tensor, scheme: str) -> torch.Tensor:
+    """The dense (n, c, kh, kw) weight of two conv factors (inverse of the factorisation)."""
+    n, r = weight2.shape[:2]
+    if check_scheme(scheme) == "channel":
+        c, kh, kw = weight1.shape[1:]
+        return (weight2.reshape(n, r) @ weight1.reshape(r, c * kh * kw)).reshape(n, c, kh, kw)
+    return torch.einsum("rci,nrj->ncij", weight1[..., 0], weight2[:, :, 0, :])
+
+
+def factor_linear_weight(weight: torch.Tensor, spec: RankSpec, what: str = "linear weight") -> Factors:
+    """Factor an (out, in) weight into ``weight1`` (r, in) and ``weight2`` (out, r)."""
+    left, right, r, s = _truncated_svd(weight, spec, what)
+    cast = dict(dtype=weight.dtype, device=weight.device)
+    return Factors(right.to(**cast).contiguous(), left.to(**cast).contiguous(), r, int(s.numel()), s)
+
+
+def conv_full_rank(out_channels: int, in_channels: int, kernel_size, scheme: str) -> int:
+    kh, kw = kernel_size
+    if check_scheme(scheme) == "channel":
+        return min(out_channels, in_channels * kh * kw)
+    return min(in_channels * kh, out_channels * kw)
+
+
+def conv_macs_per_pixel(out_channels: int, in_channels: int, kernel_size, stride, rank: Optional[int],
+                        scheme: str = "channel") -> int:
+    """MACs per output pixel of a conv, dense (``rank=None``) or factored.
+
+    The spatial scheme's first factor runs at the input width, about ``stride_w`` times
+    the output width, which is what makes it a poor fit for strided convs.
+    """
+    kh, kw = kernel_size
+    if rank is None:
+        return out_channels * in_channels * kh * kw
+    if check_scheme(scheme) == "channel":
+        return rank * in_channels * kh * kw + out_channels * rank
+    return rank * in_channels * kh * stride[1] + out_channels * rank * kw
+
+
+def refusal(module: nn.Module) -> Optional[str]:
+    """Why ``module``, a conv or linear layer, cannot be factored (None: it can)."""
+    if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
+        return "lazy layer is not initialised yet (run one forward pass first)"
+    if isinstance(module, nn.Linear):
+        return None
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return f"{type(module).__name__} is not supported (only Conv2d and Linear are factored)"
+    if not isinstance(module, nn.Conv2d):
+        return f"{type(module).__name__} is not supported (only Conv2d and Linear are factored)"
+    if module.groups > 1:
+        kind = "depthwise" if module.groups == module.in_channels else "grouped"
+        return f"{kind} conv (groups={module.groups}) is not factored"
+    if module.padding_mode != "zeros":
+        return f"padding_mode={module.padding_mode!r} is not supported (zeros only)"
+    if not module.weight.dtype.is_floating_point:
+        return f"weight dtype {module.weight.dtype} is not a floating type"
+    return None
+
+
+def is_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is a conv or linear layer that trp reports on."""
+    return isinstance(module, (nn.modules.conv._ConvNd, nn.Linear))

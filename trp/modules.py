@@ -1,0 +1,261 @@
+"""Drop-in low-rank layers holding the two factors of a Conv2d or Linear as parameters.
+
+The arithmetic runs in :mod:`trp_kernels.ops`, which picks the kernel for the input's
+device; the factors are ordinary trainable parameters, so fine-tuning works.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from trp import decompose
+from trp_kernels import ops
+from trp_kernels.reference import _pair, resolve_padding
+
+BACKEND_CHOICES = ("auto", *ops.BACKENDS)
+
+
+def check_backend(backend: str) -> str:
+    if backend not in BACKEND_CHOICES:
+        raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
+    return backend
+
+
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return value
+
+
+class _LowRank(nn.Module):
+    """What both low-rank layers share: the rank and the backend setting."""
+
+    rank: int
+    full_rank: int
+
+    @property
+    def backend(self) -> str:
+        """Requested backend: 'auto' (chosen per call from the input) or a backend name."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        self._backend = check_backend(value)
+
+    def resolved_backend(self, device=None, dtype=None) -> str:
+        """The backend a call with tensors of ``device``/``dtype`` would run (default: the
+        parameters'); raises :class:`trp_kernels.ops.BackendError` if an explicit backend
+        cannot run them."""
+        p = self.weight1
+        return ops.resolve_backend(self._backend, device or p.device, dtype or p.dtype)
+
+    def _check_rank(self) -> None:
+        _positive_int(self.rank, "rank")
+        if self.rank > self.full_rank:
+            raise ValueError(f"rank must be <= full rank {self.full_rank} of this layer, got {self.rank}")
+
+
+class LowRankConv2d(_LowRank):
+    """A k×k ``nn.Conv2d`` as two thin convolutions, ``weight1`` then ``weight2`` (+ bias).
+
+    Same constructor arguments as ``nn.Conv2d`` (zero padding, groups=1) plus ``rank``,
+    ``scheme`` ('channel' or 'spatial', see :mod:`trp.decompose`) and ``backend``.
+    Usually built with :meth:`from_conv` or by :func:`trp.compile`.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, rank: int, stride=1,
+                 padding=0, dilation=1, bias: bool = True, scheme: str = "channel",
+                 backend: str = "auto", device=None, dtype=None):
+        super().__init__()
+        self.in_channels = _positive_int(in_channels, "in_channels")
+        self.out_channels = _positive_int(out_channels, "out_channels")
+        self.kernel_size = _pair(kernel_size, "kernel_size")
+        self.stride = _pair(stride, "stride")
+        self.dilation = _pair(dilation, "dilation")
+        for name in ("kernel_size", "stride", "dilation"):
+            for v in getattr(self, name):
+                _positive_int(v, name)
+        if padding == "same" and self.stride != (1, 1):
+            raise ValueError("padding='same' is not supported for strided convolutions")
+        self.padding = tuple(padding) if isinstance(padding, (list, tuple)) else padding
+        self._padding4 = resolve_padding(padding, self.kernel_size, self.dilation)
+        self.scheme = decompose.check_scheme(scheme)
+        self.rank = rank
+        self.full_rank = decompose.conv_full_rank(out_channels, in_channels, self.kernel_size, scheme)
+        self._check_rank()
+        self.backend = backend
+        kh, kw = self.kernel_size
+        shape1, shape2 = ((rank, in_channels, kh, kw), (out_channels, rank, 1, 1)) if scheme == "channel" \
+            else ((rank, in_channels, kh, 1), (out_channels, rank, 1, kw))
+        factory = dict(device=device, dtype=dtype)
+        self.weight1 = nn.Parameter(torch.empty(shape1, **factory))
+        self.weight2 = nn.Parameter(torch.empty(shape2, **factory))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_channels, **factory))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for w in (self.weight1, self.weight2):
+            nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+        if self.bias is not None:
+            fan_in = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+            bound = 1 / math.sqrt(fan_in)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, *, energy: Optional[float] = None, rank: Optional[int] = None,
+                  ratio: Optional[float] = None, rank_multiple: int = 16, scheme: str = "channel",
+                  backend: str = "auto") -> "LowRankConv2d":
+        """Factor ``conv`` by truncated SVD; the rank comes from at most one of ``energy``
+        (default 0.9), ``rank`` or ``ratio`` (see :class:`trp.decompose.RankSpec`)."""
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
+        reason = decompose.refusal(conv)
+        if reason:
+            raise ValueError(f"cannot factor this conv: {reason}")
+        spec = decompose.RankSpec(energy=energy, rank=rank, ratio=ratio, rank_multiple=rank_multiple)
+        f = decompose.factor_conv2d_weight(conv.weight, spec, scheme)
+        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, f.rank, conv.stride,
+                    conv.padding, conv.dilation, conv.bias is not None, scheme, backend,
+                    device=conv.weight.device, dtype=conv.weight.dtype)
+        with torch.no_grad():
+            layer.weight1.copy_(f.weight1)
+            layer.weight2.copy_(f.weight2)
+            if conv.bias is not None:
+                layer.bias.copy_(conv.bias)
+        layer.train(conv.training)
+        return layer
+
+    def dense_weight(self) -> torch.Tensor:
+        """The (n, c, kh, kw) weight that the two factors multiply out to."""
+        return decompose.compose_conv2d_weight(self.weight1, self.weight2, self.scheme)
+
+    def to_dense(self) -> nn.Conv2d:
+        """An ``nn.Conv2d`` computing the same function (up to rounding)."""
+        p = self.weight1
+        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
+                         self.padding, self.dilation, bias=self.bias is not None,
+                         device=p.device, dtype=p.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(self.dense_weight())
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        conv.train(self.training)
+        return conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        unbatched = x.dim() == 3
+        if unbatched:
+            x = x.unsqueeze(0)
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"input must be (N, {self.in_channels}, H, W) or ({self.in_channels}, H, W), "
+                             f"got shape {tuple(x.shape)}")
+        out = ops.lowrank_conv2d(x, self.weight1, self.weight2, self.bias, self.stride,
+                                 self._padding4, self.dilation, self.scheme, self._backend)
+        return out.squeeze(0) if unbatched else out
+
+    def config(self) -> dict:
+        """JSON-ready constructor arguments (no weights)."""
+        return dict(in_channels=self.in_channels, out_channels=self.out_channels,
+                    kernel_size=list(self.kernel_size), rank=self.rank, stride=list(self.stride),
+                    padding=self.padding if isinstance(self.padding, (str, int)) else list(self.padding),
+                    dilation=list(self.dilation), bias=self.bias is not None, scheme=self.scheme,
+                    backend=self._backend)
+
+    def extra_repr(self) -> str:
+        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+             f"stride={self.stride}, padding={self.padding}")
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.bias is None:
+            s += ", bias=False"
+        return s + f", rank={self.rank}/{self.full_rank}, scheme={self.scheme}, backend={self._backend}"
+
+
+class LowRankLinear(_LowRank):
+    """An ``nn.Linear`` as two thin ones: ``x @ weight1.T @ weight2.T + bias``."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
+                 backend: str = "auto", device=None, dtype=None):
+        super().__init__()
+        self.in_features = _positive_int(in_features, "in_features")
+        self.out_features = _positive_int(out_features, "out_features")
+        self.rank = rank
+        self.full_rank = min(in_features, out_features)
+        self._check_rank()
+        self.backend = backend
+        factory = dict(device=device, dtype=dtype)
+        self.weight1 = nn.Parameter(torch.empty(rank, in_features, **factory))
+        self.weight2 = nn.Parameter(torch.empty(out_features, rank, **factory))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, **factory))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for w in (self.weight1, self.weight2):
+            nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, energy: Optional[float] = None, rank: Optional[int] = None,
+                    ratio: Optional[float] = None, rank_multiple: int = 16,
+                    backend: str = "auto") -> "LowRankLinear":
+        """Factor ``linear`` by truncated SVD (rank arguments as in :meth:`LowRankConv2d.from_conv`)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        reason = decompose.refusal(linear)
+        if reason:
+            raise ValueError(f"cannot factor this linear layer: {reason}")
+        spec = decompose.RankSpec(energy=energy, rank=rank, ratio=ratio, rank_multiple=rank_multiple)
+        f = decompose.factor_linear_weight(linear.weight, spec)
+        layer = cls(linear.in_features, linear.out_features, f.rank, linear.bias is not None, backend,
+                    device=linear.weight.device, dtype=linear.weight.dtype)
+        with torch.no_grad():
+            layer.weight1.copy_(f.weight1)
+            layer.weight2.copy_(f.weight2)
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias)
+        layer.train(linear.training)
+        return layer
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.weight2 @ self.weight1
+
+    def to_dense(self) -> nn.Linear:
+        p = self.weight1
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=p.device, dtype=p.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(self.dense_weight())
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        linear.train(self.training)
+        return linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"input must have last dimension {self.in_features}, got shape {tuple(x.shape)}")
+        return ops.lowrank_linear(x, self.weight1, self.weight2, self.bias, self._backend)
+
+    def config(self) -> dict:
+        return dict(in_features=self.in_features, out_features=self.out_features, rank=self.rank,
+                    bias=self.bias is not None, backend=self._backend)
+
+    def extra_repr(self) -> str:
+        s = f"in_features={self.in_features}, out_features={self.out_features}"
+        if self.bias is None:
+            s += ", bias=False"
+        return s + f", rank={self.rank}/{self.full_rank}, backend={self._backend}"
+
+
+LOWRANK_TYPES = (LowRankConv2d, LowRankLinear)

@@ -1,0 +1,149 @@
+"""Plain-PyTorch reference of every trp op.
+
+This is the oracle the kernel tests compare against, the "torch" backend, and the form
+that ONNX export and autograd see. Padding is carried as an explicit 4-tuple
+``(top, bottom, left, right)`` so that ``padding='same'`` with an even kernel (which
+PyTorch pads asymmetrically) survives factorisation exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+Pair = tuple[int, int]
+Pad4 = tuple[int, int, int, int]
+
+SCHEMES = ("channel", "spatial")
+
+
+def _pair(value, name: str) -> Pair:
+    if isinstance(value, int):
+        return (value, value)
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        return (int(value[0]), int(value[1]))
+    raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+
+
+def resolve_padding(padding, kernel_size, dilation) -> Pad4:
+    """Explicit ``(top, bottom, left, right)`` zero padding of a Conv2d's ``padding``.
+
+    Accepts an int, a pair, a 4-sequence, ``'valid'`` or ``'same'``; ``'same'`` follows
+    PyTorch: total ``d*(k-1)`` per dimension, the odd extra element at the bottom/right.
+    """
+    kh, kw = _pair(kernel_size, "kernel_size")
+    dh, dw = _pair(dilation, "dilation")
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0, 0, 0, 0)
+        if padding == "same":
+            th, tw = dh * (kh - 1), dw * (kw - 1)
+            return (th // 2, th - th // 2, tw // 2, tw - tw // 2)
+        raise ValueError(f"padding must be 'same', 'valid', an int or a tuple, got {padding!r}")
+    if isinstance(padding, (tuple, list)) and len(padding) == 4:
+        pad = tuple(int(p) for p in padding)
+    else:
+        ph, pw = _pair(padding, "padding")
+        pad = (ph, ph, pw, pw)
+    if min(pad) < 0:
+        raise ValueError(f"padding must be non-negative, got {padding!r}")
+    return pad  # type: ignore[return-value]
+
+
+def factor_conv_params(scheme: str, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]):
+    """Per-factor ``(stride, padding4, dilation)`` of a factored k×k conv.
+
+    channel: the first factor keeps the original k×k geometry, the second is a plain 1×1.
+    spatial: the first (kh×1) factor takes the vertical geometry, the second (1×kw) the
+    horizontal one; zero padding commutes with a width-1 conv, so this is exact.
+    """
+    sh, sw = stride
+    t, b, l, r = padding
+    dh, dw = dilation
+    if scheme == "channel":
+        return ((sh, sw), (t, b, l, r), (dh, dw)), ((1, 1), (0, 0, 0, 0), (1, 1))
+    if scheme == "spatial":
+        return ((sh, 1), (t, b, 0, 0), (dh, 1)), ((1, sw), (0, 0, l, r), (1, dw))
+    raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+
+
+def conv_output_hw(hw: Sequence[int], kernel_size: Sequence[int], stride: Sequence[int],
+                   padding: Sequence[int], dilation: Sequence[int]) -> Pair:
+    h, w = hw
+    t, b, l, r = padding
+    ho = (h + t + b - dilation[0] * (kernel_size[0] - 1) - 1) // stride[0] + 1
+    wo = (w + l + r - dilation[1] * (kernel_size[1] - 1) - 1) // stride[1] + 1
+    return (ho, wo)
+
+
+def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+           stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]) -> torch.Tensor:
+    """``F.conv2d`` with 4-sided padding; pads explicitly only when it is asymmetric."""
+    t, b, l, r = padding
+    if t == b and l == r:
+        return F.conv2d(x, weight, bias, tuple(stride), (t, l), tuple(dilation))
+    return F.conv2d(F.pad(x, (l, r, t, b)), weight, bias, tuple(stride), 0, tuple(dilation))
+
+
+def lowrank_conv2d(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor,
+                   bias: Optional[torch.Tensor], stride: Sequence[int], padding: Sequence[int],
+                   dilation: Sequence[int], scheme: str) -> torch.Tensor:
+    """Both factors of a low-rank conv as two convolutions (bias on the second)."""
+    first, second = factor_conv_params(scheme, stride, padding, dilation)
+    return conv2d(conv2d(x, weight1, None, *first), weight2, bias, *second)
+
+
+def lowrank_linear(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor,
+                   bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return F.linear(F.linear(x, weight1), weight2, bias)
+
+
+def _conv2d_backward(grad_out, x, weight, has_bias, stride, padding, dilation, mask):
+    """Gradients of :func:`conv2d` wrt (x, weight, bias) for the entries of ``mask``."""
+    t, b, l, r = padding
+    symmetric = t == b and l == r
+    xp = x if symmetric else F.pad(x, (l, r, t, b))
+    gx, gw, gb = torch.ops.aten.convolution_backward(
+        grad_out, xp, weight, [weight.shape[0]] if has_bias else None, list(stride),
+        [t, l] if symmetric else [0, 0], list(dilation), False, [0, 0], 1,
+        [mask[0], mask[1], has_bias and mask[2]])
+    if gx is not None and not symmetric:
+        gx = gx[:, :, t:t + x.shape[2], l:l + x.shape[3]]
+    return gx, gw, gb
+
+
+def lowrank_conv2d_backward(grad_out, x, weight1, weight2, has_bias, stride, padding, dilation,
+                            scheme, needs):
+    """Gradients of :func:`lowrank_conv2d` wrt (x, weight1, weight2, bias).
+
+    The r-channel intermediate is recomputed rather than saved: forward kernels never
+    write it to memory, so the backward pays one extra thin conv instead.
+    """
+    first, second = factor_conv_params(scheme, stride, padding, dilation)
+    h = conv2d(x, weight1, None, *first)
+    need_h = needs[0] or needs[1]
+    gh, gw2, gb = _conv2d_backward(grad_out, h, weight2, has_bias, *second,
+                                   (need_h, needs[2], needs[3]))
+    gx = gw1 = None
+    if need_h:
+        gx, gw1, _ = _conv2d_backward(gh, x, weight1, False, *first, (needs[0], needs[1], False))
+    return gx, gw1, gw2, gb
+
+
+def lowrank_linear_backward(grad_out, x, weight1, weight2, has_bias, needs):
+    h = F.linear(x, weight1)
+    g2 = grad_out.reshape(-1, grad_out.shape[-1])
+    gx = gw1 = gw2 = gb = None
+    if needs[2]:
+        gw2 = g2.t() @ h.reshape(-1, h.shape[-1])
+    if has_bias and needs[3]:
+        gb = g2.sum(0)
+    if needs[0] or needs[1]:
+        gh = grad_out @ weight2
+        if needs[0]:
+            gx = gh @ weight1
+        if needs[1]:
+            gw1 = gh.reshape(-1, gh.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+    return gx, gw1, gw2, gb
