@@ -24,16 +24,6 @@ def _build(name: str):
     return models.resnet_cifar(int(name[len("resnet"):])), 32
 
 
-def _randomise_bn(model: torch.nn.Module, g: torch.Generator) -> None:
-    """Non-trivial BatchNorm statistics, so that folding them is actually exercised."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.normal_(0, 0.1, generator=g)
-            m.running_var.uniform_(0.5, 2.0, generator=g)
-            m.weight.data.uniform_(0.5, 1.5, generator=g)
-            m.bias.data.normal_(0, 0.1, generator=g)
-
-
 def demo(args: argparse.Namespace) -> dict:
     import trp
     from trp import models
@@ -46,7 +36,7 @@ def demo(args: argparse.Namespace) -> dict:
     model, size = _build(args.model)
     size = args.size or size
     model.eval()
-    _randomise_bn(model, g)
+    models.randomize_batchnorm(model, g)
     # Trained networks have decaying spectra (TRP training makes them decay much faster);
     # random init has flat ones. Until the demo trains (TRP training), it plants one.
     tau = args.decay

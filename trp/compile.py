@@ -134,8 +134,11 @@ def trace(model: nn.Module) -> Optional[torch.fx.Graph]:
 
 def walk(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module, nn.Module, str]]:
     """(fqn, module, parent, attribute name) for every module below ``model``, not
-    descending into low-rank modules."""
-    for name, child in model.named_children():
+    descending into low-rank modules. A module registered under several names is
+    yielded under each (``named_children`` would hide the repeats)."""
+    for name, child in model._modules.items():
+        if child is None:
+            continue
         fqn = f"{prefix}.{name}" if prefix else name
         yield fqn, child, model, name
         if not isinstance(child, LOWRANK_TYPES):

@@ -102,7 +102,21 @@ def unfold_conv_weight(weight: torch.Tensor, scheme: str) -> torch.Tensor:
 
 def conv_singular_values(weight: torch.Tensor, scheme: str) -> torch.Tensor:
     """Singular values (descending, float64) of the conv weight's ``scheme`` unfolding."""
-    return torch.linalg.svdvals(unfold_conv_weight(weight.detach().double(), scheme))
+    return _gram_eigh(unfold_conv_weight(weight.detach().double(), scheme))[0]
+
+
+def _gram_eigh(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Singular values (descending) of ``m`` and the orthonormal singular vectors of its
+    shorter side, from the eigendecomposition of the smaller Gram matrix.
+
+    A LAPACK SVD of a 512 × 4608 conv unfolding takes seconds on two cores; this takes
+    tens of milliseconds. Squaring loses relative accuracy only for singular values below
+    ~1e-8 of the largest, which carry no energy; the factors are formed by projecting
+    ``m`` onto the basis, so the product of the factors is exact at full rank.
+    """
+    gram = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
+    eigvals, basis = torch.linalg.eigh(gram)
+    return eigvals.flip(0).clamp_min(0).sqrt(), basis.flip(1)
 
 
 @dataclass
@@ -115,13 +129,18 @@ class Factors:
 
 
 def _truncated_svd(matrix: torch.Tensor, spec: RankSpec, what: str):
+    """(left, right, r, singular values) with left @ right the best rank-r approximation
+    of ``matrix`` and √σ on each side."""
     m = matrix.detach().double()
     if not torch.isfinite(m).all():
         raise ValueError(f"{what} has non-finite values (nan or inf); cannot factor it")
-    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    s, basis = _gram_eigh(m)
     r = select_rank(s, spec)
-    root = s[:r].sqrt()
-    return u[:, :r] * root, root[:, None] * vh[:r], r, s
+    basis, root = basis[:, :r], s[:r].sqrt()
+    inv_root = torch.where(root > 0, 1 / root.clamp_min(1e-300), torch.zeros_like(root))
+    if m.shape[0] <= m.shape[1]:  # basis: left singular vectors
+        return basis * root, inv_root[:, None] * (basis.T @ m), r, s
+    return (m @ basis) * inv_root, root[:, None] * basis.T, r, s
 
 
 def factor_conv2d_weight(weight: torch.Tensor, spec: RankSpec, scheme: str = "channel",

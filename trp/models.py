@@ -211,3 +211,16 @@ def set_conv_spectra(model: nn.Module, spectrum, scheme: str = "channel", skip=(
         with torch.no_grad():
             norm = m.weight.norm()
             m.weight.copy_((w * (norm / w.norm().clamp_min(1e-30))).to(m.weight.dtype))
+
+
+def randomize_batchnorm(model: nn.Module, generator: torch.Generator | None = None) -> None:
+    """Non-trivial BatchNorm statistics and affine parameters, as a trained network has, so
+    that BN folding is exercised (fresh BNs are the identity in eval mode)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1, generator=generator)
+                m.running_var.uniform_(0.5, 2.0, generator=generator)
+                if m.affine:
+                    m.weight.uniform_(0.5, 1.5, generator=generator)
+                    m.bias.normal_(0, 0.1, generator=generator)

@@ -43,12 +43,12 @@ def test_lowrank_conv_matches_composed_dense(scheme, kernel, padding):
 
 
 def _conv_args(scheme, channels_last, requires_grad=True, dtype=torch.float64):
-    x = torch.randn(2, 4, 9, 7, dtype=dtype)
+    x = torch.randn(2, 3, 7, 6, dtype=dtype)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
-    w1 = torch.randn((3, 4, 3, 3) if scheme == "channel" else (3, 4, 3, 1), dtype=dtype)
-    w2 = torch.randn((5, 3, 1, 1) if scheme == "channel" else (5, 3, 1, 3), dtype=dtype)
-    b = torch.randn(5, dtype=dtype)
+    w1 = torch.randn((2, 3, 3, 3) if scheme == "channel" else (2, 3, 3, 1), dtype=dtype)
+    w2 = torch.randn((4, 2, 1, 1) if scheme == "channel" else (4, 2, 1, 3), dtype=dtype)
+    b = torch.randn(4, dtype=dtype)
     for t in (x, w1, w2, b):
         t.requires_grad_(requires_grad)
     return x, w1, w2, b
