@@ -27,7 +27,7 @@ def _build(name: str):
 def demo(args: argparse.Namespace) -> dict:
     import trp
     from trp import models
-    from trp.timing import measure
+    from trp.timing import machine_info, measure
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -69,8 +69,8 @@ def demo(args: argparse.Namespace) -> dict:
     result = {"model": args.model, "input_shape": list(x.shape), "energy": args.energy, "scheme": args.scheme,
               "macs_dense": table.macs_dense, "macs": table.macs, "params_dense": table.params_dense,
               "params": table.params, "rel_l2_error": rel_l2, "rel_max_error": rel_max,
-              "dense_ms": dense_t, "compiled_ms": low_t, "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "rows": table.rows}
+              "dense_ms": dense_t, "compiled_ms": low_t, "speedup": speedup, "machine": machine_info(),
+              "command": "python -m trp " + " ".join(args.argv), "rows": table.rows}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
@@ -120,7 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     args.func(args)
     return 0
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import platform
 import statistics
 import time
 from typing import Callable
@@ -27,3 +29,24 @@ def measure(fn: Callable[[], object], *, warmup: int = 3, repeats: int = 10, dev
         times.append((time.perf_counter() - t0) * 1e3)
     return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times),
             "repeats": repeats}
+
+
+def machine_info() -> dict:
+    """What a timing depends on: CPU/GPU model, cores, threads and library versions."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    for name in ("triton", "onnxruntime"):
+        try:
+            info[name] = __import__(name).__version__
+        except Exception:  # noqa: BLE001 - not installed, or broken: record its absence
+            info[name] = None
+    return info

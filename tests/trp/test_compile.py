@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 import trp
-from tests.conftest import rel_err
+from tests.helpers import rel_err
 from trp import models
 from trp.compile import FOLDED_ATTR, NOTE_ATTR
 from trp_kernels import ops

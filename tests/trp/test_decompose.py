@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from tests.conftest import rel_err
+from tests.helpers import rel_err
 from trp import decompose
 from trp.decompose import RankSpec, select_rank
 from trp.modules import LowRankConv2d, LowRankLinear

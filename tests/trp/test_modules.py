@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from tests.conftest import rel_err
+from tests.helpers import rel_err
 from trp import LowRankConv2d, LowRankLinear
 
 

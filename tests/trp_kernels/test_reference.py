@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import rel_err
+from tests.helpers import rel_err
 from trp.decompose import RankSpec, compose_conv2d_weight, factor_conv2d_weight
 from trp_kernels import cpp, ops, reference
 
