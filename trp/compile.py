@@ -17,7 +17,7 @@ import torch.fx
 import torch.nn as nn
 
 from trp import decompose
-from trp.modules import LOWRANK_TYPES, LowRankConv2d, LowRankLinear, check_backend
+from trp.modules import LOWRANK_TYPES, LowRankConv2d, check_backend, from_factors
 from trp_kernels import ops
 
 FilterFn = Callable[[nn.Module, str], bool]
@@ -287,23 +287,6 @@ def _decide(fqn: str, m: nn.Module, weight: torch.Tensor, cfg: CompileConfig,
     return None, f, plan
 
 
-def _lowrank_from(m: nn.Module, f: decompose.Factors, bias: Optional[torch.Tensor], plan: LayerPlan,
-                  backend: str) -> nn.Module:
-    factory = dict(device=m.weight.device, dtype=m.weight.dtype)
-    if isinstance(m, nn.Linear):
-        new = LowRankLinear(m.in_features, m.out_features, f.rank, bias is not None, backend, **factory)
-    else:
-        new = LowRankConv2d(m.in_channels, m.out_channels, m.kernel_size, f.rank, m.stride, m.padding,
-                            m.dilation, bias is not None, plan.scheme, backend, **factory)
-    with torch.no_grad():
-        new.weight1.copy_(f.weight1)
-        new.weight2.copy_(f.weight2)
-        if bias is not None:
-            new.bias.copy_(bias)
-    new.train(m.training)
-    return new
-
-
 def compile(model: nn.Module, *, energy: Optional[float] = None, rank: Optional[int] = None,
             ratio: Optional[float] = None, overrides: Optional[dict] = None, scheme: str = "channel",
             rank_multiple: int = 16, backend: str = "auto", filter_fn: Optional[FilterFn] = None,
@@ -363,7 +346,7 @@ def compile(model: nn.Module, *, energy: Optional[float] = None, rank: Optional[
             notes[id(m)] = (m, note)
             continue
         bias = fold.bias if fold else m.bias
-        new = _lowrank_from(m, factors, bias, plan, cfg.backend)
+        new = from_factors(m, factors, bias, plan.scheme, cfg.backend)
         replaced[id(m)] = new
         swaps.append((parent, name, new, m))
 

@@ -155,6 +155,9 @@ def load(path, model: nn.Module) -> nn.Module:
         return modules[fqn]
 
     for fqn, bn_fqn in meta["folded"].items():
+        if fqn not in meta["layers"] and not isinstance(module_at(fqn), nn.Conv2d):
+            raise TrpFileError(f"model does not match the file: {fqn!r} is {type(modules[fqn]).__name__}, "
+                               f"the file folded a BatchNorm into a Conv2d there")
         bn = module_at(bn_fqn)
         if not isinstance(bn, (nn.BatchNorm2d, nn.Identity)):
             raise TrpFileError(f"model does not match the file: {bn_fqn!r} is {type(bn).__name__}, the file "

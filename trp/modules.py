@@ -120,17 +120,8 @@ class LowRankConv2d(_LowRank):
         if reason:
             raise ValueError(f"cannot factor this conv: {reason}")
         spec = decompose.RankSpec(energy=energy, rank=rank, ratio=ratio, rank_multiple=rank_multiple)
-        f = decompose.factor_conv2d_weight(conv.weight, spec, scheme)
-        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, f.rank, conv.stride,
-                    conv.padding, conv.dilation, conv.bias is not None, scheme, backend,
-                    device=conv.weight.device, dtype=conv.weight.dtype)
-        with torch.no_grad():
-            layer.weight1.copy_(f.weight1)
-            layer.weight2.copy_(f.weight2)
-            if conv.bias is not None:
-                layer.bias.copy_(conv.bias)
-        layer.train(conv.training)
-        return layer
+        return from_factors(conv, decompose.factor_conv2d_weight(conv.weight, spec, scheme), conv.bias,
+                            scheme, backend)
 
     def dense_weight(self) -> torch.Tensor:
         """The (n, c, kh, kw) weight that the two factors multiply out to."""
@@ -217,16 +208,8 @@ class LowRankLinear(_LowRank):
         if reason:
             raise ValueError(f"cannot factor this linear layer: {reason}")
         spec = decompose.RankSpec(energy=energy, rank=rank, ratio=ratio, rank_multiple=rank_multiple)
-        f = decompose.factor_linear_weight(linear.weight, spec)
-        layer = cls(linear.in_features, linear.out_features, f.rank, linear.bias is not None, backend,
-                    device=linear.weight.device, dtype=linear.weight.dtype)
-        with torch.no_grad():
-            layer.weight1.copy_(f.weight1)
-            layer.weight2.copy_(f.weight2)
-            if linear.bias is not None:
-                layer.bias.copy_(linear.bias)
-        layer.train(linear.training)
-        return layer
+        return from_factors(linear, decompose.factor_linear_weight(linear.weight, spec), linear.bias,
+                            backend=backend)
 
     def dense_weight(self) -> torch.Tensor:
         return self.weight2 @ self.weight1
@@ -259,3 +242,24 @@ class LowRankLinear(_LowRank):
 
 
 LOWRANK_TYPES = (LowRankConv2d, LowRankLinear)
+
+
+def from_factors(layer: nn.Module, factors: decompose.Factors, bias: Optional[torch.Tensor],
+                 scheme: str = "channel", backend: str = "auto") -> _LowRank:
+    """The low-rank module replacing ``layer`` (an nn.Conv2d or nn.Linear), holding
+    ``factors`` and ``bias`` (which may differ from ``layer.bias``, e.g. after BN folding)."""
+    factory = dict(device=layer.weight.device, dtype=layer.weight.dtype)
+    if isinstance(layer, nn.Linear):
+        new = LowRankLinear(layer.in_features, layer.out_features, factors.rank, bias is not None, backend,
+                            **factory)
+    else:
+        new = LowRankConv2d(layer.in_channels, layer.out_channels, layer.kernel_size, factors.rank,
+                            layer.stride, layer.padding, layer.dilation, bias is not None, scheme, backend,
+                            **factory)
+    with torch.no_grad():
+        new.weight1.copy_(factors.weight1)
+        new.weight2.copy_(factors.weight2)
+        if bias is not None:
+            new.bias.copy_(bias)
+    new.train(layer.training)
+    return new

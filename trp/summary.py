@@ -11,7 +11,7 @@ from trp import decompose
 from trp.compile import FOLDED_ATTR, NOTE_ATTR
 from trp.modules import LOWRANK_TYPES, LowRankConv2d, LowRankLinear
 from trp_kernels import ops
-from trp_kernels.reference import conv_output_hw, factor_conv_params, resolve_padding
+from trp_kernels.reference import conv_output_hw, factor_conv_params
 
 COLUMNS = ("name", "kind", "scheme", "rank", "full_rank", "macs_dense", "macs", "params_dense",
            "params", "backend", "note")
@@ -136,7 +136,8 @@ def _row(fqn: str, m: nn.Module, shapes: list, batch: int) -> dict:
 
 def summary(model: nn.Module, example_input) -> Summary:
     """Run ``model`` once on ``example_input`` (a tensor, or a tuple of positional inputs)
-    under ``torch.no_grad()`` and tabulate every conv and linear layer."""
+    in eval mode under ``torch.no_grad()`` (the model's train/eval modes are restored, so
+    nothing, BatchNorm statistics included, changes) and tabulate every conv and linear layer."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     args = example_input if isinstance(example_input, tuple) else (example_input,)
@@ -151,12 +152,16 @@ def summary(model: nn.Module, example_input) -> Summary:
             shapes[id(m)].append((tuple(inputs[0].shape), output.shape))
 
     handles = [m.register_forward_hook(hook) for m in {id(m): m for _, m in layers}.values()]
+    modes = {m: m.training for m in model.modules()}
     try:
+        model.eval()  # a training-mode pass would update BatchNorm running statistics
         with torch.no_grad():
             model(*args)
     finally:
         for h in handles:
             h.remove()
+        for m, mode in modes.items():
+            m.training = mode
     first = args[0]
     batch = max(int(first.shape[0]), 1) if first.dim() > 0 else 1
     rows, done = [], set()

@@ -1,7 +1,6 @@
 """trp.compile: planted ranks found, BN folding, skip reasons, overrides, backends, errors."""
 
 import copy
-import warnings
 
 import pytest
 import torch

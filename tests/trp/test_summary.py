@@ -71,3 +71,13 @@ def test_bad_arguments():
         trp.summary("resnet", torch.randn(1))
     with pytest.raises(TypeError, match="example_input must be a tensor or a tuple of tensors"):
         trp.summary(Tiny(), [1, 2, 3])
+
+
+def test_summary_changes_nothing_in_a_training_model():
+    from trp import models
+
+    model = models.resnet_cifar(20).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trp.summary(model, torch.randn(2, 3, 32, 32))
+    assert model.training and model.layer1[0].bn1.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
