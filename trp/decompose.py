@@ -201,6 +201,8 @@ def refusal(module: nn.Module) -> Optional[str]:
     """Why ``module``, a conv or linear layer, cannot be factored (None: it can)."""
     if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
         return "lazy layer is not initialised yet (run one forward pass first)"
+    if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
+        return "out_proj of nn.MultiheadAttention, which reads its weight directly"
     if isinstance(module, nn.Linear):
         return None
     if isinstance(module, nn.modules.conv._ConvTransposeNd):

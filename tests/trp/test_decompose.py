@@ -133,3 +133,4 @@ def test_refusal_reasons():
     assert "Conv1d is not supported" in decompose.refusal(nn.Conv1d(4, 4, 3))
     assert "Conv3d is not supported" in decompose.refusal(nn.Conv3d(4, 4, 3))
     assert "lazy" in decompose.refusal(nn.LazyConv2d(4, 3))
+    assert "MultiheadAttention" in decompose.refusal(nn.MultiheadAttention(8, 2).out_proj)
