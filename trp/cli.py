@@ -78,6 +78,29 @@ def demo(args: argparse.Namespace) -> dict:
     return result
 
 
+def bench(args: argparse.Namespace) -> dict:
+    from trp.benchmark import runner
+
+    command = "python -m trp " + " ".join(args.argv)
+    payload = runner.run(args.suite, args.device, args.quick, args.json, args.out, args.threads,
+                         args.providers, args.select, args.budget, command)
+    rows = payload["rows"]
+    ok = sum(r["status"] == "ok" for r in rows)
+    print(f"{len(rows)} rows: {ok} timed, {sum(r['status'] == 'skipped' for r in rows)} skipped, "
+          f"{sum(r['status'] == 'failed' for r in rows)} failed")
+    for r in rows:
+        if r["status"] != "ok":
+            print(f"  {r['status']}: {r['case']} b{r['batch']} {r['provider']}: {r['reason']}")
+    if args.json:
+        print(f"wrote {args.json}")
+    if args.out:
+        print(f"wrote {', '.join(payload['report'].values())}")
+    if not args.json and not args.out:
+        from trp.benchmark.report import markdown
+        print(markdown(rows, payload["environment"], command))
+    return payload
+
+
 def _no_grad(model, x):
     with torch.no_grad():
         return model(x)
@@ -116,6 +139,20 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     d.set_defaults(func=demo)
+
+    b = sub.add_parser("bench", help="benchmark dense vs low-rank layers and models against torch.compile and ONNX Runtime")
+    b.add_argument("--suite", choices=("layers", "models", "all"), default="all")
+    b.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    b.add_argument("--quick", action="store_true", help="a few cases, in under 5 minutes on 2 CPU cores")
+    b.add_argument("--json", default=None, help="write the rows (and environment) to this JSON file")
+    b.add_argument("--out", default=None, help="write report.md and the speed-up plots to this directory")
+    b.add_argument("--threads", type=_positive(int), default=None, help="CPU threads for every provider")
+    b.add_argument("--providers", nargs="+", default=None,
+                   help="only these providers (the dense baselines always run)")
+    b.add_argument("--select", default=None, help="only cases whose name contains this text")
+    b.add_argument("--budget", type=_positive(float), default=None,
+                   help="seconds of timed calls per measurement (default 0.3 quick, 1.0 full)")
+    b.set_defaults(func=bench)
     return p
 
 

@@ -12,7 +12,8 @@ import torch
 
 
 def measure(fn: Callable[[], object], *, warmup: int = 3, repeats: int = 10, device=None) -> dict:
-    """Median, min and max of ``repeats`` timed calls of ``fn`` after ``warmup`` calls, in ms."""
+    """Median, quartiles, min and max of ``repeats`` timed calls of ``fn`` after ``warmup``
+    calls, in ms. On CUDA each timed call ends with a synchronisation."""
     if warmup < 0 or repeats < 1:
         raise ValueError(f"need warmup >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}")
     cuda = device is not None and torch.device(device).type == "cuda"
@@ -27,8 +28,25 @@ def measure(fn: Callable[[], object], *, warmup: int = 3, repeats: int = 10, dev
         if cuda:
             torch.cuda.synchronize(device)
         times.append((time.perf_counter() - t0) * 1e3)
-    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times),
-            "repeats": repeats}
+    q = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else [times[0]] * 3
+    return {"median_ms": statistics.median(times), "p25_ms": q[0], "p75_ms": q[2], "min_ms": min(times),
+            "max_ms": max(times), "repeats": repeats}
+
+
+def measure_for(fn: Callable[[], object], budget_s: float, *, warmup: int = 2, min_repeats: int = 5,
+                max_repeats: int = 200, device=None) -> dict:
+    """:func:`measure` with as many repeats as fit in about ``budget_s`` (within the bounds),
+    estimated from the last warm-up call (the first ones pay lazy initialisation)."""
+    cuda = device is not None and torch.device(device).type == "cuda"
+    last = 0.0
+    for _ in range(max(warmup, 1)):
+        t0 = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize(device)
+        last = time.perf_counter() - t0
+    repeats = int(min(max_repeats, max(min_repeats, budget_s / max(last, 1e-6))))
+    return measure(fn, warmup=0, repeats=repeats, device=device)
 
 
 def machine_info() -> dict:

@@ -13,8 +13,8 @@ Backends, each able to say why it refuses an input (xformers-style dispatch):
 - ``cpp``: CPU float32 tensors, needs the compiled extension ``trp_kernels._C``;
 - ``torch``: anywhere; two ``F.conv2d`` / ``F.linear`` calls.
 
-``auto`` takes the first backend that accepts the input: triton then torch on CUDA, cpp
-then torch on CPU. An explicit backend that cannot run raises :class:`BackendError`
+``auto`` takes the first backend that accepts the input and has a fused kernel: triton
+then torch on CUDA, cpp then torch on CPU. An explicit backend that cannot run raises :class:`BackendError`
 listing its reasons.
 """
 
@@ -77,8 +77,10 @@ def resolve_backend(backend: str, device: torch.device | str, dtype: torch.dtype
     """The backend that will run tensors of ``device``/``dtype`` when ``backend`` is asked for."""
     device = torch.device(device)
     if backend == "auto":
+        # A backend whose fused kernel has not landed would run the same arithmetic as
+        # "torch" with more dispatch overhead: auto only takes fused ones.
         for name in AUTO_ORDER.get(device.type, ("torch",)):
-            if not refusals(name, device, dtype):
+            if (name == "torch" or is_fused(name)) and not refusals(name, device, dtype):
                 return name
         return "torch"
     reasons = refusals(backend, device, dtype)

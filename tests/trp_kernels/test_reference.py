@@ -95,7 +95,7 @@ def test_linear_op_registration_and_gradients():
 
 
 def test_auto_backend_on_cpu():
-    expected = "cpp" if cpp.available() else "torch"
+    expected = "cpp" if cpp.available() and ops.is_fused("cpp") else "torch"
     assert ops.resolve_backend("auto", "cpu", torch.float32) == expected
     assert ops.resolve_backend("auto", "cpu", torch.float64) == "torch"  # cpp runs float32 only
     assert ops.resolve_backend("auto", "meta", torch.float32) == "torch"
@@ -118,6 +118,7 @@ def test_triton_is_never_auto_on_cpu_even_when_interpreting():
     assert "triton" not in ops.AUTO_ORDER["cpu"]
 
 
-def test_no_backend_is_fused_yet_and_summary_can_say_so():
-    # Flips to True per backend as the fused kernels land (issues 5 and 6).
+def test_no_backend_is_fused_yet_so_auto_takes_torch():
+    # Flips per backend as the fused kernels land (issues 5 and 6).
     assert [ops.is_fused(b) for b in ops.BACKENDS] == [False, False, False]
+    assert ops.resolve_backend("auto", "cpu", torch.float32) == "torch"

@@ -1,0 +1,97 @@
+"""The benchmark harness on tiny cases: every provider yields a row, wrong answers are not
+timed, unavailable providers say why. No test asserts a speed."""
+
+import json
+
+import pytest
+import torch
+
+from trp.benchmark import cases as C
+from trp.benchmark import providers as P
+from trp.benchmark import runner
+
+ROW_KEYS = {"suite", "case", "provider", "device", "dtype", "batch", "rank", "macs_dense", "macs", "median_ms",
+            "realized_fraction", "status", "reason", "speedup", "baseline", "max_rel_err"}
+
+
+def _quiet(_):
+    pass
+
+
+def test_layer_rows_for_every_provider():
+    case = C.LayerCase(C.ConvShape(("tiny",), 8, 32, 9, 2), 4, "test", 2, "cpu", torch.float32)
+    rows = runner.layer_case_rows(case, P.LAYER_PROVIDERS, 0.01, _quiet, torch.Generator().manual_seed(0))
+    assert [r["provider"] for r in rows] == list(P.LAYER_PROVIDERS)
+    for r in rows:
+        assert ROW_KEYS <= set(r)
+        assert r["status"] == "ok", (r["provider"], r["reason"])
+        assert r["median_ms"] > 0 and r["max_rel_err"] < 1e-5 and r["baseline"] == "dense_torch"
+    dense, low = rows[0], rows[1]
+    assert dense["macs"] == dense["macs_dense"] == 2 * 5 * 5 * 32 * 8 * 9
+    assert low["macs"] == 2 * 5 * 5 * 4 * (8 * 9 + 32)
+    assert low["realized_fraction"] == pytest.approx(low["speedup"] / (low["macs_dense"] / low["macs"]))
+
+
+def test_a_wrong_answer_is_not_timed(monkeypatch):
+    real = P.prepare_layer
+
+    def broken(provider, case, t):
+        fn = real(provider, case, t)
+        return (lambda: fn() * 1.01) if provider == "lowrank_torch" else fn
+
+    monkeypatch.setattr(P, "prepare_layer", broken)
+    case = C.LayerCase(C.ConvShape(("tiny",), 8, 16, 7, 1), 4, "test", 1, "cpu", torch.float32)
+    rows = runner.layer_case_rows(case, ["dense_torch", "lowrank_torch"], 0.01, _quiet,
+                                  torch.Generator().manual_seed(0))
+    bad = rows[1]
+    assert bad["status"] == "failed" and "differs from the dense reference" in bad["reason"]
+    assert bad["median_ms"] is None and bad["speedup"] is None
+
+
+def test_model_rows_for_every_provider():
+    case = C.ModelCase("resnet8", 16, 1, "cpu", torch.float32)
+    rows = runner.model_case_rows(case, P.MODEL_PROVIDERS, 0.01, _quiet, torch.Generator().manual_seed(0))
+    by = {r["provider"]: r for r in rows}
+    assert list(by) == list(P.MODEL_PROVIDERS)
+    for name in ("dense_eager", "dense_compile", "dense_ort", "lowrank_eager", "lowrank_compile", "lowrank_ort",
+                 "trp_eager", "trp_compile"):
+        assert by[name]["status"] == "ok", (name, by[name]["reason"])
+        assert by[name]["max_rel_err"] < 1e-4
+    for name in ("dense_cudagraph", "lowrank_cudagraph", "trp_cudagraph"):
+        assert by[name]["status"] == "skipped" and "CUDA" in by[name]["reason"]
+    assert by["lowrank_ort"]["baseline"] == "dense_ort" and by["trp_compile"]["baseline"] == "dense_compile"
+    assert by["lowrank_eager"]["macs"] < by["lowrank_eager"]["macs_dense"]
+
+
+def test_case_lists():
+    full = C.layer_cases("cpu")
+    assert {c.batch for c in full} == {1, 8} and {c.dtype for c in full} == {torch.float32}
+    names = {c.shape.name for c in full}
+    assert any("resnet18" in n for n in names) and any("resnet50" in n for n in names)
+    assert any("vgg16" in n for n in names) and any(" s2 " in n for n in names)
+    assert all(c.rank % 16 == 0 and c.rank <= c.shape.full_rank for c in full)
+    gpu = C.layer_cases("cuda")
+    assert {c.batch for c in gpu} == {1, 32, 128} and {c.dtype for c in gpu} == {torch.float16, torch.bfloat16}
+    assert C.lowrank_rank(64, 1 / 8) == 16 and C.lowrank_rank(512, 1 / 2) == 256 and C.lowrank_rank(27, 1) == 27
+    assert {m.model for m in C.model_cases("cpu")} == {"resnet18", "resnet50", "resnet20", "resnet56"}
+
+
+def test_run_writes_json_and_report(tmp_path, monkeypatch):
+    tiny = [C.LayerCase(C.ConvShape(("tiny",), 8, 16, 7, 1), 4, "test", 1, "cpu", torch.float32)]
+    monkeypatch.setattr(C, "layer_cases", lambda device, quick: tiny)
+    path = tmp_path / "out.json"
+    payload = runner.run("layers", "cpu", quick=True, json_path=path, out_dir=tmp_path / "report",
+                         budget_s=0.01, command="test", show_progress=False)
+    data = json.loads(path.read_text())
+    assert len(data["rows"]) == len(P.LAYER_PROVIDERS) and data["environment"]["torch"] == torch.__version__
+    assert (tmp_path / "report" / "report.md").is_file() and payload["report"]
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(suite="kernels"), "suite must be one of"),
+    (dict(device="tpu"), "device must be 'cpu' or 'cuda'"),
+    (dict(providers=["cudnn"]), "unknown provider 'cudnn'"),
+])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        runner.run(show_progress=False, **kwargs)

@@ -1,0 +1,218 @@
+"""How each provider runs a case. A provider that cannot run a case raises
+:class:`Unavailable` with the reason, which the results then list."""
+
+from __future__ import annotations
+
+import copy
+import io
+import logging
+import warnings
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import trp
+from trp import models
+from trp.benchmark.cases import RANK_MULTIPLE, LayerCase, ModelCase, lowrank_rank
+from trp_kernels import ops, reference
+
+LAYER_PROVIDERS = ("dense_torch", "lowrank_torch", "lowrank_compile", "lowrank_trp", "lowrank_ort")
+MODEL_PROVIDERS = ("dense_eager", "dense_compile", "dense_ort", "lowrank_eager", "lowrank_compile",
+                   "lowrank_ort", "trp_eager", "trp_compile", "dense_cudagraph", "lowrank_cudagraph",
+                   "trp_cudagraph")
+# What each model provider's speed-up is measured against: the dense model in the same runtime.
+MODEL_BASELINE = {p: ("dense_" + p.split("_", 1)[1]) for p in MODEL_PROVIDERS}
+MODEL_BASELINE.update(trp_eager="dense_eager", trp_compile="dense_compile", trp_cudagraph="dense_cudagraph",
+                      dense_eager="dense_eager")
+
+Fn = Callable[[], torch.Tensor]
+
+
+class Unavailable(Exception):
+    """This provider cannot run this case; the message says why."""
+
+
+def _compile(fn_or_module, device: str):
+    # Every case compiles afresh: dynamo's per-function recompile limit would otherwise
+    # send later shapes silently back to eager.
+    torch._dynamo.reset()
+    mode = "max-autotune" if device == "cuda" else None
+    return torch.compile(fn_or_module, mode=mode, dynamic=False)
+
+
+def _ort_session(model_bytes: bytes):
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise Unavailable(f"onnxruntime is not installed ({e})") from None
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()  # same threads as the torch providers
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+
+
+def _ort_fn(session, x: torch.Tensor) -> Fn:
+    feed = {session.get_inputs()[0].name: x.contiguous().numpy()}
+    return lambda: torch.from_numpy(session.run(None, feed)[0])
+
+
+def _cudagraph(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> Fn:
+    """``fn`` on ``x`` captured once into a CUDA graph; each call replays it."""
+    static_x = x.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.no_grad():
+        for _ in range(3):
+            fn(static_x)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        static_y = fn(static_x)
+
+    def replay():
+        graph.replay()
+        return static_y
+    return replay
+
+
+# --- layers --------------------------------------------------------------------------
+
+def layer_tensors(case: LayerCase, generator: torch.Generator) -> dict:
+    """Input and exact-rank-r weights of a case: the dense weight is the product of the
+    factors, so every provider must reproduce the dense conv."""
+    s = case.shape
+    w1 = torch.randn(case.rank, s.c_in, 3, 3, generator=generator, dtype=torch.float64) / (s.c_in * 9) ** 0.5
+    w2 = torch.randn(s.c_out, case.rank, 1, 1, generator=generator, dtype=torch.float64) / case.rank ** 0.5
+    bias = torch.randn(s.c_out, generator=generator, dtype=torch.float64) * 0.1
+    x = torch.randn(case.batch, s.c_in, s.hw, s.hw, generator=generator, dtype=torch.float64)
+    dense = trp.decompose.compose_conv2d_weight(w1, w2, "channel")
+    t = {"x64": x, "dense64": dense, "bias64": bias}
+    cast = dict(device=case.device, dtype=case.dtype)
+    fmt = torch.channels_last if case.channels_last else torch.contiguous_format
+    t.update(x=x.to(**cast).contiguous(memory_format=fmt), w1=w1.to(**cast), w2=w2.to(**cast),
+             dense=dense.to(**cast), bias=bias.to(**cast))
+    return t
+
+
+def layer_reference(case: LayerCase, t: dict) -> torch.Tensor:
+    return F.conv2d(t["x64"], t["dense64"], t["bias64"], case.shape.stride, 1)
+
+
+def _two_conv_onnx(case: LayerCase, t: dict) -> bytes:
+    try:
+        from onnx import TensorProto, helper, numpy_helper
+    except ImportError as e:
+        raise Unavailable(f"onnx is not installed ({e})") from None
+    s = case.shape
+    inits = [numpy_helper.from_array(t[k].numpy(), k) for k in ("w1", "w2", "bias")]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["h"], kernel_shape=[3, 3], pads=[1, 1, 1, 1],
+                              strides=[s.stride, s.stride]),
+             helper.make_node("Conv", ["h", "w2", "bias"], ["y"], kernel_shape=[1, 1])]
+    graph = helper.make_graph(
+        nodes, "lowrank_conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(t["x"].shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def prepare_layer(provider: str, case: LayerCase, t: dict) -> Fn:
+    s, x, w1, w2, b = case.shape, t["x"], t["w1"], t["w2"], t["bias"]
+    stride, pad4 = (s.stride, s.stride), (1, 1, 1, 1)
+
+    def two_convs():
+        return reference.lowrank_conv2d(x, w1, w2, b, stride, pad4, (1, 1), "channel")
+
+    if provider == "dense_torch":
+        return lambda: F.conv2d(x, t["dense"], b, s.stride, 1)
+    if provider == "lowrank_torch":
+        return two_convs
+    if provider == "lowrank_compile":
+        compiled = _compile(lambda x: reference.lowrank_conv2d(x, w1, w2, b, stride, pad4, (1, 1), "channel"),
+                            case.device)
+        return lambda: compiled(x)
+    if provider == "lowrank_trp":
+        return lambda: ops.lowrank_conv2d(x, w1, w2, b, stride, pad4, (1, 1), "channel")
+    if provider == "lowrank_ort":
+        if case.device != "cpu":
+            raise Unavailable("CPU only (this suite runs ONNX Runtime's CPU execution provider)")
+        if case.dtype != torch.float32:
+            raise Unavailable(f"float32 only, case is {case.dtype}")
+        return _ort_fn(_ort_session(_two_conv_onnx(case, t)), x)
+    raise ValueError(f"unknown layer provider {provider!r}; known: {LAYER_PROVIDERS}")
+
+
+# --- models --------------------------------------------------------------------------
+
+def _build(name: str) -> nn.Module:
+    if name == "resnet18":
+        return models.resnet18()
+    if name == "resnet50":
+        return models.resnet50()
+    return models.resnet_cifar(int(name[len("resnet"):]))
+
+
+def model_bundle(case: ModelCase, generator: torch.Generator) -> dict:
+    """The dense model (BN folded) with exact-rank 3×3 convs, its low-rank form run by the
+    plain two-conv backend ("lowrank") and by trp's dispatch ("trp"), an input, and the
+    float64 reference output."""
+    model = _build(case.model).eval()
+    ratio = case.ratio
+    models.set_conv_spectra(model, lambda full: (torch.arange(full) < lowrank_rank(full, ratio)).double(),
+                            generator=generator)
+    models.randomize_batchnorm(model, generator)
+    dense = trp.compile(model, filter_fn=lambda m, q: False)  # fold BN only: the same for every provider
+    x64 = torch.randn(case.batch, 3, case.hw, case.hw, generator=generator, dtype=torch.float64)
+    with torch.no_grad():
+        ref = copy.deepcopy(dense).double()(x64)
+    lowrank = trp.compile(copy.deepcopy(dense), ratio=ratio, rank_multiple=RANK_MULTIPLE, backend="torch")
+    trp_model = trp.compile(copy.deepcopy(lowrank), backend="auto")
+    fmt = torch.channels_last if case.channels_last else torch.contiguous_format
+    cast = dict(device=case.device, dtype=case.dtype)
+    bundle = {"x": x64.to(**cast).contiguous(memory_format=fmt), "ref": ref}
+    for key, m in (("dense", dense), ("lowrank", lowrank), ("trp", trp_model)):
+        bundle[key] = m.to(**cast).to(memory_format=fmt)
+    s = trp.summary(lowrank, bundle["x"][:1])
+    bundle["macs_dense"], bundle["macs"] = s.macs_dense * case.batch, s.macs * case.batch
+    return bundle
+
+
+def _onnx_bytes(model: nn.Module, x: torch.Tensor) -> bytes:
+    buf = io.BytesIO()
+    quiet = logging.getLogger("torch.onnx")
+    level = quiet.level
+    try:
+        quiet.setLevel(logging.ERROR)  # the exporter logs a line per missing torchvision op
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(model, (x,), dynamo=True, verbose=False)
+        program.save(buf)
+    except Exception as e:  # noqa: BLE001 - an exporter failure is this provider's reason
+        raise Unavailable(f"torch.onnx.export failed: {type(e).__name__}: {e}") from None
+    finally:
+        quiet.setLevel(level)
+    return buf.getvalue()
+
+
+def prepare_model(provider: str, case: ModelCase, bundle: dict) -> Fn:
+    kind, runtime = provider.split("_", 1)
+    if provider not in MODEL_PROVIDERS:
+        raise ValueError(f"unknown model provider {provider!r}; known: {MODEL_PROVIDERS}")
+    model, x = bundle[kind], bundle["x"]
+    if runtime == "eager":
+        return lambda: model(x)
+    if runtime == "compile":
+        compiled = _compile(model, case.device)
+        return lambda: compiled(x)
+    if runtime == "ort":
+        if case.device != "cpu":
+            raise Unavailable("CPU only (this suite runs ONNX Runtime's CPU execution provider)")
+        return _ort_fn(_ort_session(_onnx_bytes(model, x)), x)
+    if runtime == "cudagraph":
+        if case.device != "cuda":
+            raise Unavailable("CUDA graphs need a CUDA device")
+        return _cudagraph(model, x)
+    raise ValueError(f"unknown runtime in provider {provider!r}")

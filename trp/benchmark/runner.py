@@ -1,0 +1,181 @@
+"""Runs the suite: for each case, every provider side by side, each output checked against
+the float64 dense reference before it is timed (a wrong answer is never timed)."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Iterable, Optional
+
+import torch
+
+from trp.benchmark import cases as C
+from trp.benchmark import providers as P
+from trp.timing import machine_info, measure_for
+
+# Relative-L2 slack on top of twice the dense provider's own error (DESIGN.md, convention 3).
+ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+SUITES = ("layers", "models")
+
+
+def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    a = a.detach().to("cpu", torch.float64)
+    return ((a - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _row(suite, case_name, provider, case, rank, rank_rule, macs_dense, macs) -> dict:
+    return dict(suite=suite, case=case_name, provider=provider, device=case.device, dtype=_dtype_name(case.dtype),
+                batch=case.batch, rank=rank, rank_rule=rank_rule, macs_dense=int(macs_dense), macs=int(macs),
+                status="skipped", reason="", median_ms=None, p25_ms=None, p75_ms=None, min_ms=None, max_ms=None,
+                repeats=None, prepare_s=None, baseline=None, speedup=None, realized_fraction=None, max_rel_err=None)
+
+
+def _run_one(row: dict, prepare, ref: torch.Tensor, tol: Optional[float], budget_s: float, device: str) -> float:
+    """Fill ``row`` for one provider; returns its relative error (nan if it did not run)."""
+    t0 = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            fn = prepare()
+            out = fn()
+    except P.Unavailable as e:
+        row.update(status="skipped", reason=str(e))
+        return math.nan
+    except Exception as e:  # noqa: BLE001 - a provider that crashes is reported, not fatal
+        row.update(status="failed", reason=f"{type(e).__name__}: {e}".splitlines()[0][:300])
+        traceback.print_exc()
+        return math.nan
+    row["prepare_s"] = round(time.perf_counter() - t0, 3)
+    err = _rel(out, ref)
+    row["max_rel_err"] = err
+    if tol is not None and not err <= tol:
+        row.update(status="failed", reason=f"output differs from the dense reference: relative error "
+                                           f"{err:.2e} > tolerance {tol:.2e}; not timed")
+        return err
+    with torch.inference_mode():
+        row.update(measure_for(fn, budget_s, device=device))
+    row["status"] = "ok"
+    return err
+
+
+def _finish(rows: list[dict], baseline_of) -> None:
+    """Speed-ups against each row's baseline provider, in the same case."""
+    times = {(r["case"], r["batch"], r["rank"], r["dtype"], r["provider"]): r["median_ms"]
+             for r in rows if r["status"] == "ok"}
+    for r in rows:
+        base = baseline_of(r["provider"])
+        r["baseline"] = base
+        t_base = times.get((r["case"], r["batch"], r["rank"], r["dtype"], base))
+        if r["status"] == "ok" and t_base:
+            r["speedup"] = t_base / r["median_ms"]
+            r["realized_fraction"] = r["speedup"] / (r["macs_dense"] / r["macs"])
+
+
+def layer_case_rows(case: C.LayerCase, providers: Iterable[str], budget_s: float, progress, g) -> list[dict]:
+    t = P.layer_tensors(case, g)
+    ref = P.layer_reference(case, t)
+    rows, dense_err = [], None
+    for provider in providers:
+        row = _row("layers", case.shape.name, provider, case, case.rank, case.rank_rule, case.macs_dense,
+                   case.macs if provider != "dense_torch" else case.macs_dense)
+        progress(f"{case.shape.name} b{case.batch} r{case.rank} {provider}")
+        tol = None if dense_err is None else 2 * dense_err + ATOL[case.dtype]
+        err = _run_one(row, lambda: P.prepare_layer(provider, case, t), ref, tol, budget_s, case.device)
+        if provider == "dense_torch":
+            dense_err = err if not math.isnan(err) else None
+        rows.append(row)
+    _finish(rows, lambda p: "dense_torch")
+    return rows
+
+
+def model_case_rows(case: C.ModelCase, providers: Iterable[str], budget_s: float, progress, g) -> list[dict]:
+    progress(f"{case.name} b{case.batch}: building")
+    bundle = P.model_bundle(case, g)
+    rows, dense_err = [], None
+    for provider in providers:
+        is_dense = provider.startswith("dense_")
+        row = _row("models", case.name, provider, case, None, case.rank_rule, bundle["macs_dense"],
+                   bundle["macs_dense"] if is_dense else bundle["macs"])
+        progress(f"{case.name} b{case.batch} {provider}")
+        # whole networks accumulate rounding over ~20-50 layers: 10x the per-layer slack
+        tol = None if dense_err is None else 2 * dense_err + 10 * ATOL[case.dtype]
+        err = _run_one(row, lambda: P.prepare_model(provider, case, bundle), bundle["ref"], tol, budget_s,
+                       case.device)
+        if provider == "dense_eager":
+            dense_err = err if not math.isnan(err) else None
+        rows.append(row)
+    _finish(rows, lambda p: P.MODEL_BASELINE[p])
+    return rows
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    """Atomic: a crash mid-run leaves the previous complete file, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f, indent=1)
+    os.replace(tmp, path)
+
+
+def run(suite: str = "all", device: str = "cpu", quick: bool = False, json_path=None, out_dir=None,
+        threads: Optional[int] = None, providers: Optional[list[str]] = None, select: Optional[str] = None,
+        budget_s: Optional[float] = None, command: str = "", show_progress: bool = True) -> dict:
+    """Run the suite and return ``{"environment", "command", "rows"}``; the JSON file (if
+    given) is rewritten after every case, so an interrupted run keeps what it measured."""
+    if suite not in (*SUITES, "all"):
+        raise ValueError(f"suite must be one of {(*SUITES, 'all')}, got {suite!r}")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' but torch.cuda.is_available() is False")
+    known = set(P.LAYER_PROVIDERS) | set(P.MODEL_PROVIDERS)
+    for p in providers or []:
+        if p not in known:
+            raise ValueError(f"unknown provider {p!r}; known: {sorted(known)}")
+    if threads:
+        torch.set_num_threads(threads)
+    budget_s = budget_s if budget_s is not None else (0.3 if quick else 1.0)
+    payload = {"environment": machine_info() | {"device": device, "quick": quick,
+                                                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                                                    timespec="seconds")},
+               "command": command, "rows": []}
+    from tqdm import tqdm
+    bar = tqdm(desc="trp bench", unit="run", disable=not show_progress, dynamic_ncols=True)
+
+    def progress(text):
+        bar.set_postfix_str(text, refresh=False)
+        bar.update(1)
+
+    suites = SUITES if suite == "all" else (suite,)
+    g = torch.Generator().manual_seed(0)
+    try:
+        for s in suites:
+            names = P.LAYER_PROVIDERS if s == "layers" else P.MODEL_PROVIDERS
+            chosen = [p for p in names if not providers or p in providers or p.startswith("dense_")]
+            if s == "layers":
+                todo = [(c, layer_case_rows) for c in C.layer_cases(device, quick)
+                        if not select or select in c.shape.name]
+            else:
+                todo = [(c, model_case_rows) for c in C.model_cases(device, quick) if not select or select in c.name]
+            for case, case_rows in todo:
+                payload["rows"] += case_rows(case, chosen, budget_s, progress, g)
+                if json_path:
+                    _write_json(Path(json_path), payload)
+    finally:
+        bar.close()
+        if json_path:
+            _write_json(Path(json_path), payload)
+    if out_dir:
+        from trp.benchmark.report import write_report
+        payload["report"] = {k: str(v) for k, v in write_report(payload["rows"], payload["environment"],
+                                                                command, out_dir).items()}
+    return payload
