@@ -27,7 +27,7 @@ def _build(name: str):
 def demo(args: argparse.Namespace) -> dict:
     import trp
     from trp import models
-    from trp.timing import machine_info, measure
+    from trp.timing import compare, machine_info
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -45,15 +45,15 @@ def demo(args: argparse.Namespace) -> dict:
     x = torch.randn(args.batch, 3, size, size, generator=g)
     with torch.no_grad():
         ref = model(x)
-    dense_t = measure(lambda: _no_grad(model, x), warmup=args.warmup, repeats=args.repeats)
-
     compiled = trp.compile(model, energy=args.energy, scheme=args.scheme, inplace=False)
     table = trp.summary(compiled, x)
     with torch.no_grad():
         out = compiled(x)
     rel_l2 = ((out - ref).norm() / ref.norm()).item()
     rel_max = ((out - ref).abs().max() / ref.abs().max()).item()
-    low_t = measure(lambda: _no_grad(compiled, x), warmup=args.warmup, repeats=args.repeats)
+    timed = compare({"dense": lambda: _no_grad(model, x), "compiled": lambda: _no_grad(compiled, x)},
+                    warmup=args.warmup, repeats=args.repeats)
+    dense_t, low_t = timed["dense"], timed["compiled"]
 
     print(f"trp demo: {args.model}, input {tuple(x.shape)}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
@@ -63,7 +63,7 @@ def demo(args: argparse.Namespace) -> dict:
     print(table)
     print(f"\noutput error vs dense: relative L2 {rel_l2:.3e}, max |diff| / max |y| {rel_max:.3e}")
     speedup = dense_t["median_ms"] / low_t["median_ms"]
-    print(f"latency (median of {args.repeats} after {args.warmup} warm-up, CPU): dense "
+    print(f"latency (median of {args.repeats} interleaved calls each after {args.warmup} warm-up, CPU): dense "
           f"{dense_t['median_ms']:.2f} ms, compiled {low_t['median_ms']:.2f} ms -> {speedup:.2f}x "
           f"(conv/linear MACs {table.macs_dense / table.macs:.2f}x fewer)")
     result = {"model": args.model, "input_shape": list(x.shape), "energy": args.energy, "scheme": args.scheme,

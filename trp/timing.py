@@ -28,25 +28,36 @@ def measure(fn: Callable[[], object], *, warmup: int = 3, repeats: int = 10, dev
         if cuda:
             torch.cuda.synchronize(device)
         times.append((time.perf_counter() - t0) * 1e3)
+    return _stats(times)
+
+
+def _stats(times: list[float]) -> dict:
     q = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else [times[0]] * 3
     return {"median_ms": statistics.median(times), "p25_ms": q[0], "p75_ms": q[2], "min_ms": min(times),
-            "max_ms": max(times), "repeats": repeats}
+            "max_ms": max(times), "repeats": len(times)}
 
 
-def measure_for(fn: Callable[[], object], budget_s: float, *, warmup: int = 2, min_repeats: int = 5,
-                max_repeats: int = 200, device=None) -> dict:
-    """:func:`measure` with as many repeats as fit in about ``budget_s`` (within the bounds),
-    estimated from the last warm-up call (the first ones pay lazy initialisation)."""
+def compare(fns: dict[str, Callable[[], object]], *, warmup: int = 3, repeats: int = 10, device=None) -> dict:
+    """Time several functions interleaved, one call of each per round (the order rotating),
+    so that drift in a shared, noisy machine's speed hits them all alike."""
+    if warmup < 0 or repeats < 1 or not fns:
+        raise ValueError(f"need functions, warmup >= 0 and repeats >= 1, got {len(fns)}, {warmup}, {repeats}")
     cuda = device is not None and torch.device(device).type == "cuda"
-    last = 0.0
-    for _ in range(max(warmup, 1)):
-        t0 = time.perf_counter()
-        fn()
-        if cuda:
-            torch.cuda.synchronize(device)
-        last = time.perf_counter() - t0
-    repeats = int(min(max_repeats, max(min_repeats, budget_s / max(last, 1e-6))))
-    return measure(fn, warmup=0, repeats=repeats, device=device)
+    names = list(fns)
+    for name in names:
+        for _ in range(warmup):
+            fns[name]()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(repeats):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            if cuda:
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            fns[name]()
+            if cuda:
+                torch.cuda.synchronize(device)
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {n: _stats(t) for n, t in times.items()}
 
 
 def machine_info() -> dict:

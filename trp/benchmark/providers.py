@@ -51,6 +51,9 @@ def _ort_session(model_bytes: bytes):
     options.intra_op_num_threads = torch.get_num_threads()  # same threads as the torch providers
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # ORT's idle threads otherwise busy-wait after each run and slow whatever runs next
+    # (here: the other providers, interleaved; in an application: its other work).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
 
 

@@ -1,5 +1,6 @@
-"""Runs the suite: for each case, every provider side by side, each output checked against
-the float64 dense reference before it is timed (a wrong answer is never timed)."""
+"""Runs the suite: for each case, every provider's output is checked against the float64
+dense reference (a wrong answer is never timed), then the checked providers are timed side
+by side, interleaved round by round, so that the drift of a shared machine hits them alike."""
 
 from __future__ import annotations
 
@@ -17,11 +18,12 @@ import torch
 
 from trp.benchmark import cases as C
 from trp.benchmark import providers as P
-from trp.timing import machine_info, measure_for
+from trp.timing import compare, machine_info
 
 # Relative-L2 slack on top of twice the dense provider's own error (DESIGN.md, convention 3).
 ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 SUITES = ("layers", "models")
+MIN_REPEATS, MAX_REPEATS = 5, 200
 
 
 def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -40,8 +42,9 @@ def _row(suite, case_name, provider, case, rank, rank_rule, macs_dense, macs) ->
                 repeats=None, prepare_s=None, baseline=None, speedup=None, realized_fraction=None, max_rel_err=None)
 
 
-def _run_one(row: dict, prepare, ref: torch.Tensor, tol: Optional[float], budget_s: float, device: str) -> float:
-    """Fill ``row`` for one provider; returns its relative error (nan if it did not run)."""
+def _prepare_and_check(row: dict, prepare, ref: torch.Tensor, tol: Optional[float]):
+    """Prepare one provider and check its output; returns its callable, or None (the row
+    then says why: skipped, crashed, or wrong)."""
     t0 = time.perf_counter()
     try:
         with torch.inference_mode():
@@ -49,22 +52,39 @@ def _run_one(row: dict, prepare, ref: torch.Tensor, tol: Optional[float], budget
             out = fn()
     except P.Unavailable as e:
         row.update(status="skipped", reason=str(e))
-        return math.nan
+        return None
     except Exception as e:  # noqa: BLE001 - a provider that crashes is reported, not fatal
         row.update(status="failed", reason=f"{type(e).__name__}: {e}".splitlines()[0][:300])
         traceback.print_exc()
-        return math.nan
+        return None
     row["prepare_s"] = round(time.perf_counter() - t0, 3)
     err = _rel(out, ref)
     row["max_rel_err"] = err
     if tol is not None and not err <= tol:
         row.update(status="failed", reason=f"output differs from the dense reference: relative error "
                                            f"{err:.2e} > tolerance {tol:.2e}; not timed")
-        return err
+        return None
+    return fn
+
+
+def _time_side_by_side(rows: list[dict], fns: dict, budget_s: float, device: str) -> None:
+    """Interleaved timing of every checked provider of a case (one call of each per round,
+    order rotating), about ``budget_s`` of calls per provider."""
+    if not fns:
+        return
     with torch.inference_mode():
-        row.update(measure_for(fn, budget_s, device=device))
-    row["status"] = "ok"
-    return err
+        slowest = 0.0
+        for fn in fns.values():  # one more untimed call each: compile/lazy init is behind us
+            t0 = time.perf_counter()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            slowest = max(slowest, time.perf_counter() - t0)
+        repeats = int(min(MAX_REPEATS, max(MIN_REPEATS, budget_s / max(slowest, 1e-6))))
+        stats = compare(fns, warmup=1, repeats=repeats, device=device)
+    for row in rows:
+        if row["provider"] in stats:
+            row.update(stats[row["provider"]], status="ok")
 
 
 def _finish(rows: list[dict], baseline_of) -> None:
@@ -83,16 +103,19 @@ def _finish(rows: list[dict], baseline_of) -> None:
 def layer_case_rows(case: C.LayerCase, providers: Iterable[str], budget_s: float, progress, g) -> list[dict]:
     t = P.layer_tensors(case, g)
     ref = P.layer_reference(case, t)
-    rows, dense_err = [], None
+    rows, fns, dense_err = [], {}, None
     for provider in providers:
         row = _row("layers", case.shape.name, provider, case, case.rank, case.rank_rule, case.macs_dense,
                    case.macs if provider != "dense_torch" else case.macs_dense)
         progress(f"{case.shape.name} b{case.batch} r{case.rank} {provider}")
         tol = None if dense_err is None else 2 * dense_err + ATOL[case.dtype]
-        err = _run_one(row, lambda: P.prepare_layer(provider, case, t), ref, tol, budget_s, case.device)
-        if provider == "dense_torch":
-            dense_err = err if not math.isnan(err) else None
+        fn = _prepare_and_check(row, lambda: P.prepare_layer(provider, case, t), ref, tol)
+        if fn is not None:
+            fns[provider] = fn
+            if provider == "dense_torch":
+                dense_err = row["max_rel_err"]
         rows.append(row)
+    _time_side_by_side(rows, fns, budget_s, case.device)
     _finish(rows, lambda p: "dense_torch")
     return rows
 
@@ -100,7 +123,7 @@ def layer_case_rows(case: C.LayerCase, providers: Iterable[str], budget_s: float
 def model_case_rows(case: C.ModelCase, providers: Iterable[str], budget_s: float, progress, g) -> list[dict]:
     progress(f"{case.name} b{case.batch}: building")
     bundle = P.model_bundle(case, g)
-    rows, dense_err = [], None
+    rows, fns, dense_err = [], {}, None
     for provider in providers:
         is_dense = provider.startswith("dense_")
         row = _row("models", case.name, provider, case, None, case.rank_rule, bundle["macs_dense"],
@@ -108,11 +131,13 @@ def model_case_rows(case: C.ModelCase, providers: Iterable[str], budget_s: float
         progress(f"{case.name} b{case.batch} {provider}")
         # whole networks accumulate rounding over ~20-50 layers: 10x the per-layer slack
         tol = None if dense_err is None else 2 * dense_err + 10 * ATOL[case.dtype]
-        err = _run_one(row, lambda: P.prepare_model(provider, case, bundle), bundle["ref"], tol, budget_s,
-                       case.device)
-        if provider == "dense_eager":
-            dense_err = err if not math.isnan(err) else None
+        fn = _prepare_and_check(row, lambda: P.prepare_model(provider, case, bundle), bundle["ref"], tol)
+        if fn is not None:
+            fns[provider] = fn
+            if provider == "dense_eager":
+                dense_err = row["max_rel_err"]
         rows.append(row)
+    _time_side_by_side(rows, fns, budget_s, case.device)
     _finish(rows, lambda p: P.MODEL_BASELINE[p])
     return rows
 
