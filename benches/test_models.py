@@ -1,11 +1,12 @@
-"""One benchmark per (model case, provider); outputs are checked before timing."""
+"""One benchmark per (model case, provider)."""
 
 import pytest
 import torch
 
-from benches.conftest import DEVICE, QUICK
+from benches.conftest import DEVICE, QUICK, run_benchmark
 from trp.benchmark import cases as C
 from trp.benchmark import providers as P
+from trp.benchmark.runner import make_row
 
 CASES = C.model_cases(DEVICE, QUICK)
 _BUNDLES = {}
@@ -21,20 +22,8 @@ def _bundle(case):
 @pytest.mark.parametrize("provider", P.MODEL_PROVIDERS)
 @pytest.mark.parametrize("case", CASES, ids=[f"{c.model}-b{c.batch}-{str(c.dtype)[6:]}" for c in CASES])
 def test_model(benchmark, case, provider):
-    bundle = _bundle(case)
-    try:
-        with torch.inference_mode():
-            fn = P.prepare_model(provider, case, bundle)
-            out = fn()
-    except P.Unavailable as e:
-        pytest.skip(str(e))
-    err = ((out.double().cpu() - bundle["ref"]).norm() / bundle["ref"].norm()).item()
-    assert err < (1e-4 if case.dtype == torch.float32 else 5e-2), err
-    macs = bundle["macs_dense"] if provider.startswith("dense_") else bundle["macs"]
-    benchmark.extra_info.update(macs_dense=bundle["macs_dense"], macs=macs, batch=case.batch,
-                                device=case.device, dtype=str(case.dtype), max_rel_err=err)
-    with torch.inference_mode():
-        if case.device == "cuda":
-            benchmark(lambda: (fn(), torch.cuda.synchronize()))
-        else:
-            benchmark(fn)
+    b = _bundle(case)
+    row = make_row("models", case.name, provider, case, None, case.rank_rule, b["macs_dense"],
+               b["macs_dense"] if provider.startswith("dense_") else b["macs"])
+    run_benchmark(benchmark, row, lambda: P.prepare_model(provider, case, b), b["ref"],
+                  lambda: P.prepare_model("dense_eager", case, b), case.device)

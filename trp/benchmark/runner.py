@@ -35,14 +35,20 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def _row(suite, case_name, provider, case, rank, rank_rule, macs_dense, macs) -> dict:
+def make_row(suite, case_name, provider, case, rank, rank_rule, macs_dense, macs) -> dict:
     return dict(suite=suite, case=case_name, provider=provider, device=case.device, dtype=_dtype_name(case.dtype),
                 batch=case.batch, rank=rank, rank_rule=rank_rule, macs_dense=int(macs_dense), macs=int(macs),
                 status="skipped", reason="", median_ms=None, p25_ms=None, p75_ms=None, min_ms=None, max_ms=None,
                 repeats=None, prepare_s=None, baseline=None, speedup=None, realized_fraction=None, max_rel_err=None)
 
 
-def _prepare_and_check(row: dict, prepare, ref: torch.Tensor, tol: Optional[float]):
+def tolerance(dense_err: Optional[float], dtype: torch.dtype, layers: int = 1) -> Optional[float]:
+    """Largest relative error a provider may have: twice the dense provider's own error plus
+    a per-dtype slack, times ``layers`` (a whole network accumulates rounding)."""
+    return None if dense_err is None else 2 * dense_err + layers * ATOL[dtype]
+
+
+def prepare_checked(row: dict, prepare, ref: torch.Tensor, tol: Optional[float]):
     """Prepare one provider and check its output; returns its callable, or None (the row
     then says why: skipped, crashed, or wrong)."""
     t0 = time.perf_counter()
@@ -105,11 +111,11 @@ def layer_case_rows(case: C.LayerCase, providers: Iterable[str], budget_s: float
     ref = P.layer_reference(case, t)
     rows, fns, dense_err = [], {}, None
     for provider in providers:
-        row = _row("layers", case.shape.name, provider, case, case.rank, case.rank_rule, case.macs_dense,
+        row = make_row("layers", case.shape.name, provider, case, case.rank, case.rank_rule, case.macs_dense,
                    case.macs if provider != "dense_torch" else case.macs_dense)
         progress(f"{case.shape.name} b{case.batch} r{case.rank} {provider}")
-        tol = None if dense_err is None else 2 * dense_err + ATOL[case.dtype]
-        fn = _prepare_and_check(row, lambda: P.prepare_layer(provider, case, t), ref, tol)
+        tol = tolerance(dense_err, case.dtype)
+        fn = prepare_checked(row, lambda: P.prepare_layer(provider, case, t), ref, tol)
         if fn is not None:
             fns[provider] = fn
             if provider == "dense_torch":
@@ -126,12 +132,11 @@ def model_case_rows(case: C.ModelCase, providers: Iterable[str], budget_s: float
     rows, fns, dense_err = [], {}, None
     for provider in providers:
         is_dense = provider.startswith("dense_")
-        row = _row("models", case.name, provider, case, None, case.rank_rule, bundle["macs_dense"],
+        row = make_row("models", case.name, provider, case, None, case.rank_rule, bundle["macs_dense"],
                    bundle["macs_dense"] if is_dense else bundle["macs"])
         progress(f"{case.name} b{case.batch} {provider}")
-        # whole networks accumulate rounding over ~20-50 layers: 10x the per-layer slack
-        tol = None if dense_err is None else 2 * dense_err + 10 * ATOL[case.dtype]
-        fn = _prepare_and_check(row, lambda: P.prepare_model(provider, case, bundle), bundle["ref"], tol)
+        tol = tolerance(dense_err, case.dtype, layers=10)  # ~20-50 layers of rounding
+        fn = prepare_checked(row, lambda: P.prepare_model(provider, case, bundle), bundle["ref"], tol)
         if fn is not None:
             fns[provider] = fn
             if provider == "dense_eager":
