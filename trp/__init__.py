@@ -10,9 +10,11 @@ from trp.decompose import RankSpec, select_rank
 from trp.io import load, save
 from trp.modules import LowRankConv2d, LowRankLinear
 from trp.summary import Summary, summary
+from trp.training import TRP, evaluate, fit
 from trp_kernels.ops import BackendError
 
 __version__ = "0.1.0"
 
 __all__ = ["compile", "CompileConfig", "default_filter", "RankSpec", "select_rank", "save", "load",
-           "LowRankConv2d", "LowRankLinear", "summary", "Summary", "BackendError", "__version__"]
+           "LowRankConv2d", "LowRankLinear", "summary", "Summary", "BackendError", "TRP", "fit", "evaluate",
+           "__version__"]

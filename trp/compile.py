@@ -260,18 +260,27 @@ def plan_bn_folds(model: nn.Module, graph: Optional[torch.fx.Graph]) -> tuple[li
 
 # --- compile -------------------------------------------------------------------------
 
+def eligibility(fqn: str, m: nn.Module, cfg: CompileConfig, filt: FilterFn) -> tuple[Optional[str], LayerPlan]:
+    """(note, plan): why the layer stays dense (None: it is a target) and its rank plan.
+    The one rule for which layers are low rank, shared by compile and TRP training."""
+    reason = decompose.refusal(m)
+    if reason:
+        return reason, LayerPlan(None, cfg.scheme)
+    if not filt(m, fqn):
+        why = filt.why_not(m, fqn) if isinstance(filt, DefaultFilter) else None
+        return why or "excluded by filter_fn", LayerPlan(None, cfg.scheme)
+    pattern, plan = cfg.plan_for(fqn)
+    if plan.spec is None:
+        return f"kept dense by override {pattern!r}", plan
+    return None, plan
+
+
 def _decide(fqn: str, m: nn.Module, weight: torch.Tensor, cfg: CompileConfig,
             filt: FilterFn) -> tuple[Optional[str], Optional[decompose.Factors], Optional[LayerPlan]]:
     """(note, factors, plan): a note when the layer stays dense, else its factors."""
-    reason = decompose.refusal(m)
-    if reason:
-        return reason, None, None
-    if not filt(m, fqn):
-        why = filt.why_not(m, fqn) if isinstance(filt, DefaultFilter) else None
-        return why or "excluded by filter_fn", None, None
-    pattern, plan = cfg.plan_for(fqn)
-    if plan.spec is None:
-        return f"kept dense by override {pattern!r}", None, None
+    note, plan = eligibility(fqn, m, cfg, filt)
+    if note is not None:
+        return note, None, None
     what = f"weight of {fqn!r}"
     if isinstance(m, nn.Linear):
         f = decompose.factor_linear_weight(weight, plan.spec, what)

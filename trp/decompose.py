@@ -128,19 +128,36 @@ class Factors:
     singular_values: torch.Tensor  # float64, all of them
 
 
-def _truncated_svd(matrix: torch.Tensor, spec: RankSpec, what: str):
-    """(left, right, r, singular values) with left @ right the best rank-r approximation
-    of ``matrix`` and √σ on each side."""
+def truncated_svd(matrix: torch.Tensor, spec: RankSpec, what: str = "weight"):
+    """``(u, s_r, vh, s)`` in float64: the top-r singular triplets of ``matrix``, r from
+    ``spec``, and all its singular values ``s``. ``u @ diag(s_r) @ vh`` is the best rank-r
+    approximation; a zero singular value gets zero vectors (it carries nothing)."""
     m = matrix.detach().double()
     if not torch.isfinite(m).all():
         raise ValueError(f"{what} has non-finite values (nan or inf); cannot factor it")
     s, basis = _gram_eigh(m)
     r = select_rank(s, spec)
-    basis, root = basis[:, :r], s[:r].sqrt()
-    inv_root = torch.where(root > 0, 1 / root.clamp_min(1e-300), torch.zeros_like(root))
+    basis, s_r = basis[:, :r], s[:r]
+    inv = torch.where(s_r > 0, 1 / s_r.clamp_min(1e-300), torch.zeros_like(s_r))
     if m.shape[0] <= m.shape[1]:  # basis: left singular vectors
-        return basis * root, inv_root[:, None] * (basis.T @ m), r, s
-    return (m @ basis) * inv_root, root[:, None] * basis.T, r, s
+        return basis, s_r, inv[:, None] * (basis.T @ m), s
+    return (m @ basis) * inv, s_r, basis.T, s
+
+
+def _truncated_svd(matrix: torch.Tensor, spec: RankSpec, what: str):
+    """(left, right, r, singular values) with ``left @ right`` the best rank-r
+    approximation of ``matrix`` and √σ on each side."""
+    u, s_r, vh, s = truncated_svd(matrix, spec, what)
+    root = s_r.sqrt()
+    return u * root, root[:, None] * vh, int(s_r.numel()), s
+
+
+def fold_conv_matrix(matrix: torch.Tensor, shape, scheme: str) -> torch.Tensor:
+    """Inverse of :func:`unfold_conv_weight`: the (n, c, kh, kw) tensor of an unfolding."""
+    n, c, kh, kw = shape
+    if check_scheme(scheme) == "channel":
+        return matrix.reshape(n, c, kh, kw)
+    return matrix.reshape(c, kh, n, kw).permute(2, 0, 1, 3)
 
 
 def factor_conv2d_weight(weight: torch.Tensor, spec: RankSpec, scheme: str = "channel",

@@ -192,7 +192,7 @@ def set_conv_spectra(model: nn.Module, spectrum, scheme: str = "channel", skip=(
     network's); real weights come from training.
     """
     from trp.compile import find_stem
-    from trp.decompose import conv_full_rank
+    from trp.decompose import conv_full_rank, fold_conv_matrix
 
     stem = find_stem(model) if "stem" in skip else None
     for fqn, m in model.named_modules():
@@ -206,8 +206,7 @@ def set_conv_spectra(model: nn.Module, spectrum, scheme: str = "channel", skip=(
             raise ValueError(f"spectrum({full}) must return {full} values, got shape {tuple(s.shape)}")
         u, _ = torch.linalg.qr(torch.randn(rows, full, dtype=torch.float64, generator=generator))
         v, _ = torch.linalg.qr(torch.randn(cols, full, dtype=torch.float64, generator=generator))
-        mat = (u * s) @ v.T
-        w = mat.reshape(n, c, kh, kw) if scheme == "channel" else mat.reshape(c, kh, n, kw).permute(2, 0, 1, 3)
+        w = fold_conv_matrix((u * s) @ v.T, (n, c, kh, kw), scheme)
         with torch.no_grad():
             norm = m.weight.norm()
             m.weight.copy_((w * (norm / w.norm().clamp_min(1e-30))).to(m.weight.dtype))
