@@ -300,6 +300,10 @@ def fit(model: nn.Module, train_loader, val_loader=None, *, epochs: int, optimiz
             bar.set_postfix(loss=f"{total / count:.4f}")
         if scheduler is not None:
             scheduler.step()
+        if _distributed():  # the global mean, the same on every rank
+            t = torch.tensor([total, count], dtype=torch.float64, device=device)
+            dist.all_reduce(t)
+            total, count = float(t[0]), int(t[1])
         record = {"epoch": epoch + 1, "train_loss": total / max(count, 1),
                   "lr": optimizer.param_groups[0]["lr"]}
         if val_loader is not None:
