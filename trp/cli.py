@@ -1,76 +1,105 @@
-"""Command line: ``python -m trp demo``."""
+"""Command line: ``python -m trp demo | bench``."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 
 import torch
 
-MODELS = ("resnet18", "resnet50", "resnet20", "resnet56", "vgg16")
+
+def _conv_macs_params(model, x) -> tuple[int, int]:
+    import trp
+
+    rows = trp.summary(model, x).rows
+    return (sum(r["macs"] for r in rows if r["kind"] == "conv"),
+            sum(p.numel() for p in model.parameters()))
 
 
-def _build(name: str):
-    from trp import models
+def _spectra_plot(dense, trained, layers, path, scheme) -> None:
+    import matplotlib
 
-    if name == "resnet18":
-        return models.resnet18(), 224
-    if name == "resnet50":
-        return models.resnet50(), 224
-    if name == "vgg16":
-        return models.vgg16(), 224
-    return models.resnet_cifar(int(name[len("resnet"):])), 32
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    from trp.decompose import conv_singular_values
+
+    fig = Figure(figsize=(4 * len(layers), 3.4))
+    for i, name in enumerate(layers):
+        ax = fig.add_subplot(1, len(layers), i + 1)
+        for model, label, style in ((dense, "dense", "-"), (trained, "TRP", "--")):
+            s = conv_singular_values(dict(model.named_modules())[name].weight, scheme)
+            ax.semilogy(range(1, len(s) + 1), (s / s[0]).clamp_min(1e-8).numpy(), style, label=label)
+        ax.set_title(name)
+        ax.set_xlabel("index i")
+        ax.set_ylabel("sigma_i / sigma_1")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"singular values of the {scheme} unfolding, dense vs TRP-trained")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def demo(args: argparse.Namespace) -> dict:
+    """Train ResNet-20 on the digits three ways with one budget and seed; compare."""
+    import copy
+
     import trp
-    from trp import models
+    from trp import data, models
     from trp.timing import compare, machine_info
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    g = torch.Generator().manual_seed(args.seed)
-    torch.manual_seed(args.seed)
-    model, size = _build(args.model)
-    size = args.size or size
-    model.eval()
-    models.randomize_batchnorm(model, g)
-    # Trained networks have decaying spectra (TRP training makes them decay much faster);
-    # random init has flat ones. Until the demo trains (TRP training), it plants one.
-    tau = args.decay
-    models.set_conv_spectra(model, lambda full: torch.exp(-torch.arange(full) / (tau * full)),
-                            scheme=args.scheme, generator=g)
-    x = torch.randn(args.batch, 3, size, size, generator=g)
-    with torch.no_grad():
-        ref = model(x)
-    compiled = trp.compile(model, energy=args.energy, scheme=args.scheme, inplace=False)
-    table = trp.summary(compiled, x)
-    with torch.no_grad():
-        out = compiled(x)
-    rel_l2 = ((out - ref).norm() / ref.norm()).item()
-    rel_max = ((out - ref).abs().max() / ref.abs().max()).item()
-    timed = compare({"dense": lambda: _no_grad(model, x), "compiled": lambda: _no_grad(compiled, x)},
-                    warmup=args.warmup, repeats=args.repeats)
-    dense_t, low_t = timed["dense"], timed["compiled"]
+    epochs = args.epochs or (3 if args.quick else 15)
+    repeats = 5 if args.quick else args.repeats
+    train, test = data.digits(args.batch)
+    x1 = next(iter(test))[0][:1]
 
-    print(f"trp demo: {args.model}, input {tuple(x.shape)}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
-    print(f"weights: random, k x k conv spectra set to sigma_i = exp(-i / ({tau} * full rank)) "
-          f"(synthetic stand-in for a trained network), BatchNorm statistics random")
-    print(f"trp.compile(model, energy={args.energy}, scheme={args.scheme!r})\n")
-    print(table)
-    print(f"\noutput error vs dense: relative L2 {rel_l2:.3e}, max |diff| / max |y| {rel_max:.3e}")
-    speedup = dense_t["median_ms"] / low_t["median_ms"]
-    print(f"latency (median of {args.repeats} interleaved calls each after {args.warmup} warm-up, CPU): dense "
-          f"{dense_t['median_ms']:.2f} ms, compiled {low_t['median_ms']:.2f} ms -> {speedup:.2f}x "
-          f"(conv/linear MACs {table.macs_dense / table.macs:.2f}x fewer)")
-    result = {"model": args.model, "input_shape": list(x.shape), "energy": args.energy, "scheme": args.scheme,
-              "macs_dense": table.macs_dense, "macs": table.macs, "params_dense": table.params_dense,
-              "params": table.params, "rel_l2_error": rel_l2, "rel_max_error": rel_max,
-              "dense_ms": dense_t, "compiled_ms": low_t, "speedup": speedup, "machine": machine_info(),
-              "command": "python -m trp " + " ".join(args.argv), "rows": table.rows}
+    def trained(controller_kw):
+        torch.manual_seed(args.seed)
+        model = models.resnet_cifar(20)
+        controller = trp.TRP(model, **controller_kw) if controller_kw is not None else None
+        trp.fit(model, train, test, epochs=epochs, lr=args.lr, trp=controller, progress=not args.quiet)
+        return model.eval(), controller
+
+    print(f"trp demo: ResNet-20 on scikit-learn digits (1,438 train / 359 test, 32x32), {epochs} epochs, "
+          f"seed {args.seed}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print("[1/3] dense baseline")
+    dense, _ = trained(None)
+    print(f"[2/3] TRP (energy {args.energy}, nuclear_weight {args.nuclear_weight}, period {args.period})")
+    trp_model, controller = trained(dict(energy=args.energy, nuclear_weight=args.nuclear_weight,
+                                         period=args.period, scheme=args.scheme))
+    overrides = controller.compile_overrides()
+    compiled_trp = trp.compile(copy.deepcopy(trp_model), overrides=overrides, rank_multiple=1, scheme=args.scheme)
+    print("[3/3] post-hoc SVD of the dense baseline at the TRP ranks (no training)")
+    compiled_svd = trp.compile(copy.deepcopy(dense), overrides=overrides, rank_multiple=1, scheme=args.scheme)
+    folded_dense = trp.compile(copy.deepcopy(dense), filter_fn=lambda m, q: False)  # BN folded, as the others
+
+    timed = compare({"dense": lambda: _no_grad(folded_dense, x1), "trp": lambda: _no_grad(compiled_trp, x1),
+                     "svd": lambda: _no_grad(compiled_svd, x1)}, warmup=3, repeats=repeats)
+    result = {}
+    for key, model in (("dense", dense), ("trp", compiled_trp), ("svd", compiled_svd)):
+        macs, params = _conv_macs_params(model, x1)
+        result[key] = {"accuracy": trp.evaluate(model, test)["accuracy"], "macs": macs, "params": params,
+                       "latency_ms": timed[key]["median_ms"]}
+    base = result["dense"]
+    print(f"\n{'model':<34} {'test acc %':>10} {'conv MACs':>12} {'params':>10} {'CPU latency (b1)':>18}")
+    labels = {"dense": "dense baseline", "trp": "TRP + trp.compile (no fine-tune)",
+              "svd": "dense + post-hoc SVD, same ranks"}
+    for key, r in result.items():
+        print(f"{labels[key]:<34} {r['accuracy']:>10.2f} {r['macs'] / 1e6:>8.2f}M {base['macs'] / r['macs']:>4.2f}x"
+              f" {r['params'] / 1e3:>8.1f}K {r['latency_ms']:>9.3f} ms {base['latency_ms'] / r['latency_ms']:>4.2f}x")
+    ranks = ", ".join(f"{k}:{v}" for k, v in list(controller.ranks.items())[:6])
+    print(f"TRP ranks (first layers): {ranks}, ...")
+    layers = ["layer1.0.conv1", "layer2.1.conv1", "layer3.2.conv2"]
+    if args.plot:
+        _spectra_plot(dense, trp_model, layers, args.plot, args.scheme)
+        print(f"wrote {args.plot}")
+    result["meta"] = {"epochs": epochs, "seed": args.seed, "energy": args.energy,
+                      "nuclear_weight": args.nuclear_weight, "period": args.period, "scheme": args.scheme,
+                      "lr": args.lr, "batch": args.batch, "ranks": controller.ranks, "machine": machine_info(),
+                      "command": "python -m trp " + " ".join(args.argv)}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
@@ -125,18 +154,20 @@ def _fraction(text):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m trp", description="Trained Rank Pruning for CNNs.")
     sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="compress a ResNet, print the summary, the output error and the latency")
-    d.add_argument("--model", choices=MODELS, default="resnet18")
-    d.add_argument("--energy", type=_fraction, default=0.9, help="energy kept per layer (default 0.9)")
+    d = sub.add_parser("demo", help="train ResNet-20 on the digits: dense, TRP + trp.compile, post-hoc SVD")
+    d.add_argument("--epochs", type=_positive(int), default=None, help="training epochs (default 15, --quick 3)")
+    d.add_argument("--quick", action="store_true", help="3 epochs and fewer timing repeats")
+    d.add_argument("--energy", type=_fraction, default=0.9, help="TRP projection energy (default 0.9)")
+    d.add_argument("--nuclear-weight", type=float, default=3e-4, help="nuclear-norm weight (default 3e-4)")
+    d.add_argument("--period", type=_positive(int), default=2, help="TRP projection period (default 2)")
     d.add_argument("--scheme", choices=("channel", "spatial"), default="channel")
-    d.add_argument("--decay", type=_fraction, default=0.1,
-                   help="planted spectrum decay, as a fraction of full rank (default 0.1)")
-    d.add_argument("--batch", type=_positive(int), default=1)
-    d.add_argument("--size", type=_positive(int), default=None, help="input height/width (default: model's)")
-    d.add_argument("--repeats", type=_positive(int), default=20)
-    d.add_argument("--warmup", type=int, default=5)
+    d.add_argument("--lr", type=_positive(float), default=0.05)
+    d.add_argument("--batch", type=_positive(int), default=128)
+    d.add_argument("--repeats", type=_positive(int), default=50, help="latency repeats (default 50)")
     d.add_argument("--threads", type=_positive(int), default=None)
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--quiet", action="store_true", help="no progress bars")
+    d.add_argument("--plot", default="trp_demo_spectra.png", help="PNG of singular-value spectra ('' for none)")
     d.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     d.set_defaults(func=demo)
 

@@ -140,6 +140,16 @@ class TRP:
         self._subgradients.clear()
         self.step_count += 1
 
+    def compile_overrides(self) -> dict:
+        """``trp.compile`` overrides that factor each target at the rank of the last projection
+        (``{escaped fqn: rank}``): compile with these and ``rank_multiple=1`` to keep exactly
+        the structure the network was trained in."""
+        import re
+
+        if not self.ranks:
+            raise RuntimeError("no projection has run yet: call project() (or train) first")
+        return {re.escape(fqn): rank for fqn, rank in self.ranks.items()}
+
     def state_dict(self) -> dict:
         """Step count and settings (what a checkpoint needs to resume exactly)."""
         return {"step_count": self.step_count, "period": self.period, "nuclear_weight": self.nuclear_weight,

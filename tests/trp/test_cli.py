@@ -1,4 +1,4 @@
-"""`python -m trp demo` end to end (small settings)."""
+"""`python -m trp demo` end to end (one epoch), and argument errors."""
 
 import json
 import subprocess
@@ -10,21 +10,26 @@ from trp.cli import main
 
 
 def test_demo_writes_what_it_prints(tmp_path, capsys):
-    out = tmp_path / "demo.json"
-    main(["demo", "--model", "resnet20", "--repeats", "2", "--warmup", "1", "--json", str(out)])
+    out, plot = tmp_path / "demo.json", tmp_path / "spectra.png"
+    main(["demo", "--epochs", "1", "--quick", "--quiet", "--json", str(out), "--plot", str(plot)])
     text = capsys.readouterr().out
     data = json.loads(out.read_text())
-    assert data["macs"] < data["macs_dense"] and data["params"] < data["params_dense"]
-    assert 0 < data["rel_l2_error"] < 0.5
-    assert data["dense_ms"]["median_ms"] > 0 and data["compiled_ms"]["median_ms"] > 0
-    assert "output error vs dense" in text and "latency" in text and "layer1.0.conv1" in text
+    assert set(data) >= {"dense", "trp", "svd", "meta"}
+    for key in ("dense", "trp", "svd"):
+        assert set(data[key]) >= {"accuracy", "macs", "params", "latency_ms"}
+        assert 0 <= data[key]["accuracy"] <= 100 and data[key]["latency_ms"] > 0
+    assert data["trp"]["macs"] == data["svd"]["macs"] < data["dense"]["macs"]
+    assert data["meta"]["ranks"]
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "TRP + trp.compile (no fine-tune)" in text and "post-hoc SVD" in text
 
 
 def test_module_entry_point_and_bad_arguments():
     run = subprocess.run([sys.executable, "-m", "trp", "demo", "--energy", "1.5"], capture_output=True, text=True)
     assert run.returncode == 2 and "--energy: must be in (0, 1]" in run.stderr
-    run = subprocess.run([sys.executable, "-m", "trp", "demo", "--model", "alexnet"], capture_output=True, text=True)
-    assert run.returncode == 2 and "invalid choice: 'alexnet'" in run.stderr
+    run = subprocess.run([sys.executable, "-m", "trp", "bench", "--suite", "kernels"], capture_output=True,
+                         text=True)
+    assert run.returncode == 2 and "invalid choice: 'kernels'" in run.stderr
 
 
 def test_no_command_is_an_error():
