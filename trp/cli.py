@@ -51,7 +51,7 @@ def demo(args: argparse.Namespace) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    epochs = args.epochs or (3 if args.quick else 15)
+    epochs = args.epochs or (3 if args.quick else 30)
     repeats = 5 if args.quick else args.repeats
     train, test = data.digits(args.batch)
     x1 = next(iter(test))[0][:1]
@@ -155,9 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m trp", description="Trained Rank Pruning for CNNs.")
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="train ResNet-20 on the digits: dense, TRP + trp.compile, post-hoc SVD")
-    d.add_argument("--epochs", type=_positive(int), default=None, help="training epochs (default 15, --quick 3)")
+    d.add_argument("--epochs", type=_positive(int), default=None, help="training epochs (default 30, --quick 3)")
     d.add_argument("--quick", action="store_true", help="3 epochs and fewer timing repeats")
-    d.add_argument("--energy", type=_fraction, default=0.9, help="TRP projection energy (default 0.9)")
+    d.add_argument("--energy", type=_fraction, default=0.95, help="TRP projection energy (default 0.95)")
     d.add_argument("--nuclear-weight", type=float, default=3e-4, help="nuclear-norm weight (default 3e-4)")
     d.add_argument("--period", type=_positive(int), default=2, help="TRP projection period (default 2)")
     d.add_argument("--scheme", choices=("channel", "spatial"), default="channel")
