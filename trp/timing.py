@@ -11,26 +11,6 @@ from typing import Callable
 import torch
 
 
-def measure(fn: Callable[[], object], *, warmup: int = 3, repeats: int = 10, device=None) -> dict:
-    """Median, quartiles, min and max of ``repeats`` timed calls of ``fn`` after ``warmup``
-    calls, in ms. On CUDA each timed call ends with a synchronisation."""
-    if warmup < 0 or repeats < 1:
-        raise ValueError(f"need warmup >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}")
-    cuda = device is not None and torch.device(device).type == "cuda"
-    for _ in range(warmup):
-        fn()
-    if cuda:
-        torch.cuda.synchronize(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        if cuda:
-            torch.cuda.synchronize(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return _stats(times)
-
-
 def _stats(times: list[float]) -> dict:
     q = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else [times[0]] * 3
     return {"median_ms": statistics.median(times), "p25_ms": q[0], "p75_ms": q[2], "min_ms": min(times),
