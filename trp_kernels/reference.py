@@ -78,6 +78,13 @@ def conv_output_hw(hw: Sequence[int], kernel_size: Sequence[int], stride: Sequen
     return (ho, wo)
 
 
+def output_memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The layout every conv op gives its output: the input's (channels_last stays so)."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
            stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]) -> torch.Tensor:
     """``F.conv2d`` with 4-sided padding; pads explicitly only when it is asymmetric."""
@@ -87,17 +94,34 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     return F.conv2d(F.pad(x, (l, r, t, b)), weight, bias, tuple(stride), 0, tuple(dilation))
 
 
+def epilogue(out: torch.Tensor, residual: Optional[torch.Tensor], relu: bool) -> torch.Tensor:
+    """What the fused kernels apply after the second factor (and its bias): ``+ residual``,
+    then ReLU. In a ResNet block this is ``relu(bn(conv(x)) + shortcut)`` with BN folded."""
+    if residual is not None:
+        out = out + residual
+    return torch.relu(out) if relu else out
+
+
 def lowrank_conv2d(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor,
                    bias: Optional[torch.Tensor], stride: Sequence[int], padding: Sequence[int],
-                   dilation: Sequence[int], scheme: str) -> torch.Tensor:
-    """Both factors of a low-rank conv as two convolutions (bias on the second)."""
+                   dilation: Sequence[int], scheme: str, residual: Optional[torch.Tensor] = None,
+                   relu: bool = False) -> torch.Tensor:
+    """Both factors of a low-rank conv as two convolutions (bias on the second), then the
+    :func:`epilogue`."""
     first, second = factor_conv_params(scheme, stride, padding, dilation)
-    return conv2d(conv2d(x, weight1, None, *first), weight2, bias, *second)
+    return epilogue(conv2d(conv2d(x, weight1, None, *first), weight2, bias, *second), residual, relu)
 
 
 def lowrank_linear(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor,
-                   bias: Optional[torch.Tensor]) -> torch.Tensor:
-    return F.linear(F.linear(x, weight1), weight2, bias)
+                   bias: Optional[torch.Tensor], residual: Optional[torch.Tensor] = None,
+                   relu: bool = False) -> torch.Tensor:
+    return epilogue(F.linear(F.linear(x, weight1), weight2, bias), residual, relu)
+
+
+def epilogue_backward(grad_out: torch.Tensor, out: Optional[torch.Tensor], relu: bool) -> torch.Tensor:
+    """Gradient wrt the pre-epilogue output (which is also the residual's gradient);
+    ``out`` is the op's output, needed only for ReLU's mask."""
+    return grad_out * (out > 0) if relu else grad_out
 
 
 def _conv2d_backward(grad_out, x, weight, has_bias, stride, padding, dilation, mask):

@@ -59,7 +59,8 @@ def _conv_args(scheme, channels_last, requires_grad=True, dtype=torch.float64):
 @pytest.mark.parametrize("padding", [[1, 1, 1, 1], [0, 1, 2, 1]])
 def test_conv_op_registration(scheme, channels_last, padding):
     """Schema, fake kernel, autograd registration and AOT dispatch agree with the real op."""
-    args = (*_conv_args(scheme, channels_last), [2, 1], padding, [1, 2], scheme, "cpp")
+    x, w1, w2, b = _conv_args(scheme, channels_last)
+    args = (x, w1, w2, b, None, [2, 1], padding, [1, 2], scheme, False, "cpp")
     torch.library.opcheck(torch.ops.trp.lowrank_conv2d.default, args)
 
 
@@ -67,14 +68,31 @@ def test_conv_op_registration(scheme, channels_last, padding):
 @pytest.mark.parametrize("padding", [[1, 1, 1, 1], [0, 1, 2, 1]])
 def test_conv_op_gradients(scheme, padding):
     x, w1, w2, b = _conv_args(scheme, False)
-    fn = lambda *t: torch.ops.trp.lowrank_conv2d(*t, [2, 1], padding, [1, 2], scheme, "cpp")  # noqa: E731
+    fn = lambda x, w1, w2, b: torch.ops.trp.lowrank_conv2d(  # noqa: E731
+        x, w1, w2, b, None, [2, 1], padding, [1, 2], scheme, False, "cpp")
     assert torch.autograd.gradcheck(fn, (x, w1, w2, b))
     assert torch.autograd.gradcheck(fn, (x, w1, w2, None))
 
 
+@pytest.mark.parametrize("scheme", ["channel", "spatial"])
+def test_conv_op_epilogue_gradients(scheme):
+    """Residual and ReLU: gradients wrt all five tensor inputs, and opcheck."""
+    x, w1, w2, b = _conv_args(scheme, False)
+    out_shape = reference.lowrank_conv2d(x, w1, w2, b, [2, 1], [1, 1, 1, 1], [1, 2], scheme).shape
+    res = torch.randn(out_shape, dtype=torch.float64, requires_grad=True)
+    fn = lambda x, w1, w2, b, res: torch.ops.trp.lowrank_conv2d(  # noqa: E731
+        x, w1, w2, b, res, [2, 1], [1, 1, 1, 1], [1, 2], scheme, True, "cpp")
+    assert torch.autograd.gradcheck(fn, (x, w1, w2, b, res))
+    torch.library.opcheck(torch.ops.trp.lowrank_conv2d.default,
+                          (x, w1, w2, b, res, [2, 1], [1, 1, 1, 1], [1, 2], scheme, True, "cpp"))
+    expected = torch.relu(reference.lowrank_conv2d(x, w1, w2, b, [2, 1], [1, 1, 1, 1], [1, 2], scheme) + res)
+    assert rel_err(fn(x, w1, w2, b, res), expected) < 1e-12
+
+
 def test_conv_op_output_layout_follows_input():
     x, w1, w2, b = _conv_args("channel", True, requires_grad=False, dtype=torch.float32)
-    out = torch.ops.trp.lowrank_conv2d(x, w1, w2, b, [1, 1], [1, 1, 1, 1], [1, 1], "channel", "cpp")
+    out = torch.ops.trp.lowrank_conv2d(x, w1, w2, b, None, [1, 1], [1, 1, 1, 1], [1, 1], "channel", False,
+                                       "cpp")
     assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
 
 
@@ -86,12 +104,16 @@ def _linear_args(requires_grad=True):
 
 def test_linear_op_registration_and_gradients():
     x, w1, w2, b = _linear_args()
-    torch.library.opcheck(torch.ops.trp.lowrank_linear.default, (x, w1, w2, b, "cpp"))
-    fn = lambda *t: torch.ops.trp.lowrank_linear(*t, "cpp")  # noqa: E731
+    torch.library.opcheck(torch.ops.trp.lowrank_linear.default, (x, w1, w2, b, None, False, "cpp"))
+    fn = lambda x, w1, w2, b: torch.ops.trp.lowrank_linear(x, w1, w2, b, None, False, "cpp")  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x, w1, w2, b))
     assert torch.autograd.gradcheck(fn, (x, w1, w2, None))
-    out = torch.ops.trp.lowrank_linear(x, w1, w2, b, "cpp")
+    out = torch.ops.trp.lowrank_linear(x, w1, w2, b, None, False, "cpp")
     assert rel_err(out, x @ w1.T @ w2.T + b) < 1e-12
+    res = torch.randn(3, 2, 5, dtype=torch.float64, requires_grad=True)
+    fn = lambda x, w1, w2, b, res: torch.ops.trp.lowrank_linear(x, w1, w2, b, res, True, "cpp")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, w1, w2, b, res))
+    assert rel_err(fn(x, w1, w2, b, res), torch.relu(x @ w1.T @ w2.T + b + res)) < 1e-12
 
 
 def test_auto_backend_on_cpu():
@@ -118,7 +140,13 @@ def test_triton_is_never_auto_on_cpu_even_when_interpreting():
     assert "triton" not in ops.AUTO_ORDER["cpu"]
 
 
-def test_no_backend_is_fused_yet_so_auto_takes_torch():
-    # Flips per backend as the fused kernels land (issues 5 and 6).
-    assert [ops.is_fused(b) for b in ops.BACKENDS] == [False, False, False]
+def test_fused_backends():
+    # Flips for cpp when its fused kernels land (issue 6).
+    triton_ok = not ops._TRITON_IMPORT_ERROR
+    assert [ops.is_fused(b) for b in ops.BACKENDS] == [triton_ok, False, False]
     assert ops.resolve_backend("auto", "cpu", torch.float32) == "torch"
+    if triton_ok:
+        assert ops.resolve_backend("auto", "cuda", torch.float16) == "triton"
+        assert ops.resolve_backend("auto", "cuda", torch.float16, rank=1024) == "torch"  # over MAX_RANK
+        with pytest.raises(ops.BackendError, match="rank 1024 exceeds"):
+            ops.resolve_backend("triton", "cuda", torch.float16, rank=1024)

@@ -1,0 +1,138 @@
+"""What the fused Triton kernels share: the epilogue, input checks, dot precision, rank
+padding and the autotuning config space.
+
+Import this package only through :mod:`trp_kernels.ops` (which records why it cannot be
+imported); it needs Triton, and ``TRITON_INTERPRET=1`` must be set before Triton is first
+imported for the kernels to run on CPU tensors.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# The r-wide intermediate of a tile lives in registers: BLOCK_M x R_PAD fp32 values.
+MAX_RANK = 512
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def rank_pad(rank: int) -> int:
+    """Rank rounded up to a power of two (a tl.arange extent) and to at least 16 (tl.dot's
+    smallest K); the extra columns are masked to zero inside the kernel."""
+    return max(16, triton.next_power_of_2(rank))
+
+
+def bucket(n: int) -> int:
+    """Power-of-two bucket of a size: autotuning is keyed on it, so shapes that differ only
+    a little (another batch size, an odd image size) share one tuned config."""
+    return triton.next_power_of_2(max(1, n))
+
+
+def dot_precision(dtype: torch.dtype, conv: bool) -> str:
+    """``tl.dot`` input precision: TF32 for float32 only where torch itself would use it
+    (cuDNN's switch for convolutions, the matmul precision for linear layers)."""
+    if dtype != torch.float32:
+        return "ieee"  # ignored for 16-bit inputs: tensor cores take them as they are
+    if INTERPRET:
+        return "ieee"
+    allowed = torch.backends.cudnn.allow_tf32 if conv else torch.get_float32_matmul_precision() != "highest"
+    return "tf32" if allowed else "ieee"
+
+
+def check_tensors(op: str, x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor,
+                  bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
+                  out_shape: tuple) -> None:
+    """Device, dtype and shape checks shared by every launcher; errors name the argument."""
+    if x.dtype not in DTYPES:
+        raise TypeError(f"{op}: x must be float16, bfloat16 or float32, got {x.dtype}")
+    for name, t in (("weight1", weight1), ("weight2", weight2), ("bias", bias), ("residual", residual)):
+        if t is None:
+            continue
+        if t.dtype != x.dtype:
+            raise TypeError(f"{op}: {name} must have x's dtype {x.dtype}, got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{op}: {name} is on {t.device}, x on {x.device}")
+    if x.device.type != "cuda" and not (INTERPRET and x.device.type == "cpu"):
+        raise ValueError(f"{op}: x must be a CUDA tensor (or a CPU tensor with TRITON_INTERPRET=1), "
+                         f"got one on {x.device}")
+    rank = weight1.shape[0]
+    if weight2.shape[1] != rank:
+        raise ValueError(f"{op}: weight2 must have {rank} input channels (weight1's rank), "
+                         f"got shape {tuple(weight2.shape)}")
+    if rank > MAX_RANK:
+        raise ValueError(f"{op}: rank {rank} exceeds the fused kernels' maximum {MAX_RANK}")
+    if bias is not None and tuple(bias.shape) != (weight2.shape[0],):
+        raise ValueError(f"{op}: bias must have shape ({weight2.shape[0]},), got {tuple(bias.shape)}")
+    if residual is not None and tuple(residual.shape) != tuple(out_shape):
+        raise ValueError(f"{op}: residual must have the output's shape {tuple(out_shape)}, "
+                         f"got {tuple(residual.shape)}")
+
+
+@functools.lru_cache(maxsize=None)
+def configs(r_pad: int, min_block_m: int = 16) -> list:
+    """The autotuning space of one kernel family at one padded rank.
+
+    Few configs, so that first-call tuning stays short: BLOCK_M x R_PAD (the fp32
+    intermediate) and BLOCK_M x BLOCK_N (the output accumulator) are capped so that a tile
+    fits in registers, and SPLIT_N > 1 variants spread a small batch's few pixel tiles over
+    more programs (each recomputing the intermediate for its share of output channels).
+    """
+    space = [  # BLOCK_M, BLOCK_K, BLOCK_N, SPLIT_N, warps, stages
+        (32, 32, 64, 1, 4, 3), (64, 32, 64, 1, 4, 3), (64, 64, 64, 1, 4, 3), (64, 32, 128, 1, 8, 3),
+        (128, 32, 64, 1, 8, 3), (128, 64, 128, 1, 8, 2), (32, 64, 64, 2, 4, 3), (32, 64, 64, 4, 4, 3),
+        (16, 64, 64, 4, 4, 3), (64, 64, 128, 4, 8, 3),
+    ]
+    out = []
+    for bm, bk, bn, split, warps, stages in space:
+        bm = max(bm, min_block_m)
+        if bm * (r_pad + bn) > 4096 * warps:  # fp32 values of both tiles: <= 128 per thread
+            continue
+        out.append(triton.Config(dict(BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bn, SPLIT_N=split),
+                                 num_warps=warps, num_stages=stages))
+    if not out:  # a very wide tile: the smallest that holds it
+        out.append(triton.Config(dict(BLOCK_M=min_block_m, BLOCK_K=32, BLOCK_N=64, SPLIT_N=1),
+                                 num_warps=8, num_stages=2))
+    return out
+
+
+def interpreter_config(min_block_m: int = 16, **override) -> dict:
+    """The one config used under TRITON_INTERPRET=1 (no timing there, so no tuning): small
+    blocks, so that the CPU tests' awkward shapes span several tiles."""
+    cfg = dict(BLOCK_M=max(16, min_block_m), BLOCK_K=16, BLOCK_N=16, SPLIT_N=1)
+    cfg.update(override)
+    return cfg
+
+
+def launch(kernel, tuned_for, grid, args: tuple, consts: dict, config: Optional[dict]) -> None:
+    """Launch ``kernel``: under the interpreter (or with an explicit ``config``, as tests do)
+    with that config, else through the autotuner ``tuned_for(consts)`` returns."""
+    from torch.library import wrap_triton
+
+    if config is not None or INTERPRET:
+        cfg = config if config is not None else interpreter_config(consts.get("SEG", 16))
+        wrap_triton(kernel)[grid](*args, **consts, **cfg)
+    else:
+        wrap_triton(tuned_for(consts))[grid](*args, **consts)
+
+
+@triton.jit
+def epilogue_store(acc, offs_n, n_mask, m_mask, out_rows, res_rows, bias_ptr, res_ptr, out_ptr,
+                   soc, src, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr):
+    """acc (BLOCK_M x BLOCK_N, fp32) + bias[n] + residual, ReLU, stored in out's dtype.
+    ``out_rows``/``res_rows`` are each output pixel's offset, ``soc``/``src`` the channel
+    strides."""
+    mask = m_mask[:, None] & n_mask[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_RES:
+        acc += tl.load(res_ptr + res_rows[:, None] + offs_n[None, :] * src, mask=mask, other=0.0).to(tl.float32)
+    if RELU:
+        acc = tl.maximum(acc, 0.0)
+    tl.store(out_ptr + out_rows[:, None] + offs_n[None, :] * soc, acc.to(out_ptr.dtype.element_ty), mask=mask)

@@ -1,0 +1,148 @@
+"""Fused channel-scheme low-rank conv: k×k conv c→r, then 1×1 conv r→n, in one kernel.
+
+A program owns BLOCK_M output pixels (flattened over batch, rows, columns). It builds their
+r-wide intermediate in registers by an implicit GEMM over c·kh·kw (never materialising an
+im2col matrix), rounds it to the input dtype as the two-conv form does, multiplies it by
+the r×n factor BLOCK_N output channels at a time with fp32 accumulation, applies the
+epilogue (bias, residual, ReLU) and stores only the output. Every tensor is addressed
+through its strides, so NCHW, channels_last (the fast path: the channel loads are
+contiguous) and non-contiguous inputs all run without a copy.
+
+The low-rank linear layer is this kernel on a 1×1 "image" (see ``linear.py``).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from trp_kernels import _autograd, reference
+from trp_kernels.triton import _common
+from trp_kernels.triton._common import epilogue_store
+
+
+@triton.jit
+def _conv_channel_kernel(
+        x_ptr, w1_ptr, w2_ptr, bias_ptr, res_ptr, out_ptr,
+        M, C, H, W, R, NOUT, HO, WO,
+        sxn, sxc, sxh, sxw,
+        s1r, s1c, s1h, s1w,
+        s2n, s2r,
+        srn, src, srh, srw,
+        son, soc, soh, sow,
+        STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
+        M_BUCKET,
+        KH: tl.constexpr, KW: tl.constexpr, R_PAD: tl.constexpr,
+        HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    ow = offs_m % WO
+    oh = (offs_m // WO) % HO
+    nb = (offs_m // (WO * HO)).to(tl.int64)
+    offs_r = tl.arange(0, R_PAD)
+    r_mask = offs_r < R
+    offs_k = tl.arange(0, BLOCK_K)
+
+    # First factor: h[m, r] = sum over (kh, kw, c) of x[pixel m's window] * w1[r, c, kh, kw].
+    h = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for kh in tl.static_range(KH):
+        ih = oh * STRIDE_H - PAD_H + kh * DIL_H
+        for kw in tl.static_range(KW):
+            iw = ow * STRIDE_W - PAD_W + kw * DIL_W
+            valid = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            x_rows = nb * sxn + ih * sxh + iw * sxw
+            for c0 in range(0, C, BLOCK_K):
+                offs_c = c0 + offs_k
+                c_mask = offs_c < C
+                xt = tl.load(x_ptr + x_rows[:, None] + offs_c[None, :] * sxc,
+                             mask=valid[:, None] & c_mask[None, :], other=0.0)
+                wt = tl.load(w1_ptr + offs_c[:, None] * s1c + offs_r[None, :] * s1r + kh * s1h + kw * s1w,
+                             mask=c_mask[:, None] & r_mask[None, :], other=0.0)
+                h = tl.dot(xt, wt, h, input_precision=PRECISION)
+    h_in = h.to(x_ptr.dtype.element_ty)
+
+    # Second factor and epilogue, BLOCK_N output channels at a time.
+    out_rows = nb * son + oh * soh + ow * sow
+    res_rows = nb * srn + oh * srh + ow * srw
+    for nblk in range(pid_n, tl.cdiv(NOUT, BLOCK_N), SPLIT_N):
+        offs_n = nblk * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < NOUT
+        w2t = tl.load(w2_ptr + offs_r[:, None] * s2r + offs_n[None, :] * s2n,
+                      mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = tl.dot(h_in, w2t, input_precision=PRECISION)
+        epilogue_store(acc, offs_n, n_mask, m_mask, out_rows, res_rows, bias_ptr, res_ptr, out_ptr,
+                       soc, src, HAS_BIAS, HAS_RES, RELU)
+
+
+_KEY = ["C", "NOUT", "M_BUCKET", "KH", "KW", "R_PAD", "HAS_BIAS", "HAS_RES", "RELU", "PRECISION"]
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned(r_pad: int):
+    return triton.autotune(_common.configs(r_pad), key=_KEY)(_conv_channel_kernel)
+
+
+def launch(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor, bias: Optional[torch.Tensor],
+           residual: Optional[torch.Tensor], out: torch.Tensor, image: tuple, kernel: tuple,
+           x_strides: tuple, w1_strides: tuple, out_strides: tuple, res_strides: tuple,
+           stride: tuple, pad: tuple, dilation: tuple, relu: bool, precision: str,
+           config: Optional[dict]) -> None:
+    """Launch the kernel over an already-allocated ``out``. Shapes and strides are given
+    in conv terms (N, C, H, W) so that ``linear.py`` can describe a matrix as a 1×1 image."""
+    nb, c, h, w = image
+    ho, wo = out.shape[-2:] if out.dim() == 4 else (1, 1)
+    rank, nout = weight1.shape[0], weight2.shape[0]
+    m = nb * ho * wo
+    if m == 0 or nout == 0:
+        return
+    r_pad = _common.rank_pad(rank)
+    consts = dict(KH=kernel[0], KW=kernel[1], R_PAD=r_pad, HAS_BIAS=bias is not None,
+                  HAS_RES=residual is not None, RELU=bool(relu), PRECISION=precision)
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]), meta["SPLIT_N"])
+
+    args = (x, weight1, weight2, bias if bias is not None else out, residual if residual is not None else out, out,
+            m, c, h, w, rank, nout, ho, wo, *x_strides, *w1_strides, weight2.stride(0), weight2.stride(1),
+            *res_strides, *out_strides, *stride, *pad, *dilation, _common.bucket(m))
+    _common.launch(_conv_channel_kernel, lambda _: _tuned(r_pad), grid, args, consts, config)
+
+
+def conv_channel(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor, bias: Optional[torch.Tensor],
+                 residual: Optional[torch.Tensor], stride: list[int], padding: list[int], dilation: list[int],
+                 relu: bool, config: Optional[dict] = None) -> torch.Tensor:
+    """``reference.lowrank_conv2d(..., scheme='channel', residual, relu)`` in one kernel.
+    ``padding`` is (top, bottom, left, right); ``config`` fixes the block sizes (tests)."""
+    op = "triton conv_channel"
+    if x.dim() != 4 or weight1.dim() != 4 or weight2.dim() != 4 or weight2.shape[-2:] != (1, 1):
+        raise ValueError(f"{op}: want x (N, C, H, W), weight1 (r, C, kh, kw), weight2 (n, r, 1, 1); got "
+                         f"{tuple(x.shape)}, {tuple(weight1.shape)}, {tuple(weight2.shape)}")
+    if weight1.shape[1] != x.shape[1]:
+        raise ValueError(f"{op}: weight1 has {weight1.shape[1]} input channels, x has {x.shape[1]}")
+    ho, wo = reference.conv_output_hw(x.shape[-2:], weight1.shape[-2:], stride, padding, dilation)
+    out_shape = (x.shape[0], weight2.shape[0], ho, wo)
+    _common.check_tensors(op, x, weight1, weight2, bias, residual, out_shape)
+    out = torch.empty(out_shape, dtype=x.dtype, device=x.device,
+                      memory_format=reference.output_memory_format(x))
+    res_strides = residual.stride() if residual is not None else out.stride()
+    launch(x, weight1, weight2, bias, residual, out, tuple(x.shape), tuple(weight1.shape[-2:]), x.stride(),
+           weight1.stride(), out.stride(), res_strides, tuple(stride), (padding[0], padding[2]),
+           tuple(dilation), relu, _common.dot_precision(x.dtype, conv=True), config)
+    return out
+
+
+@torch.library.triton_op("trp::triton_conv_channel", mutates_args=())
+def _op(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor, bias: Optional[torch.Tensor],
+        residual: Optional[torch.Tensor], stride: list[int], padding: list[int], dilation: list[int],
+        relu: bool) -> torch.Tensor:
+    return conv_channel(x, weight1, weight2, bias, residual, stride, padding, dilation, relu)
+
+
+_autograd.register(_op, "conv", scheme="channel")

@@ -1,0 +1,161 @@
+"""Fused spatial-scheme low-rank conv: kh×1 conv c→r, then 1×kw conv r→n, in one kernel.
+
+The second factor reads the intermediate at kw horizontally shifted positions, so a tile
+must hold the intermediate for its output columns plus a halo. A program owns ROWS output
+rows × SEG intermediate columns (SEG a power of two covering TILE_W output columns and
+the (kw−1)·dilation halo); the intermediate is built there once, as in the channel scheme,
+and each of the kw taps of the second factor reads its shifted columns from registers with
+``tl.gather``. Neighbouring tiles recompute the halo columns; nothing is written to memory
+but the output.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from trp_kernels import _autograd, reference
+from trp_kernels.triton import _common
+from trp_kernels.triton._common import epilogue_store
+
+# Widest tile row: wider images are split into several tiles along the width.
+MAX_SEG = 64
+
+
+@triton.jit
+def _conv_spatial_kernel(
+        x_ptr, w1_ptr, w2_ptr, bias_ptr, res_ptr, out_ptr,
+        ROWS_TOTAL, C, H, W, R, NOUT, HO, WO, TILE_W,
+        sxn, sxc, sxh, sxw,
+        s1r, s1c, s1h,
+        s2n, s2r, s2w,
+        srn, src, srh, srw,
+        son, soc, soh, sow,
+        STRIDE_H, STRIDE_W, PAD_T, PAD_L, DIL_H, DIL_W,
+        M_BUCKET,
+        KH: tl.constexpr, KW: tl.constexpr, R_PAD: tl.constexpr, SEG: tl.constexpr,
+        HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_N: tl.constexpr):
+    ROWS: tl.constexpr = BLOCK_M // SEG
+    pid_row = tl.program_id(0)
+    pid_w = tl.program_id(1)
+    pid_n = tl.program_id(2)
+    offs = tl.arange(0, BLOCK_M)
+    row = offs // SEG
+    col = offs % SEG
+    orow = pid_row * ROWS + row            # over batch × output rows
+    row_ok = orow < ROWS_TOTAL
+    oh = orow % HO
+    nb = (orow // HO).to(tl.int64)
+    ow0 = pid_w * TILE_W
+    iw = ow0 * STRIDE_W - PAD_L + col      # the intermediate's (= the input's) column
+    col_ok = row_ok & (iw >= 0) & (iw < W)  # outside: the second factor's zero padding
+    offs_r = tl.arange(0, R_PAD)
+    r_mask = offs_r < R
+    offs_k = tl.arange(0, BLOCK_K)
+
+    # First factor (kh×1, vertical geometry) at every column of the tile, halo included.
+    h = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for i in tl.static_range(KH):
+        ih = oh * STRIDE_H - PAD_T + i * DIL_H
+        valid = col_ok & (ih >= 0) & (ih < H)
+        x_rows = nb * sxn + ih * sxh + iw * sxw
+        for c0 in range(0, C, BLOCK_K):
+            offs_c = c0 + offs_k
+            c_mask = offs_c < C
+            xt = tl.load(x_ptr + x_rows[:, None] + offs_c[None, :] * sxc,
+                         mask=valid[:, None] & c_mask[None, :], other=0.0)
+            wt = tl.load(w1_ptr + offs_c[:, None] * s1c + offs_r[None, :] * s1r + i * s1h,
+                         mask=c_mask[:, None] & r_mask[None, :], other=0.0)
+            h = tl.dot(xt, wt, h, input_precision=PRECISION)
+    h_in = h.to(x_ptr.dtype.element_ty)
+
+    # Second factor (1×kw, horizontal geometry): output column `col` of a tile row reads
+    # intermediate columns col·stride + j·dilation of the same row, j < kw.
+    ow = ow0 + col
+    m_mask = row_ok & (col < TILE_W) & (ow < WO)
+    out_rows = nb * son + oh * soh + ow * sow
+    res_rows = nb * srn + oh * srh + ow * srw
+    for nblk in range(pid_n, tl.cdiv(NOUT, BLOCK_N), SPLIT_N):
+        offs_n = nblk * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < NOUT
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for j in tl.static_range(KW):
+            src_idx = row * SEG + tl.minimum(col * STRIDE_W + j * DIL_W, SEG - 1)
+            shifted = tl.gather(h_in, tl.broadcast_to(src_idx[:, None], (BLOCK_M, R_PAD)), 0)
+            w2t = tl.load(w2_ptr + offs_r[:, None] * s2r + offs_n[None, :] * s2n + j * s2w,
+                          mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+            acc = tl.dot(shifted, w2t, acc, input_precision=PRECISION)
+        epilogue_store(acc, offs_n, n_mask, m_mask, out_rows, res_rows, bias_ptr, res_ptr, out_ptr,
+                       soc, src, HAS_BIAS, HAS_RES, RELU)
+
+
+_KEY = ["C", "NOUT", "M_BUCKET", "KH", "KW", "R_PAD", "SEG", "HAS_BIAS", "HAS_RES", "RELU", "PRECISION"]
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned(r_pad: int, seg: int):
+    return triton.autotune(_common.configs(r_pad, min_block_m=seg), key=_KEY)(_conv_spatial_kernel)
+
+
+def tile_width(wo: int, stride_w: int, kw: int, dil_w: int) -> tuple[int, int]:
+    """(SEG, TILE_W): intermediate columns per tile row and the output columns they serve."""
+    halo = (kw - 1) * dil_w
+    seg = min(triton.next_power_of_2((wo - 1) * stride_w + halo + 1), max(MAX_SEG, triton.next_power_of_2(halo + 1)))
+    return seg, (seg - 1 - halo) // stride_w + 1
+
+
+def conv_spatial(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor, bias: Optional[torch.Tensor],
+                 residual: Optional[torch.Tensor], stride: list[int], padding: list[int], dilation: list[int],
+                 relu: bool, config: Optional[dict] = None) -> torch.Tensor:
+    """``reference.lowrank_conv2d(..., scheme='spatial', residual, relu)`` in one kernel.
+    ``padding`` is (top, bottom, left, right); ``config`` fixes the block sizes (tests)."""
+    op = "triton conv_spatial"
+    if (x.dim() != 4 or weight1.dim() != 4 or weight2.dim() != 4 or weight1.shape[-1] != 1
+            or weight2.shape[-2] != 1):
+        raise ValueError(f"{op}: want x (N, C, H, W), weight1 (r, C, kh, 1), weight2 (n, r, 1, kw); got "
+                         f"{tuple(x.shape)}, {tuple(weight1.shape)}, {tuple(weight2.shape)}")
+    if weight1.shape[1] != x.shape[1]:
+        raise ValueError(f"{op}: weight1 has {weight1.shape[1]} input channels, x has {x.shape[1]}")
+    kh, kw = weight1.shape[2], weight2.shape[3]
+    ho, wo = reference.conv_output_hw(x.shape[-2:], (kh, kw), stride, padding, dilation)
+    out_shape = (x.shape[0], weight2.shape[0], ho, wo)
+    _common.check_tensors(op, x, weight1, weight2, bias, residual, out_shape)
+    out = torch.empty(out_shape, dtype=x.dtype, device=x.device,
+                      memory_format=reference.output_memory_format(x))
+    nb, c, h, w = x.shape
+    rank, nout = weight1.shape[0], weight2.shape[0]
+    rows = nb * ho
+    if rows == 0 or wo == 0 or nout == 0:
+        return out
+    seg, tile_w = tile_width(wo, stride[1], kw, dilation[1])
+    r_pad = _common.rank_pad(rank)
+    consts = dict(KH=kh, KW=kw, R_PAD=r_pad, SEG=seg, HAS_BIAS=bias is not None,
+                  HAS_RES=residual is not None, RELU=bool(relu),
+                  PRECISION=_common.dot_precision(x.dtype, conv=True))
+
+    def grid(meta):
+        return (triton.cdiv(rows, meta["BLOCK_M"] // seg), triton.cdiv(wo, tile_w), meta["SPLIT_N"])
+
+    res = residual if residual is not None else out
+    args = (x, weight1, weight2, bias if bias is not None else out, res, out,
+            rows, c, h, w, rank, nout, ho, wo, tile_w, *x.stride(), *weight1.stride()[:3],
+            weight2.stride(0), weight2.stride(1), weight2.stride(3), *res.stride(), *out.stride(),
+            stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
+            _common.bucket(nb * ho * wo))
+    _common.launch(_conv_spatial_kernel, lambda _: _tuned(r_pad, seg), grid, args, consts, config)
+    return out
+
+
+@torch.library.triton_op("trp::triton_conv_spatial", mutates_args=())
+def _op(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor, bias: Optional[torch.Tensor],
+        residual: Optional[torch.Tensor], stride: list[int], padding: list[int], dilation: list[int],
+        relu: bool) -> torch.Tensor:
+    return conv_spatial(x, weight1, weight2, bias, residual, stride, padding, dilation, relu)
+
+
+_autograd.register(_op, "conv", scheme="spatial")
