@@ -36,12 +36,15 @@ def bucket(n: int) -> int:
 
 
 def dot_precision(dtype: torch.dtype, conv: bool) -> str:
-    """``tl.dot`` input precision: TF32 for float32 only where torch itself would use it
-    (cuDNN's switch for convolutions, the matmul precision for linear layers)."""
+    """How the kernels' :func:`dot` multiplies: ``tl.dot``'s input precision, TF32 for
+    float32 only where torch itself would use it (cuDNN's switch for convolutions, the
+    matmul precision for linear layers); or "upcast" for bfloat16 under the interpreter,
+    whose bfloat16 ``tl.dot`` returns garbage (Triton 3.9): the operands are widened to
+    float32 first, which is exact (bf16 products fit in fp32) and still accumulates in fp32."""
+    if INTERPRET:
+        return "upcast" if dtype == torch.bfloat16 else "ieee"
     if dtype != torch.float32:
         return "ieee"  # ignored for 16-bit inputs: tensor cores take them as they are
-    if INTERPRET:
-        return "ieee"
     allowed = torch.backends.cudnn.allow_tf32 if conv else torch.get_float32_matmul_precision() != "highest"
     return "tf32" if allowed else "ieee"
 
@@ -110,16 +113,45 @@ def interpreter_config(min_block_m: int = 16, **override) -> dict:
     return cfg
 
 
+def register_op(name: str):
+    """Decorator registering a launcher as the op ``name``.
+
+    On a GPU: ``torch.library.triton_op``, so that torch.compile sees (and Inductor can
+    schedule) the kernels and torch.export keeps the op. Under the interpreter,
+    ``wrap_triton`` hands interpreted kernels back unwrapped, so tracing would run them on
+    fake tensors: there the op is an opaque ``custom_op`` whose fake kernel is the same
+    launcher, which skips the launch for fake tensors (see :func:`launch`).
+    """
+    def dec(fn):
+        if not INTERPRET:
+            return torch.library.triton_op(name, fn, mutates_args=())
+        op = torch.library.custom_op(name, fn, mutates_args=())
+        op.register_fake(fn)
+        return op
+    return dec
+
+
 def launch(kernel, tuned_for, grid, args: tuple, consts: dict, config: Optional[dict]) -> None:
     """Launch ``kernel``: under the interpreter (or with an explicit ``config``, as tests do)
     with that config, else through the autotuner ``tuned_for(consts)`` returns."""
+    from torch._subclasses.fake_tensor import FakeTensor
     from torch.library import wrap_triton
 
+    if INTERPRET and any(isinstance(a, FakeTensor) for a in args):
+        return  # the fake kernel of an interpreted op: output metadata only
     if config is not None or INTERPRET:
         cfg = config if config is not None else interpreter_config(consts.get("SEG", 16))
         wrap_triton(kernel)[grid](*args, **consts, **cfg)
     else:
         wrap_triton(tuned_for(consts))[grid](*args, **consts)
+
+
+@triton.jit
+def dot(a, b, acc, PRECISION: tl.constexpr):
+    """``acc + a @ b`` with fp32 accumulation; PRECISION from :func:`dot_precision`."""
+    if PRECISION == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
 @triton.jit

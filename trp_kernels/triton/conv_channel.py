@@ -22,7 +22,7 @@ import triton.language as tl
 
 from trp_kernels import _autograd, reference
 from trp_kernels.triton import _common
-from trp_kernels.triton._common import epilogue_store
+from trp_kernels.triton._common import dot, epilogue_store
 
 
 @triton.jit
@@ -65,7 +65,7 @@ def _conv_channel_kernel(
                              mask=valid[:, None] & c_mask[None, :], other=0.0)
                 wt = tl.load(w1_ptr + offs_c[:, None] * s1c + offs_r[None, :] * s1r + kh * s1h + kw * s1w,
                              mask=c_mask[:, None] & r_mask[None, :], other=0.0)
-                h = tl.dot(xt, wt, h, input_precision=PRECISION)
+                h = dot(xt, wt, h, PRECISION)
     h_in = h.to(x_ptr.dtype.element_ty)
 
     # Second factor and epilogue, BLOCK_N output channels at a time.
@@ -76,7 +76,7 @@ def _conv_channel_kernel(
         n_mask = offs_n < NOUT
         w2t = tl.load(w2_ptr + offs_r[:, None] * s2r + offs_n[None, :] * s2n,
                       mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = tl.dot(h_in, w2t, input_precision=PRECISION)
+        acc = dot(h_in, w2t, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), PRECISION)
         epilogue_store(acc, offs_n, n_mask, m_mask, out_rows, res_rows, bias_ptr, res_ptr, out_ptr,
                        soc, src, HAS_BIAS, HAS_RES, RELU)
 
@@ -138,7 +138,7 @@ def conv_channel(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor, 
     return out
 
 
-@torch.library.triton_op("trp::triton_conv_channel", mutates_args=())
+@_common.register_op("trp::triton_conv_channel")
 def _op(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor, bias: Optional[torch.Tensor],
         residual: Optional[torch.Tensor], stride: list[int], padding: list[int], dilation: list[int],
         relu: bool) -> torch.Tensor:

@@ -20,7 +20,7 @@ import triton.language as tl
 
 from trp_kernels import _autograd, reference
 from trp_kernels.triton import _common
-from trp_kernels.triton._common import epilogue_store
+from trp_kernels.triton._common import dot, epilogue_store
 
 # Widest tile row: wider images are split into several tiles along the width.
 MAX_SEG = 64
@@ -71,7 +71,7 @@ def _conv_spatial_kernel(
                          mask=valid[:, None] & c_mask[None, :], other=0.0)
             wt = tl.load(w1_ptr + offs_c[:, None] * s1c + offs_r[None, :] * s1r + i * s1h,
                          mask=c_mask[:, None] & r_mask[None, :], other=0.0)
-            h = tl.dot(xt, wt, h, input_precision=PRECISION)
+            h = dot(xt, wt, h, PRECISION)
     h_in = h.to(x_ptr.dtype.element_ty)
 
     # Second factor (1×kw, horizontal geometry): output column `col` of a tile row reads
@@ -89,7 +89,7 @@ def _conv_spatial_kernel(
             shifted = tl.gather(h_in, tl.broadcast_to(src_idx[:, None], (BLOCK_M, R_PAD)), 0)
             w2t = tl.load(w2_ptr + offs_r[:, None] * s2r + offs_n[None, :] * s2n + j * s2w,
                           mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-            acc = tl.dot(shifted, w2t, acc, input_precision=PRECISION)
+            acc = dot(shifted, w2t, acc, PRECISION)
         epilogue_store(acc, offs_n, n_mask, m_mask, out_rows, res_rows, bias_ptr, res_ptr, out_ptr,
                        soc, src, HAS_BIAS, HAS_RES, RELU)
 
@@ -151,7 +151,7 @@ def conv_spatial(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor, 
     return out
 
 
-@torch.library.triton_op("trp::triton_conv_spatial", mutates_args=())
+@_common.register_op("trp::triton_conv_spatial")
 def _op(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor, bias: Optional[torch.Tensor],
         residual: Optional[torch.Tensor], stride: list[int], padding: list[int], dilation: list[int],
         relu: bool) -> torch.Tensor:

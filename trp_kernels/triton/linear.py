@@ -42,7 +42,7 @@ def linear(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor, bias: 
     return out
 
 
-@torch.library.triton_op("trp::triton_linear", mutates_args=())
+@_common.register_op("trp::triton_linear")
 def _op(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor, bias: Optional[torch.Tensor],
         residual: Optional[torch.Tensor], relu: bool) -> torch.Tensor:
     return linear(x, weight1, weight2, bias, residual, relu)
