@@ -16,7 +16,7 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from trp import decompose
+from trp import decompose, epilogue
 from trp.modules import LOWRANK_TYPES, LowRankConv2d, check_backend, from_factors
 from trp_kernels import ops
 
@@ -50,6 +50,7 @@ class CompileConfig:
     filter_fn: Optional[FilterFn] = None
     fold_bn: bool = True
     inplace: bool = True
+    fuse_epilogue: bool = True
     spec: decompose.RankSpec = field(init=False)
     patterns: list = field(init=False)
 
@@ -60,7 +61,7 @@ class CompileConfig:
         check_backend(self.backend)
         if self.filter_fn is not None and not callable(self.filter_fn):
             raise TypeError(f"filter_fn must be callable (module, fqn) -> bool, got {self.filter_fn!r}")
-        for name in ("fold_bn", "inplace"):
+        for name in ("fold_bn", "inplace", "fuse_epilogue"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.overrides is not None and not isinstance(self.overrides, dict):
@@ -299,7 +300,7 @@ def _decide(fqn: str, m: nn.Module, weight: torch.Tensor, cfg: CompileConfig,
 def compile(model: nn.Module, *, energy: Optional[float] = None, rank: Optional[int] = None,
             ratio: Optional[float] = None, overrides: Optional[dict] = None, scheme: str = "channel",
             rank_multiple: int = 16, backend: str = "auto", filter_fn: Optional[FilterFn] = None,
-            fold_bn: bool = True, inplace: bool = True) -> nn.Module:
+            fold_bn: bool = True, inplace: bool = True, fuse_epilogue: bool = True) -> nn.Module:
     """Factor ``model``'s eligible layers into low-rank modules and return the model.
 
     - Rank: at most one of ``energy`` (default 0.9), ``rank``, ``ratio``; ``rank_multiple``
@@ -312,12 +313,20 @@ def compile(model: nn.Module, *, energy: Optional[float] = None, rank: Optional[
       ``nn.Identity``); a model in training mode keeps its BNs, with a warning.
     - ``backend``: 'auto' (per call: triton on CUDA, cpp on CPU, else torch), or one of
       'triton', 'cpp', 'torch', checked now against the layers' device and dtype.
+    - ``fuse_epilogue``: fold a residual add and/or ReLU that follows a low-rank layer into
+      its kernel's epilogue (ResNet blocks: ``relu(bn(conv(x)) + shortcut)`` with BN
+      folded); a module whose forward is rewritten becomes a ``torch.fx.GraphModule`` with
+      the same children and state_dict keys (see :mod:`trp.epilogue`). The summary names
+      each fused layer's epilogue.
     - Layers already factored are not factored again (their backend is updated).
+
+    Use the returned model: when the model's own forward is rewritten by the epilogue pass
+    it is a new object, even with ``inplace=True``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     cfg = CompileConfig(energy, rank, ratio, overrides, scheme, rank_multiple, backend, filter_fn,
-                        fold_bn, inplace)
+                        fold_bn, inplace, fuse_epilogue)
     if not cfg.inplace:
         model = copy.deepcopy(model)
 
@@ -382,4 +391,6 @@ def compile(model: nn.Module, *, energy: Optional[float] = None, rank: Optional[
     for _, m, _, _ in walk(model):
         if isinstance(m, LOWRANK_TYPES):
             m.backend = cfg.backend
+    if cfg.fuse_epilogue:
+        model, _ = epilogue.fuse(model)
     return model

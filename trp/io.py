@@ -1,8 +1,9 @@
 """Save and load compressed models: weights in safetensors, structure in its JSON metadata.
 
 No pickle anywhere. The metadata records which layers are factored (with their
-constructor arguments), which BatchNorms were folded into which conv, the notes on
-layers left dense, and a SHA-256 per tensor so that a modified file is caught.
+constructor arguments), which BatchNorms were folded into which conv, which layers have a
+fused epilogue (re-derived on load by the same pass), the notes on layers left dense, and
+a SHA-256 per tensor so that a modified file is caught.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from trp import epilogue
 from trp.compile import FOLDED_ATTR, NOTE_ATTR, walk
+from trp.epilogue import EPILOGUE_ATTR
 from trp.modules import LOWRANK_TYPES, LowRankConv2d, LowRankLinear
 from trp_kernels.reference import resolve_padding
 
@@ -43,10 +46,12 @@ def save(model: nn.Module, path) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     path = Path(path)
-    layers, folded, notes = {}, {}, {}
+    layers, folded, notes, epilogues = {}, {}, {}, {}
     for fqn, m, _, _ in walk(model):
         if isinstance(m, LOWRANK_TYPES):
             layers[fqn] = {"type": type(m).__name__, "config": m.config()}
+            if getattr(m, EPILOGUE_ATTR, None):
+                epilogues[fqn] = getattr(m, EPILOGUE_ATTR)
         if getattr(m, FOLDED_ATTR, None):
             folded[fqn] = getattr(m, FOLDED_ATTR)
         if getattr(m, NOTE_ATTR, None):
@@ -65,7 +70,8 @@ def save(model: nn.Module, path) -> None:
         t = t.clone() if ptr in storages else t.contiguous()
         storages.add(ptr)
         tensors[name] = t
-    meta = {"format": FORMAT, "layers": layers, "folded": folded, "notes": notes, "aliases": aliases,
+    meta = {"format": FORMAT, "layers": layers, "folded": folded, "notes": notes, "epilogues": epilogues,
+            "aliases": aliases,
             "sha256": {k: _digest(v) for k, v in tensors.items()}}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
     os.close(fd)
@@ -138,7 +144,9 @@ def _check_linear(fqn: str, m: nn.Module, cfg: dict) -> None:
 
 def load(path, model: nn.Module) -> nn.Module:
     """Rebuild the compressed model saved at ``path`` on ``model``, a freshly built instance
-    of the original (uncompressed) architecture, and return it ready to run.
+    of the original (uncompressed) architecture, and return it ready to run (use the
+    returned model: if the saved model had a fused epilogue in its root's own forward, the
+    root is rebuilt as a GraphModule, as :func:`trp.compile` does).
 
     Raises :class:`TrpFileError` (a ValueError) for a truncated, modified or foreign file
     and for a model that does not match it.
@@ -209,4 +217,10 @@ def load(path, model: nn.Module) -> nn.Module:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise TrpFileError(f"model does not match the file {path}: {e}") from None
+    if meta.get("epilogues"):  # the same pass as trp.compile's, on the same structure
+        model, fusions = epilogue.fuse(model)
+        found = {f.layer: f.kind for f in fusions}
+        if found != meta["epilogues"]:
+            raise TrpFileError(f"model does not match the file {path}: its layers' fused epilogues are "
+                               f"{meta['epilogues']}, this model's forward gives {found}")
     return model

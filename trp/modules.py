@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from trp import decompose
 from trp_kernels import ops
-from trp_kernels.reference import _pair, resolve_padding
+from trp_kernels.reference import _pair, conv_output_hw, resolve_padding
 
 BACKEND_CHOICES = ("auto", *ops.BACKENDS)
 
@@ -32,10 +32,16 @@ def _positive_int(value, name: str) -> int:
 
 
 class _LowRank(nn.Module):
-    """What both low-rank layers share: the rank and the backend setting."""
+    """What both low-rank layers share: the rank, the backend setting and the epilogue.
+
+    ``forward(x, residual=None)`` computes ``layer(x) + residual``, then ReLU when
+    ``relu`` is set, in the kernel's epilogue where the backend fuses it (set by
+    :func:`trp.compile`'s epilogue pass, see :mod:`trp.epilogue`).
+    """
 
     rank: int
     full_rank: int
+    relu: bool = False
 
     @property
     def backend(self) -> str:
@@ -140,16 +146,25 @@ class LowRankConv2d(_LowRank):
         conv.train(self.training)
         return conv
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         unbatched = x.dim() == 3
         if unbatched:
             x = x.unsqueeze(0)
+            residual = residual.unsqueeze(0) if residual is not None and residual.dim() == 3 else residual
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"input must be (N, {self.in_channels}, H, W) or ({self.in_channels}, H, W), "
                              f"got shape {tuple(x.shape)}")
-        out = ops.lowrank_conv2d(x, self.weight1, self.weight2, self.bias, self.stride,
-                                 self._padding4, self.dilation, self.scheme, self._backend)
+        geometry = (self.stride, self._padding4, self.dilation, self.scheme, self._backend)
+        if residual is not None and residual.shape != self._out_shape(x):  # broadcasting: not fused
+            out = _unfused_epilogue(ops.lowrank_conv2d(x, self.weight1, self.weight2, self.bias, *geometry),
+                                    residual, self.relu)
+        else:
+            out = ops.lowrank_conv2d(x, self.weight1, self.weight2, self.bias, *geometry, residual, self.relu)
         return out.squeeze(0) if unbatched else out
+
+    def _out_shape(self, x: torch.Tensor) -> torch.Size:
+        hw = conv_output_hw(x.shape[-2:], self.kernel_size, self.stride, self._padding4, self.dilation)
+        return torch.Size((x.shape[0], self.out_channels, *hw))
 
     def config(self) -> dict:
         """JSON-ready constructor arguments (no weights)."""
@@ -166,7 +181,8 @@ class LowRankConv2d(_LowRank):
             s += f", dilation={self.dilation}"
         if self.bias is None:
             s += ", bias=False"
-        return s + f", rank={self.rank}/{self.full_rank}, scheme={self.scheme}, backend={self._backend}"
+        s += f", rank={self.rank}/{self.full_rank}, scheme={self.scheme}, backend={self._backend}"
+        return s + (", relu=True" if self.relu else "")
 
 
 class LowRankLinear(_LowRank):
@@ -225,10 +241,13 @@ class LowRankLinear(_LowRank):
         linear.train(self.training)
         return linear
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"input must have last dimension {self.in_features}, got shape {tuple(x.shape)}")
-        return ops.lowrank_linear(x, self.weight1, self.weight2, self.bias, self._backend)
+        if residual is not None and residual.shape != (*x.shape[:-1], self.out_features):  # broadcasting
+            return _unfused_epilogue(ops.lowrank_linear(x, self.weight1, self.weight2, self.bias, self._backend),
+                                     residual, self.relu)
+        return ops.lowrank_linear(x, self.weight1, self.weight2, self.bias, self._backend, residual, self.relu)
 
     def config(self) -> dict:
         return dict(in_features=self.in_features, out_features=self.out_features, rank=self.rank,
@@ -238,10 +257,18 @@ class LowRankLinear(_LowRank):
         s = f"in_features={self.in_features}, out_features={self.out_features}"
         if self.bias is None:
             s += ", bias=False"
-        return s + f", rank={self.rank}/{self.full_rank}, backend={self._backend}"
+        s += f", rank={self.rank}/{self.full_rank}, backend={self._backend}"
+        return s + (", relu=True" if self.relu else "")
 
 
 LOWRANK_TYPES = (LowRankConv2d, LowRankLinear)
+
+
+def _unfused_epilogue(out: torch.Tensor, residual: torch.Tensor, relu: bool) -> torch.Tensor:
+    """The epilogue outside the kernel, for a residual that broadcasts (the kernels take
+    one of the output's exact shape)."""
+    out = out + residual
+    return torch.relu(out) if relu else out
 
 
 def from_factors(layer: nn.Module, factors: decompose.Factors, bias: Optional[torch.Tensor],

@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from trp import decompose
 from trp.compile import FOLDED_ATTR, NOTE_ATTR
+from trp.epilogue import EPILOGUE_ATTR
 from trp.modules import LOWRANK_TYPES, LowRankConv2d, LowRankLinear
 from trp_kernels import ops
 from trp_kernels.reference import conv_output_hw, factor_conv_params
@@ -130,6 +131,9 @@ def _row(fqn: str, m: nn.Module, shapes: list, batch: int) -> dict:
     folded = getattr(m, FOLDED_ATTR, None)
     if folded:
         note = f"{folded} folded" + (f"; {note}" if note else "")
+    fused = getattr(m, EPILOGUE_ATTR, None)
+    if fused:
+        note = (f"{note}; " if note else "") + f"epilogue: {fused}"
     row["note"] = note or ""
     return row
 
