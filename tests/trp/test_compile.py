@@ -337,3 +337,46 @@ def test_torch_export_keeps_the_op():
     assert any("trp.lowrank_conv2d" in t for t in targets)
     with torch.no_grad():
         assert rel_err(ep.module()(x), model(x)) < 1e-6
+
+
+# --- the Triton backend (interpreted on CPU; native where CUDA is present) ----------------
+
+def _triton_resnet():
+    """A small CIFAR ResNet with fused epilogues, so the interpreter gets through it quickly."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = models.resnet_cifar(8, width=8).eval()
+    models.randomize_batchnorm(model, torch.Generator().manual_seed(0))
+    model = model.to(device)
+    kw = dict(ratio=0.5, rank_multiple=1, inplace=False)
+    return trp.compile(model, backend="triton", **kw), trp.compile(model, backend="torch", **kw), \
+        torch.randn(2, 3, 8, 8, device=device)
+
+
+@pytest.mark.skipif(bool(ops.refusals("triton", "cuda" if torch.cuda.is_available() else "cpu", torch.float32)),
+                    reason="the triton backend cannot run here")
+def test_triton_backend_under_torch_compile_and_export():
+    model, reference_model, x = _triton_resnet()
+    fused = [m for m in model.modules() if isinstance(m, trp.LowRankConv2d)]
+    assert len(fused) == 6 and all(m.relu for m in fused)      # epilogues fused, so exercised
+    with torch.no_grad():
+        eager = model(x)
+        assert rel_err(eager, reference_model(x)) < 1e-5
+        torch._dynamo.reset()
+        explanation = torch._dynamo.explain(model)(x)
+        assert explanation.graph_break_count == 0, explanation.break_reasons
+        assert explanation.graph_count == 1
+        targets = {str(n.target) for g in explanation.graphs for n in g.graph.nodes}
+        assert any("trp.triton_conv_channel" in t for t in targets), targets
+        for backend in ("aot_eager", "inductor"):
+            torch._dynamo.reset()
+            assert rel_err(torch.compile(model, fullgraph=True, backend=backend)(x), eager) < 1e-5, backend
+        ep = torch.export.export(model, (x,))
+        assert any("trp.triton_conv_channel" in str(n.target) for n in ep.graph.nodes)
+        assert rel_err(ep.module()(x), eager) < 1e-6
+    # training through the compiled graph: the same gradients as the torch backend
+    torch._dynamo.reset()
+    torch.compile(model, fullgraph=True, backend="aot_eager")(x).square().mean().backward()
+    reference_model(x).square().mean().backward()
+    grads = dict(reference_model.named_parameters())
+    for name, p in model.named_parameters():
+        assert rel_err(p.grad, grads[name].grad) < 1e-4, name
