@@ -18,7 +18,8 @@ from trp import models
 from trp.benchmark.cases import RANK_MULTIPLE, LayerCase, ModelCase, lowrank_rank
 from trp_kernels import ops, reference
 
-LAYER_PROVIDERS = ("dense_torch", "lowrank_torch", "lowrank_compile", "lowrank_trp", "lowrank_ort")
+LAYER_PROVIDERS = ("dense_torch", "lowrank_torch", "lowrank_compile", "lowrank_trp", "lowrank_ort",
+                   "dense_torch_cudagraph", "lowrank_torch_cudagraph", "lowrank_trp_cudagraph")
 MODEL_PROVIDERS = ("dense_eager", "dense_compile", "dense_ort", "lowrank_eager", "lowrank_compile",
                    "lowrank_ort", "trp_eager", "trp_compile", "dense_cudagraph", "lowrank_cudagraph",
                    "trp_cudagraph")
@@ -120,7 +121,17 @@ def _two_conv_onnx(case: LayerCase, t: dict) -> bytes:
     return model.SerializeToString()
 
 
+def layer_baseline(provider: str) -> str:
+    """A layer provider's speed-up is measured against dense PyTorch in the same launch mode."""
+    return "dense_torch_cudagraph" if provider.endswith("_cudagraph") else "dense_torch"
+
+
 def prepare_layer(provider: str, case: LayerCase, t: dict) -> Fn:
+    if provider.endswith("_cudagraph") and provider in LAYER_PROVIDERS:
+        if case.device != "cuda":
+            raise Unavailable("CUDA graphs need a CUDA device")
+        fn = prepare_layer(provider[:-len("_cudagraph")], case, t)
+        return _cudagraph(lambda _: fn(), t["x"])  # fn reads t["x"], which stays put
     s, x, w1, w2, b = case.shape, t["x"], t["w1"], t["w2"], t["bias"]
     stride, pad4 = (s.stride, s.stride), (1, 1, 1, 1)
 

@@ -111,7 +111,7 @@ def layer_case_rows(case: C.LayerCase, providers: Iterable[str], budget_s: float
     rows, fns, dense_err = [], {}, None
     for provider in providers:
         row = make_row("layers", case.shape.name, provider, case, case.rank, case.rank_rule, case.macs_dense,
-                   case.macs if provider != "dense_torch" else case.macs_dense)
+                   case.macs_dense if provider.startswith("dense_") else case.macs)
         progress(f"{case.shape.name} b{case.batch} r{case.rank} {provider}")
         tol = tolerance(dense_err, case.dtype)
         fn = prepare_checked(row, lambda: P.prepare_layer(provider, case, t), ref, tol)
@@ -121,7 +121,7 @@ def layer_case_rows(case: C.LayerCase, providers: Iterable[str], budget_s: float
                 dense_err = row["max_rel_err"]
         rows.append(row)
     _time_side_by_side(rows, fns, budget_s, case.device)
-    _finish(rows, lambda p: "dense_torch")
+    _finish(rows, P.layer_baseline)
     return rows
 
 
