@@ -258,3 +258,47 @@ def test_fake_kernel_metadata(layout):
 def test_auto_never_takes_triton_on_cpu():
     assert ops.resolve_backend("auto", "cpu", torch.float32) != "triton"
     assert ops.resolve_backend("triton", "cpu", torch.float32) == "triton"  # by name, interpreting
+
+
+# --- natively on a GPU: network-sized shapes through the autotuner, CUDA graphs ----------------
+
+GPU_SHAPES = [  # ResNet/VGG-like 3x3 layers at a fraction of full rank; batch 1 and 32
+    (1, 64, 64, (56, 56), (3, 3), 16, (1, 1), (1, 1), 1),
+    (32, 128, 256, (28, 28), (3, 3), 64, (2, 2), (1, 1), 1),
+    (32, 256, 256, (14, 14), (3, 3), 128, (1, 1), (1, 1), 1),
+    (3, 512, 512, (7, 7), (3, 3), 256, (1, 1), (1, 1), 1),
+    (2, 96, 80, (31, 33), (3, 3), 17, (1, 1), (2, 2), 2),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("scheme", ["channel", "spatial"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=[f"g{i}" for i in range(len(GPU_SHAPES))])
+def test_gpu_network_shapes(scheme, shape, layout, dtype):
+    check_conv(scheme, conv_case(scheme, *shape, layout, "residual_relu", dtype), dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_gpu_cuda_graph_capture():
+    """After warm-up (which autotunes), the launches are captured and replayed."""
+    args = conv_case("channel", 8, 64, 64, (28, 28), (3, 3), 16, (1, 1), (1, 1), 1, "channels_last",
+                     "residual_relu", torch.float16)
+    x, w1, w2, bias, residual, stride, pad4, dil, relu = args
+    run = lambda: torch.ops.trp.triton_conv_channel(x, w1, w2, bias, residual, stride, pad4, dil, relu)  # noqa: E731
+    eager = run()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = run()
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static, run()) and not torch.equal(static, eager)
