@@ -131,6 +131,22 @@ def register_op(name: str):
     return dec
 
 
+def register_conv_op(name: str, launcher, scheme: str):
+    """Register ``launcher`` (``conv_channel`` or ``conv_spatial``) as the conv op ``name``,
+    with the shared autograd; both schemes' ops have this one signature."""
+    from trp_kernels import _autograd
+
+    def op(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor, bias: Optional[torch.Tensor],
+           residual: Optional[torch.Tensor], stride: list[int], padding: list[int], dilation: list[int],
+           relu: bool) -> torch.Tensor:
+        return launcher(x, weight1, weight2, bias, residual, stride, padding, dilation, relu)
+
+    op.__name__ = name.split("::")[1]
+    registered = register_op(name)(op)
+    _autograd.register(registered, "conv", scheme=scheme)
+    return registered
+
+
 def launch(kernel, tuned_for, grid, args: tuple, consts: dict, config: Optional[dict]) -> None:
     """Launch ``kernel``: under the interpreter (or with an explicit ``config``, as tests do)
     with that config, else through the autotuner ``tuned_for(consts)`` returns."""
@@ -152,6 +168,26 @@ def dot(a, b, acc, PRECISION: tl.constexpr):
     if PRECISION == "upcast":
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def accumulate_tap(h, x_ptr, w1_ptr, x_rows, valid, C, sxc, s1c, s1r, w1_tap, R,
+                   R_PAD: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """One kernel tap of the first factor: ``h += x[rows, :] @ w1[:, :, tap]ᵀ`` over all
+    input channels, BLOCK_K at a time. ``x_rows`` is each tile row's input offset (masked
+    by ``valid``: zero padding), ``w1_tap`` the tap's offset in weight1."""
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, R_PAD)
+    r_mask = offs_r < R
+    for c0 in range(0, C, BLOCK_K):
+        offs_c = c0 + offs_k
+        c_mask = offs_c < C
+        xt = tl.load(x_ptr + x_rows[:, None] + offs_c[None, :] * sxc,
+                     mask=valid[:, None] & c_mask[None, :], other=0.0)
+        wt = tl.load(w1_ptr + offs_c[:, None] * s1c + offs_r[None, :] * s1r + w1_tap,
+                     mask=c_mask[:, None] & r_mask[None, :], other=0.0)
+        h = dot(xt, wt, h, PRECISION)
+    return h
 
 
 @triton.jit

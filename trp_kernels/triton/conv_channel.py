@@ -20,9 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
-from trp_kernels import _autograd, reference
+from trp_kernels import reference
 from trp_kernels.triton import _common
-from trp_kernels.triton._common import dot, epilogue_store
+from trp_kernels.triton._common import accumulate_tap, dot, epilogue_store
 
 
 @triton.jit
@@ -48,7 +48,6 @@ def _conv_channel_kernel(
     nb = (offs_m // (WO * HO)).to(tl.int64)
     offs_r = tl.arange(0, R_PAD)
     r_mask = offs_r < R
-    offs_k = tl.arange(0, BLOCK_K)
 
     # First factor: h[m, r] = sum over (kh, kw, c) of x[pixel m's window] * w1[r, c, kh, kw].
     h = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
@@ -57,15 +56,8 @@ def _conv_channel_kernel(
         for kw in tl.static_range(KW):
             iw = ow * STRIDE_W - PAD_W + kw * DIL_W
             valid = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            x_rows = nb * sxn + ih * sxh + iw * sxw
-            for c0 in range(0, C, BLOCK_K):
-                offs_c = c0 + offs_k
-                c_mask = offs_c < C
-                xt = tl.load(x_ptr + x_rows[:, None] + offs_c[None, :] * sxc,
-                             mask=valid[:, None] & c_mask[None, :], other=0.0)
-                wt = tl.load(w1_ptr + offs_c[:, None] * s1c + offs_r[None, :] * s1r + kh * s1h + kw * s1w,
-                             mask=c_mask[:, None] & r_mask[None, :], other=0.0)
-                h = dot(xt, wt, h, PRECISION)
+            h = accumulate_tap(h, x_ptr, w1_ptr, nb * sxn + ih * sxh + iw * sxw, valid, C, sxc, s1c, s1r,
+                               kh * s1h + kw * s1w, R, R_PAD, BLOCK_K, PRECISION)
     h_in = h.to(x_ptr.dtype.element_ty)
 
     # Second factor and epilogue, BLOCK_N output channels at a time.
@@ -138,11 +130,4 @@ def conv_channel(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor, 
     return out
 
 
-@_common.register_op("trp::triton_conv_channel")
-def _op(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor, bias: Optional[torch.Tensor],
-        residual: Optional[torch.Tensor], stride: list[int], padding: list[int], dilation: list[int],
-        relu: bool) -> torch.Tensor:
-    return conv_channel(x, weight1, weight2, bias, residual, stride, padding, dilation, relu)
-
-
-_autograd.register(_op, "conv", scheme="channel")
+_op = _common.register_conv_op("trp::triton_conv_channel", conv_channel, "channel")

@@ -18,9 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-from trp_kernels import _autograd, reference
+from trp_kernels import reference
 from trp_kernels.triton import _common
-from trp_kernels.triton._common import dot, epilogue_store
+from trp_kernels.triton._common import accumulate_tap, dot, epilogue_store
 
 # Widest tile row: wider images are split into several tiles along the width.
 MAX_SEG = 64
@@ -56,22 +56,14 @@ def _conv_spatial_kernel(
     col_ok = row_ok & (iw >= 0) & (iw < W)  # outside: the second factor's zero padding
     offs_r = tl.arange(0, R_PAD)
     r_mask = offs_r < R
-    offs_k = tl.arange(0, BLOCK_K)
 
     # First factor (kh×1, vertical geometry) at every column of the tile, halo included.
     h = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
     for i in tl.static_range(KH):
         ih = oh * STRIDE_H - PAD_T + i * DIL_H
         valid = col_ok & (ih >= 0) & (ih < H)
-        x_rows = nb * sxn + ih * sxh + iw * sxw
-        for c0 in range(0, C, BLOCK_K):
-            offs_c = c0 + offs_k
-            c_mask = offs_c < C
-            xt = tl.load(x_ptr + x_rows[:, None] + offs_c[None, :] * sxc,
-                         mask=valid[:, None] & c_mask[None, :], other=0.0)
-            wt = tl.load(w1_ptr + offs_c[:, None] * s1c + offs_r[None, :] * s1r + i * s1h,
-                         mask=c_mask[:, None] & r_mask[None, :], other=0.0)
-            h = dot(xt, wt, h, PRECISION)
+        h = accumulate_tap(h, x_ptr, w1_ptr, nb * sxn + ih * sxh + iw * sxw, valid, C, sxc, s1c, s1r, i * s1h,
+                           R, R_PAD, BLOCK_K, PRECISION)
     h_in = h.to(x_ptr.dtype.element_ty)
 
     # Second factor (1×kw, horizontal geometry): output column `col` of a tile row reads
@@ -151,11 +143,4 @@ def conv_spatial(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor, 
     return out
 
 
-@_common.register_op("trp::triton_conv_spatial")
-def _op(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor, bias: Optional[torch.Tensor],
-        residual: Optional[torch.Tensor], stride: list[int], padding: list[int], dilation: list[int],
-        relu: bool) -> torch.Tensor:
-    return conv_spatial(x, weight1, weight2, bias, residual, stride, padding, dilation, relu)
-
-
-_autograd.register(_op, "conv", scheme="spatial")
+_op = _common.register_conv_op("trp::triton_conv_spatial", conv_spatial, "spatial")
