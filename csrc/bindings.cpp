@@ -12,6 +12,7 @@
 
 #include "build_info.h"
 #include "conv2d_direct.h"
+#include "lowrank_cpu.h"
 
 namespace py = pybind11;
 
@@ -21,12 +22,19 @@ namespace {
 // int64 (dil * (k - 1) < 2^62). Nothing real comes near it.
 constexpr int64_t kMaxDim = (int64_t{1} << 31) - 1;
 
+// The entry point whose arguments are being checked, named in every error.
+thread_local const char* t_function = "conv2d_direct";
+
+struct Checking {
+    explicit Checking(const char* fn) { t_function = fn; }
+};
+
 [[noreturn]] void value_error(const std::string& msg) {
-    throw py::value_error("conv2d_direct: " + msg);
+    throw py::value_error(std::string(t_function) + ": " + msg);
 }
 
 [[noreturn]] void type_error(const std::string& msg) {
-    throw py::type_error("conv2d_direct: " + msg);
+    throw py::type_error(std::string(t_function) + ": " + msg);
 }
 
 std::string repr_str(py::handle h) { return py::repr(h).cast<std::string>(); }
@@ -120,6 +128,7 @@ void check_range(const std::array<int64_t, 2>& v, const char* name, int64_t lo,
 py::array_t<float> conv2d_direct(py::handle input_obj, py::handle weight_obj,
                                  py::handle bias_obj, py::handle stride_obj,
                                  py::handle padding_obj, py::handle dilation_obj) {
+    Checking checking("conv2d_direct");
     py::array input = require_f32(input_obj, "input", 4, "(batch, channels, height, width)");
     py::array weight = require_f32(weight_obj, "weight", 4, "(out, in, kh, kw)");
     py::array bias;
@@ -200,6 +209,89 @@ py::array_t<float> conv2d_direct(py::handle input_obj, py::handle weight_obj,
     return out;
 }
 
+void check_dim(const py::array& a, const char* name, py::ssize_t d, int64_t want, const char* what) {
+    if (a.shape(d) != want) {
+        value_error(std::string(name) + ".shape[" + std::to_string(d) + "] must be " + std::to_string(want) +
+                    " (" + what + "), got " + std::to_string(a.shape(d)) + " in shape " + shape_str(a));
+    }
+}
+
+// Fused low-rank conv, NHWC. Everything the kernel reads is checked here first.
+void lowrank_conv(py::handle x_obj, py::handle w1_obj, py::handle w2_obj, py::handle bias_obj,
+                  py::handle residual_obj, py::handle out_obj, const std::string& scheme, int64_t kh,
+                  int64_t kw, py::handle stride_obj, py::handle pad_obj, py::handle dilation_obj, bool relu,
+                  int threads) {
+    Checking checking("lowrank_conv");
+    if (scheme != "channel" && scheme != "spatial") {
+        value_error("scheme must be 'channel' or 'spatial', got '" + scheme + "'");
+    }
+    const bool channel = scheme == "channel";
+    py::array x = require_f32(x_obj, "x", 4, "(batch, height, width, channels) NHWC");
+    py::array w1 = require_f32(w1_obj, "w1", 2, "(taps * in_channels, rank_padded)");
+    py::array w2 = require_f32(w2_obj, "w2", 2, "(taps * rank_padded, out_channels_padded)");
+    py::array out = require_f32(out_obj, "out", 4, "(batch, out_h, out_w, out_channels) NHWC");
+    if (!out.writeable()) value_error("out must be writeable");
+    const bool has_bias = !bias_obj.is_none(), has_res = !residual_obj.is_none();
+    py::array bias, res;
+    if (has_bias) bias = require_f32(bias_obj, "bias", 1, "(out_channels,)");
+    if (has_res) res = require_f32(residual_obj, "residual", 4, "(batch, out_h, out_w, out_channels) NHWC");
+    const auto stride = parse_pair(stride_obj, "stride");
+    const auto pad = parse_pair(pad_obj, "padding");
+    const auto dil = parse_pair(dilation_obj, "dilation");
+    check_range(stride, "stride", 1, stride_obj);
+    check_range(pad, "padding", 0, pad_obj);
+    check_range(dil, "dilation", 1, dilation_obj);
+    if (kh < 1 || kw < 1 || kh > 64 || kw > 64) {
+        value_error("kernel size must be within 1..64, got " + pair_str(kh, kw));
+    }
+    if (threads < 1) value_error("threads must be >= 1, got " + std::to_string(threads));
+    for (py::ssize_t d = 1; d < 3; ++d) {
+        if (x.shape(d) > kMaxDim) value_error("x spatial sizes must be <= " + std::to_string(kMaxDim));
+    }
+
+    const int64_t vw = trp::lowrank_vector_width();
+    trp::LowRankConvArgs a{};
+    a.batch = x.shape(0); a.in_h = x.shape(1); a.in_w = x.shape(2); a.in_c = x.shape(3);
+    a.kh = kh; a.kw = kw;
+    a.stride_h = stride[0]; a.stride_w = stride[1]; a.pad_top = pad[0]; a.pad_left = pad[1];
+    a.dil_h = dil[0]; a.dil_w = dil[1];
+    a.out_h = out.shape(1); a.out_w = out.shape(2); a.out_c = out.shape(3);
+    a.rank_padded = w1.shape(1);
+    a.out_c_padded = w2.shape(1);
+    const int64_t taps1 = channel ? kh * kw : kh, taps2 = channel ? 1 : kw;
+    if (a.rank_padded < 1 || a.rank_padded % vw) {
+        value_error("w1.shape[1] (the padded rank) must be a positive multiple of the vector width " +
+                    std::to_string(vw) + ", got " + std::to_string(a.rank_padded));
+    }
+    if (a.out_c_padded < a.out_c || a.out_c_padded % vw) {
+        value_error("w2.shape[1] must be a multiple of the vector width " + std::to_string(vw) +
+                    " and >= out_channels " + std::to_string(a.out_c) + ", got " + std::to_string(a.out_c_padded));
+    }
+    check_dim(w1, "w1", 0, taps1 * a.in_c, "taps x in_channels");
+    check_dim(w2, "w2", 0, taps2 * a.rank_padded, "taps x padded rank");
+    check_dim(out, "out", 0, a.batch, "x's batch");
+    // out's size fixes the bottom/right padding; any size is memory-safe, since every input
+    // read outside x is replaced by a zero row.
+    if (has_bias) check_dim(bias, "bias", 0, a.out_c, "out channels");
+    if (has_res) {
+        for (py::ssize_t d = 0; d < 4; ++d) check_dim(res, "residual", d, out.shape(d), "out's shape");
+    }
+    a.x = static_cast<const float*>(x.data());
+    a.w1 = static_cast<const float*>(w1.data());
+    a.w2 = static_cast<const float*>(w2.data());
+    a.bias = has_bias ? static_cast<const float*>(bias.data()) : nullptr;
+    a.residual = has_res ? static_cast<const float*>(res.data()) : nullptr;
+    a.out = static_cast<float*>(out.mutable_data());
+    a.relu = relu;
+    a.threads = threads;
+    bool ok;
+    {
+        py::gil_scoped_release nogil;
+        ok = channel ? trp::lowrank_conv_channel(a) : trp::lowrank_conv_spatial(a);
+    }
+    if (!ok) throw std::bad_alloc();
+}
+
 py::dict build_info_dict() {
     const trp::BuildInfo b = trp::build_info();
     py::dict d;
@@ -229,6 +321,16 @@ PYBIND11_MODULE(_C, m) {
 
     m.def("build_info", &build_info_dict,
           "How the extension was built (compiler, flags, OpenMP) and what this CPU supports.");
+    m.def("lowrank_conv", &lowrank_conv, py::arg("x"), py::arg("w1"), py::arg("w2"), py::arg("bias").none(true),
+          py::arg("residual").none(true), py::arg("out"), py::arg("scheme"), py::arg("kh"), py::arg("kw"),
+          py::arg("stride"), py::arg("padding"), py::arg("dilation"), py::arg("relu"), py::arg("threads"),
+          "Fused low-rank conv (both factors + bias/residual/ReLU) into `out`, all NHWC float32.\n\n"
+          "w1, w2: packed panels (see trp_kernels/cpp.py); padding: (top, left), the bottom/right "
+          "padding being implied by out's size. Releases the GIL.");
+    m.def("vector_width", &trp::lowrank_vector_width, "Floats per vector of the active fused-kernel build.");
+    m.def("isa", &trp::lowrank_isa, "Name of the active fused-kernel build: generic, avx2 or avx512.");
+    m.def("set_isa", [](const std::string& name) { return trp::lowrank_set_isa(name.c_str()); },
+          py::arg("name"), "Switch the fused kernels to another build; False if unavailable here.");
     m.def("conv2d_direct", &conv2d_direct, py::arg("input"), py::arg("weight"),
           py::arg("bias").none(true), py::arg("stride"), py::arg("padding"),
           py::arg("dilation"),

@@ -14,7 +14,9 @@ from __future__ import annotations
 import importlib.util
 import operator
 import warnings
+import weakref
 from collections.abc import Sequence
+from typing import Optional
 
 import torch
 
@@ -84,23 +86,118 @@ def conv2d_direct(
     return torch.from_numpy(out)
 
 
+# --- fused low-rank layers --------------------------------------------------------------
+
+# Packed weight panels, computed once per weight tensor and version (an optimizer step or
+# an in-place copy bumps the version, which repacks) and per vector width.
+_PACKED: "weakref.WeakKeyDictionary[torch.Tensor, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _packed(w: torch.Tensor, how: str) -> torch.Tensor:
+    """``w`` as the GEMM panel the kernels read, cached on the tensor."""
+    width = _require().vector_width()
+    key = (w._version, width, how, tuple(w.shape), w.data_ptr())
+    hit = _PACKED.get(w)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    with torch.no_grad():
+        w = w.detach()
+        if how == "w1":       # (r, c, kh, kw) -> [kh*kw*c][r_pad]
+            r = w.shape[0]
+            panel = w.permute(2, 3, 1, 0).reshape(-1, r)
+            rows_pad = panel.shape[0]
+        elif how == "w2":     # (n, r, 1, kw) -> [kw*r_pad][n_pad]
+            n, r, kw = w.shape[0], w.shape[1], w.shape[3]
+            panel = w.permute(3, 1, 0, 2).reshape(kw, r, n)
+            panel = torch.nn.functional.pad(panel, (0, 0, 0, _round_up(r, width) - r)).reshape(-1, n)
+            rows_pad = panel.shape[0]
+        else:
+            raise ValueError(f"unknown packing {how!r}")
+        cols = panel.shape[1]
+        out = torch.zeros(rows_pad, _round_up(cols, width), dtype=torch.float32)
+        out[:, :cols] = panel
+    _PACKED[w] = (key, out)
+    return out
+
+
+def _nhwc(t: torch.Tensor) -> "numpy.ndarray":  # noqa: F821
+    """A channels_last-contiguous (N, C, H, W) tensor's memory as an (N, H, W, C) array."""
+    return t.detach().permute(0, 2, 3, 1).numpy()
+
+
+def lowrank_conv2d(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor, bias: Optional[torch.Tensor],
+                   stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], scheme: str,
+                   residual: Optional[torch.Tensor] = None, relu: bool = False) -> torch.Tensor:
+    """``reference.lowrank_conv2d`` in one fused C++ kernel: float32 CPU tensors.
+
+    The kernel runs in channels_last; an NCHW input (or residual) is converted on entry
+    and the output converted back, so keep a model in channels_last to avoid both copies.
+    """
+    lib = _require()
+    for name, t in (("x", x), ("weight1", weight1), ("weight2", weight2), ("bias", bias), ("residual", residual)):
+        if t is not None:
+            _cpu_float32(t, name, "lowrank_conv2d", contiguous=False)
+    if x.dim() != 4 or weight1.dim() != 4 or weight2.dim() != 4:
+        raise ValueError(f"lowrank_conv2d: x, weight1 and weight2 must be 4-D, got shapes {tuple(x.shape)}, "
+                         f"{tuple(weight1.shape)}, {tuple(weight2.shape)}")
+    if weight1.shape[1] != x.shape[1] or weight2.shape[1] != weight1.shape[0]:
+        raise ValueError(f"lowrank_conv2d: shapes do not chain: x {tuple(x.shape)}, weight1 "
+                         f"{tuple(weight1.shape)}, weight2 {tuple(weight2.shape)}")
+    from trp_kernels.reference import conv_output_hw, output_memory_format  # no cycle: reference imports nothing of ours
+
+    kh, kw = (weight1.shape[2], weight1.shape[3]) if scheme == "channel" else (weight1.shape[2], weight2.shape[3])
+    ho, wo = conv_output_hw(x.shape[-2:], (kh, kw), stride, padding, dilation)
+    n_out = weight2.shape[0]
+    out = torch.empty((x.shape[0], n_out, max(ho, 0), max(wo, 0)), dtype=torch.float32,
+                      memory_format=torch.channels_last)
+    if residual is not None and tuple(residual.shape) != tuple(out.shape):
+        raise ValueError(f"lowrank_conv2d: residual must have the output's shape {tuple(out.shape)}, "
+                         f"got {tuple(residual.shape)}")
+    if out.numel():
+        cl = torch.channels_last
+        lib.lowrank_conv(
+            _nhwc(x.detach().contiguous(memory_format=cl)), _packed(weight1, "w1").numpy(),
+            _packed(weight2, "w2").numpy(), None if bias is None else bias.detach().contiguous().numpy(),
+            None if residual is None else _nhwc(residual.detach().contiguous(memory_format=cl)), _nhwc(out),
+            scheme, int(kh), int(kw), (int(stride[0]), int(stride[1])), (int(padding[0]), int(padding[2])),
+            (int(dilation[0]), int(dilation[1])), bool(relu), torch.get_num_threads())
+    return out.contiguous(memory_format=output_memory_format(x))
+
+
+def lowrank_linear(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor, bias: Optional[torch.Tensor],
+                   residual: Optional[torch.Tensor] = None, relu: bool = False) -> torch.Tensor:
+    """``reference.lowrank_linear`` in the fused kernel: the rows of ``x`` are the pixels of a
+    1×1 channel-scheme conv."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    x4 = x.reshape(-1, k)[:, :, None, None]
+    res4 = None if residual is None else residual.reshape(-1, weight2.shape[0])[:, :, None, None]
+    out = lowrank_conv2d(x4, weight1[:, :, None, None], weight2[:, :, None, None], bias, (1, 1), (0, 0, 0, 0),
+                         (1, 1), "channel", res4, relu)
+    return out.reshape(*lead, weight2.shape[0])
+
+
 def _require():
     if _C is None:
         raise RuntimeError(f"the trp C++ extension is not available: {_UNAVAILABLE_REASON}")
     return _C
 
 
-def _cpu_float32(t: torch.Tensor, name: str) -> torch.Tensor:
+def _cpu_float32(t: torch.Tensor, name: str, fn: str = "conv2d_direct", contiguous: bool = True) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"conv2d_direct: {name} must be a torch.Tensor, got {type(t).__name__}")
+        raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if t.device.type != "cpu":
-        raise ValueError(f"conv2d_direct: {name} must be on the CPU, got device {t.device}")
+        raise ValueError(f"{fn}: {name} must be on the CPU, got device {t.device}")
     if t.layout != torch.strided:
-        raise ValueError(f"conv2d_direct: {name} must be a dense (strided) tensor, got {t.layout}")
+        raise ValueError(f"{fn}: {name} must be a dense (strided) tensor, got {t.layout}")
     if t.dtype != torch.float32:
-        raise ValueError(f"conv2d_direct: {name} must be torch.float32, got {t.dtype}")
+        raise ValueError(f"{fn}: {name} must be torch.float32, got {t.dtype}")
     # .numpy() refuses tensors that require grad or carry a lazy negation bit.
-    return t.detach().resolve_neg().contiguous()
+    t = t.detach().resolve_neg()
+    return t.contiguous() if contiguous else t
 
 
 def _pair(v: int | Sequence[int], name: str) -> tuple[int, int]:

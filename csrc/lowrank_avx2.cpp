@@ -1,0 +1,8 @@
+// The fused low-rank kernels for the avx2 build (see lowrank_kernels.inc; CMakeLists.txt
+// gives this file its instruction-set flags).
+#include "lowrank_cpu.h"
+
+#define TRP_ISA_NS isa_avx2
+#define TRP_VL 8
+#define TRP_MR 6
+#include "lowrank_kernels.inc"

@@ -1,0 +1,84 @@
+// Run-time choice of the fused kernels' instruction set.
+#include "lowrank_cpu.h"
+
+#include <atomic>
+#include <cstring>
+
+#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
+#define TRP_CAN_DETECT_CPU 1
+#endif
+
+namespace trp {
+
+namespace {
+
+enum Isa { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
+const char* const kIsaNames[] = {"generic", "avx2", "avx512"};
+const int kIsaWidths[] = {4, 8, 16};
+
+bool cpu_has(Isa isa) {
+    if (isa == kGeneric) return true;
+#ifdef TRP_CAN_DETECT_CPU
+    __builtin_cpu_init();
+#ifdef TRP_HAVE_AVX512_KERNELS
+    if (isa == kAvx512) return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
+#endif
+#ifdef TRP_HAVE_AVX2_KERNELS
+    if (isa == kAvx2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
+#endif
+    return false;
+}
+
+Isa best_isa() {
+    if (cpu_has(kAvx512)) return kAvx512;
+    if (cpu_has(kAvx2)) return kAvx2;
+    return kGeneric;
+}
+
+std::atomic<int>& current() {
+    static std::atomic<int> isa{best_isa()};
+    return isa;
+}
+
+}  // namespace
+
+int lowrank_vector_width() { return kIsaWidths[current().load()]; }
+const char* lowrank_isa() { return kIsaNames[current().load()]; }
+
+bool lowrank_set_isa(const char* name) {
+    for (int i = kGeneric; i <= kAvx512; ++i) {
+        if (std::strcmp(name, kIsaNames[i]) == 0) {
+            if (!cpu_has(static_cast<Isa>(i))) return false;
+            current().store(i);
+            return true;
+        }
+    }
+    return false;
+}
+
+bool lowrank_conv_channel(const LowRankConvArgs& a) {
+    switch (current().load()) {
+#ifdef TRP_HAVE_AVX512_KERNELS
+        case kAvx512: return isa_avx512::conv_channel(a);
+#endif
+#ifdef TRP_HAVE_AVX2_KERNELS
+        case kAvx2: return isa_avx2::conv_channel(a);
+#endif
+        default: return isa_generic::conv_channel(a);
+    }
+}
+
+bool lowrank_conv_spatial(const LowRankConvArgs& a) {
+    switch (current().load()) {
+#ifdef TRP_HAVE_AVX512_KERNELS
+        case kAvx512: return isa_avx512::conv_spatial(a);
+#endif
+#ifdef TRP_HAVE_AVX2_KERNELS
+        case kAvx2: return isa_avx2::conv_spatial(a);
+#endif
+        default: return isa_generic::conv_spatial(a);
+    }
+}
+
+}  // namespace trp
