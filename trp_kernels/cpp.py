@@ -90,7 +90,9 @@ def conv2d_direct(
 
 # Packed weight panels, computed once per weight tensor and version (an optimizer step or
 # an in-place copy bumps the version, which repacks) and per vector width.
-_PACKED: "weakref.WeakKeyDictionary[torch.Tensor, tuple]" = weakref.WeakKeyDictionary()
+# Keyed by id (tensors compare elementwise, so they cannot be dict keys by value); the
+# entry holds a weak reference to check identity and is dropped when the tensor dies.
+_PACKED: dict[int, tuple] = {}
 
 
 def _round_up(n: int, m: int) -> int:
@@ -101,11 +103,11 @@ def _packed(w: torch.Tensor, how: str) -> torch.Tensor:
     """``w`` as the GEMM panel the kernels read, cached on the tensor."""
     width = _require().vector_width()
     key = (w._version, width, how, tuple(w.shape), w.data_ptr())
-    hit = _PACKED.get(w)
-    if hit is not None and hit[0] == key:
-        return hit[1]
+    hit = _PACKED.get(id(w))
+    if hit is not None and hit[0]() is w and hit[1] == key:
+        return hit[2]
+    owner, w = w, w.detach()  # cache on the caller's tensor: the detached view dies at once
     with torch.no_grad():
-        w = w.detach()
         if how == "w1":       # (r, c, kh, kw) -> [kh*kw*c][r_pad]
             r = w.shape[0]
             panel = w.permute(2, 3, 1, 0).reshape(-1, r)
@@ -120,7 +122,9 @@ def _packed(w: torch.Tensor, how: str) -> torch.Tensor:
         cols = panel.shape[1]
         out = torch.zeros(rows_pad, _round_up(cols, width), dtype=torch.float32)
         out[:, :cols] = panel
-    _PACKED[w] = (key, out)
+    if id(owner) not in _PACKED:
+        weakref.finalize(owner, _PACKED.pop, id(owner), None)
+    _PACKED[id(owner)] = (weakref.ref(owner), key, out)
     return out
 
 
