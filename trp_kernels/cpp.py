@@ -48,6 +48,11 @@ def available() -> bool:
     return _C is not None
 
 
+def has_fused_kernels() -> bool:
+    """Whether the loaded extension has the fused low-rank kernels (an older build may not)."""
+    return _C is not None and hasattr(_C, "lowrank_conv")
+
+
 def unavailable_reason() -> str | None:
     """Why the extension is not loaded, or None when it is."""
     return _UNAVAILABLE_REASON

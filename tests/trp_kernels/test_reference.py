@@ -117,8 +117,7 @@ def test_linear_op_registration_and_gradients():
 
 
 def test_auto_backend_on_cpu():
-    expected = "cpp" if cpp.available() and ops.is_fused("cpp") else "torch"
-    assert ops.resolve_backend("auto", "cpu", torch.float32) == expected
+    assert ops.resolve_backend("auto", "cpu", torch.float32) == "torch"  # see ops.AUTO_ORDER
     assert ops.resolve_backend("auto", "cpu", torch.float64) == "torch"  # cpp runs float32 only
     assert ops.resolve_backend("auto", "meta", torch.float32) == "torch"
     assert ops.resolve_backend("torch", "cpu", torch.float16) == "torch"
@@ -141,9 +140,8 @@ def test_triton_is_never_auto_on_cpu_even_when_interpreting():
 
 
 def test_fused_backends():
-    # Flips for cpp when its fused kernels land (issue 6).
     triton_ok = not ops._TRITON_IMPORT_ERROR
-    assert [ops.is_fused(b) for b in ops.BACKENDS] == [triton_ok, False, False]
+    assert [ops.is_fused(b) for b in ops.BACKENDS] == [triton_ok, cpp.has_fused_kernels(), False]
     assert ops.resolve_backend("auto", "cpu", torch.float32) == "torch"
     if triton_ok:
         assert ops.resolve_backend("auto", "cuda", torch.float16) == "triton"

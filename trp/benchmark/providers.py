@@ -18,7 +18,7 @@ from trp import models
 from trp.benchmark.cases import RANK_MULTIPLE, LayerCase, ModelCase, lowrank_rank
 from trp_kernels import ops, reference
 
-LAYER_PROVIDERS = ("dense_torch", "lowrank_torch", "lowrank_compile", "lowrank_trp", "lowrank_ort",
+LAYER_PROVIDERS = ("dense_torch", "lowrank_torch", "lowrank_compile", "lowrank_trp", "lowrank_cpp", "lowrank_ort",
                    "dense_torch_cudagraph", "lowrank_torch_cudagraph", "lowrank_trp_cudagraph")
 MODEL_PROVIDERS = ("dense_eager", "dense_compile", "dense_ort", "lowrank_eager", "lowrank_compile",
                    "lowrank_ort", "trp_eager", "trp_compile", "dense_cudagraph", "lowrank_cudagraph",
@@ -148,6 +148,11 @@ def prepare_layer(provider: str, case: LayerCase, t: dict) -> Fn:
         return lambda: compiled(x)
     if provider == "lowrank_trp":
         return lambda: ops.lowrank_conv2d(x, w1, w2, b, stride, pad4, (1, 1), "channel")
+    if provider == "lowrank_cpp":  # the fused C++ kernel, which auto does not choose yet
+        reasons = ops.refusals("cpp", x.device, x.dtype, case.rank)
+        if reasons or not ops.is_fused("cpp"):
+            raise Unavailable("; ".join(reasons) or "the C++ extension has no fused kernels")
+        return lambda: ops.lowrank_conv2d(x, w1, w2, b, stride, pad4, (1, 1), "channel", "cpp")
     if provider == "lowrank_ort":
         if case.device != "cpu":
             raise Unavailable("CPU only (this suite runs ONNX Runtime's CPU execution provider)")

@@ -1,0 +1,172 @@
+"""The fused C++ low-rank kernels against the plain-PyTorch reference.
+
+The same awkward-shape grid as the Triton kernels, float32 with a tight tolerance, for
+every instruction-set build this CPU runs (AVX-512, AVX2, portable), single- and
+multi-threaded; plus the packed-weight cache, the op dispatch and bad inputs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trp_kernels import cpp, ops, reference
+
+pytestmark = pytest.mark.skipif(not cpp.has_fused_kernels(),
+                                reason=f"fused C++ kernels not built ({cpp.unavailable_reason()})")
+
+ISAS = [isa for isa in ("avx512", "avx2", "generic")] if cpp.has_fused_kernels() else []
+
+
+@pytest.fixture
+def isa(request):
+    """Run the test with the named build active, restoring the default after."""
+    lib = cpp._require()
+    default = lib.isa()
+    if not lib.set_isa(request.param):
+        pytest.skip(f"this CPU or build has no {request.param} kernels")
+    yield request.param
+    lib.set_isa(default)
+
+
+@pytest.fixture
+def threads(request):
+    old = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(old)
+
+
+def make(shape, layout):
+    if layout == "noncontiguous":
+        n, c, h, w = shape
+        return torch.randn(n, c, h, 2 * w)[..., ::2]
+    x = torch.randn(shape)
+    return x.to(memory_format=torch.channels_last) if layout == "channels_last" else x
+
+
+def conv_case(scheme, batch, c, n, hw, kernel, rank, stride, dilation, padding, layout, epilogue):
+    kh, kw = kernel
+    x = make((batch, c, *hw), layout)
+    w1 = torch.randn((rank, c, kh, kw) if scheme == "channel" else (rank, c, kh, 1)) / (c * kh * kw) ** 0.5
+    w2 = torch.randn((n, rank, 1, 1) if scheme == "channel" else (n, rank, 1, kw)) / rank ** 0.5
+    pad4 = reference.resolve_padding(padding, kernel, dilation)
+    out_hw = reference.conv_output_hw(hw, kernel, stride, pad4, dilation)
+    bias = torch.randn(n) if epilogue != "none" else None
+    residual = make((batch, n, *out_hw), layout) if epilogue == "residual_relu" else None
+    return x, w1, w2, bias, stride, pad4, dilation, scheme, residual, epilogue == "residual_relu"
+
+
+def check(args):
+    out = cpp.lowrank_conv2d(*args)
+    exact = reference.lowrank_conv2d(*[a.double() if isinstance(a, torch.Tensor) else a for a in args])
+    torch_fp32 = reference.lowrank_conv2d(*args)
+    assert out.shape == exact.shape and out.dtype == torch.float32
+    err = (out.double() - exact).abs().max().item()
+    torch_err = (torch_fp32.double() - exact).abs().max().item()
+    bound = 2 * torch_err + 1e-6 * exact.abs().max().item()
+    assert err <= bound, f"max error {err:.3g} > {bound:.3g} (torch's own float32 error {torch_err:.3g})"
+    return out
+
+
+SHAPES = [  # (batch, c, n, (h, w), kernel, rank, stride, dilation, padding)
+    (1, 5, 7, (9, 7), (3, 3), 1, (1, 1), (1, 1), 1),
+    (3, 20, 18, (11, 9), (3, 3), 17, (2, 2), (1, 1), 1),
+    (1, 33, 40, (7, 7), (3, 3), 64, (1, 1), (2, 2), 2),
+    (3, 6, 9, (5, 6), (3, 3), 256, (1, 2), (1, 1), (0, 1, 2, 1)),
+    (1, 12, 20, (8, 13), (5, 3), 17, (2, 1), (1, 2), "valid"),
+    (2, 40, 70, (3, 150), (3, 3), 24, (1, 1), (1, 1), 1),   # wider than one spatial tile
+]
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
+@pytest.mark.parametrize("scheme", ["channel", "spatial"])
+@pytest.mark.parametrize("epilogue", ["none", "bias", "residual_relu"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "noncontiguous"])
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"s{i}" for i in range(len(SHAPES))])
+def test_conv_grid(shape, layout, epilogue, scheme, threads, isa):
+    out = check(conv_case(scheme, *shape, layout, epilogue))
+    want = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    assert out.is_contiguous(memory_format=want)
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("case", [((1,), 5, 7, 1), ((3, 4), 20, 18, 17), ((37,), 33, 40, 64), ((2, 3), 12, 9, 256)])
+def test_linear(case, isa):
+    lead, k, n, rank = case
+    x = torch.randn(*lead, 2 * k)[..., ::2]
+    w1, w2, b = torch.randn(rank, k) / k ** 0.5, torch.randn(n, rank) / rank ** 0.5, torch.randn(n)
+    res = torch.randn(*lead, n)
+    for args in ((x, w1, w2, b, None, False), (x, w1, w2, None, res, True)):
+        out = cpp.lowrank_linear(*args)
+        exact = reference.lowrank_linear(*[a.double() if isinstance(a, torch.Tensor) else a for a in args])
+        assert out.shape == exact.shape
+        assert (out.double() - exact).abs().max() <= 1e-5 * exact.abs().max()
+
+
+def test_zero_sizes():
+    for scheme in ("channel", "spatial"):
+        x, w1, w2, b, *rest = conv_case(scheme, 1, 5, 7, (6, 6), (3, 3), 4, (1, 1), (1, 1), 1, "nchw", "bias")
+        assert cpp.lowrank_conv2d(x[:0], w1, w2, b, *rest).shape == (0, 7, 6, 6)
+    assert cpp.lowrank_linear(torch.randn(0, 5), torch.randn(3, 5), torch.randn(4, 3), None).shape == (0, 4)
+
+
+def test_packed_weights_follow_in_place_updates():
+    """Packing is cached per tensor; an in-place change (an optimizer step) repacks."""
+    args = list(conv_case("channel", 2, 8, 8, (6, 6), (3, 3), 4, (1, 1), (1, 1), 1, "nchw", "bias"))
+    check(tuple(args))
+    with torch.no_grad():
+        args[1].mul_(-2.0)
+    check(tuple(args))
+    before = len(cpp._PACKED)
+    del args
+    import gc
+    gc.collect()
+    assert len(cpp._PACKED) < before  # dead weights leave the cache
+
+
+def test_bad_arguments_are_named():
+    x, w1, w2, b, stride, pad4, dil, scheme, res, relu = conv_case(
+        "channel", 1, 5, 7, (6, 6), (3, 3), 4, (1, 1), (1, 1), 1, "nchw", "residual_relu")
+    with pytest.raises(ValueError, match="x must be torch.float32"):
+        cpp.lowrank_conv2d(x.double(), w1, w2, b, stride, pad4, dil, scheme, res, relu)
+    with pytest.raises(ValueError, match="residual must have the output's shape"):
+        cpp.lowrank_conv2d(x, w1, w2, b, stride, pad4, dil, scheme, res[:, :3], relu)
+    with pytest.raises(ValueError, match="shapes do not chain"):
+        cpp.lowrank_conv2d(x, w1[:, :4], w2, b, stride, pad4, dil, scheme, res, relu)
+    lib = cpp._require()
+    out = torch.empty(1, 7, 6, 6).to(memory_format=torch.channels_last)
+    p1, p2 = cpp._packed(w1, "w1").numpy(), cpp._packed(w2, "w2").numpy()
+    nhwc = cpp._nhwc(x.to(memory_format=torch.channels_last))
+    with pytest.raises(ValueError, match=r"lowrank_conv: w1.shape\[0\] must be 45"):
+        lib.lowrank_conv(nhwc, p1[:-1], p2, None, None, cpp._nhwc(out), "channel", 3, 3, (1, 1), (1, 1), (1, 1),
+                         False, 1)
+    with pytest.raises(ValueError, match="lowrank_conv: scheme must be"):
+        lib.lowrank_conv(nhwc, p1, p2, None, None, cpp._nhwc(out), "diagonal", 3, 3, (1, 1), (1, 1), (1, 1),
+                         False, 1)
+    with pytest.raises(ValueError, match="lowrank_conv: threads must be >= 1"):
+        lib.lowrank_conv(nhwc, p1, p2, None, None, cpp._nhwc(out), "channel", 3, 3, (1, 1), (1, 1), (1, 1),
+                         False, 0)
+    with pytest.raises(ValueError, match="lowrank_conv: x must be C-contiguous"):
+        lib.lowrank_conv(x.permute(0, 2, 3, 1).numpy(), p1, p2, None, None, cpp._nhwc(out), "channel", 3, 3, (1, 1), (1, 1), (1, 1),
+                         False, 1)
+    with pytest.raises(ValueError, match=r"lowrank_conv: bias.shape\[0\] must be 7"):
+        lib.lowrank_conv(nhwc, p1, p2, b[:3].numpy(), None, cpp._nhwc(out), "channel", 3, 3, (1, 1), (1, 1),
+                         (1, 1), False, 1)
+
+
+def test_op_dispatch_runs_the_fused_kernel(monkeypatch):
+    """backend='cpp' reaches the fused kernel through the op, and autograd still works."""
+    calls = []
+    real = cpp.lowrank_conv2d
+    monkeypatch.setattr(cpp, "lowrank_conv2d", lambda *a: calls.append(1) or real(*a))
+    x, w1, w2, b, stride, pad4, dil, scheme, res, relu = conv_case(
+        "spatial", 2, 6, 10, (7, 9), (3, 3), 5, (2, 1), (1, 1), 1, "channels_last", "residual_relu")
+    tensors = [t.requires_grad_() for t in (x, w1, w2, b, res)]
+    out = ops.lowrank_conv2d(x, w1, w2, b, stride, pad4, dil, scheme, "cpp", res, relu)
+    ref = ops.lowrank_conv2d(x, w1, w2, b, stride, pad4, dil, scheme, "torch", res, relu)
+    assert calls and (out - ref).abs().max() < 1e-5
+    g = torch.randn_like(out)
+    for a, r in zip(torch.autograd.grad(out, tensors, g), torch.autograd.grad(ref, tensors, g)):
+        assert (a - r).abs().max() <= 1e-5 * r.abs().max()
