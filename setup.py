@@ -190,6 +190,7 @@ setup(
             "onnxscript>=0.1",
             "onnxruntime>=1.17",
             "matplotlib>=3.6",
+            "pybind11>=2.12",  # the AddressSanitizer build in tests/trp_kernels/test_cpp_asan.py
         ]
     },
     entry_points={"console_scripts": ["trp = trp.cli:main"]},

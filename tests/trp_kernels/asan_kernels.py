@@ -1,0 +1,32 @@
+"""Run the fused C++ kernels, built with AddressSanitizer, over small awkward shapes.
+
+Not a test module: test_cpp_asan.py runs it in a subprocess with the ASan runtime
+preloaded, as ``python asan_kernels.py PATH_TO_ASAN_C.so``. The instrumented module must
+be loaded under the name trp_kernels._C before anything imports the regular build (a
+second copy of a module of the same name would silently be the first one).
+"""
+import importlib.util, sys
+import trp_kernels  # the package alone: its __init__ imports nothing
+spec = importlib.util.spec_from_file_location("trp_kernels._C", sys.argv[1])
+mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+sys.modules["trp_kernels._C"] = trp_kernels._C = mod  # before anything imports the regular build
+import torch
+from trp_kernels import cpp, reference
+assert cpp._C is mod
+n = 0
+for isa in ("avx512", "avx2", "generic"):
+    if not mod.set_isa(isa): continue
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        for scheme in ("channel", "spatial"):
+            # (batch, c_in, c_out, (h, w), rank, stride, dilation, padding (t, b, l, r))
+            for (b, c, no, hw, r, st, dil, pad) in [(1,5,7,(9,7),1,(1,1),(1,1),(1,1,1,1)), (3,20,18,(11,9),17,(2,2),(1,1),(1,1,1,1)), (2,6,9,(5,6),40,(1,2),(2,1),(0,1,2,1)), (1,3,5,(2,70),3,(1,1),(1,2),(1,1,2,2))]:
+                x = torch.randn(b, c, *hw); w1 = torch.randn(r, c, 3, 3 if scheme == "channel" else 1)
+                w2 = torch.randn(no, r, 1, 1 if scheme == "channel" else 3); bias = torch.randn(no)
+                ref = reference.lowrank_conv2d(x, w1, w2, bias, st, pad, dil, scheme)
+                res = torch.randn_like(ref)
+                out = cpp.lowrank_conv2d(x, w1, w2, bias, st, pad, dil, scheme, res, True)
+                exp = reference.lowrank_conv2d(x, w1, w2, bias, st, pad, dil, scheme, res, True)
+                assert (out - exp).abs().max() <= 1e-4 * exp.abs().max(), (isa, scheme, b, c)
+                n += 1
+print("ok", n)
