@@ -21,8 +21,8 @@ from trp_kernels import ops, reference
 LAYER_PROVIDERS = ("dense_torch", "lowrank_torch", "lowrank_compile", "lowrank_trp", "lowrank_cpp", "lowrank_ort",
                    "dense_torch_cudagraph", "lowrank_torch_cudagraph", "lowrank_trp_cudagraph")
 MODEL_PROVIDERS = ("dense_eager", "dense_compile", "dense_ort", "lowrank_eager", "lowrank_compile",
-                   "lowrank_ort", "trp_eager", "trp_compile", "dense_cudagraph", "lowrank_cudagraph",
-                   "trp_cudagraph")
+                   "lowrank_ort", "trp_eager", "trp_compile", "cpp_eager", "cpp_compile", "dense_cudagraph",
+                   "lowrank_cudagraph", "trp_cudagraph")
 # What each model provider's speed-up is measured against: the dense model in the same runtime.
 MODEL_BASELINE = {p: "dense_" + p.split("_", 1)[1] for p in MODEL_PROVIDERS}
 
@@ -192,6 +192,9 @@ def model_bundle(case: ModelCase, generator: torch.Generator) -> dict:
     bundle = {"x": x64.to(**cast).contiguous(memory_format=fmt), "ref": ref}
     for key, m in (("dense", dense), ("lowrank", lowrank), ("trp", trp_model)):
         bundle[key] = m.to(**cast).to(memory_format=fmt)
+    # The fused C++ kernel, asked for by name ("auto" does not choose it on CPU yet).
+    if case.device == "cpu" and case.dtype == torch.float32 and ops.is_fused("cpp"):
+        bundle["cpp"] = trp.compile(copy.deepcopy(lowrank), backend="cpp").to(memory_format=fmt)
     s = trp.summary(lowrank, bundle["x"][:1])
     bundle["macs_dense"], bundle["macs"] = s.macs_dense * case.batch, s.macs * case.batch
     return bundle
@@ -218,6 +221,8 @@ def prepare_model(provider: str, case: ModelCase, bundle: dict) -> Fn:
     kind, runtime = provider.split("_", 1)
     if provider not in MODEL_PROVIDERS:
         raise ValueError(f"unknown model provider {provider!r}; known: {MODEL_PROVIDERS}")
+    if kind not in bundle:
+        raise Unavailable("the fused C++ kernel runs float32 on CPU, with the extension built")
     model, x = bundle[kind], bundle["x"]
     if runtime == "eager":
         return lambda: model(x)

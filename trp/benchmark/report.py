@@ -27,7 +27,7 @@ STATUSES = ("ok", "skipped", "failed")
 # unknown providers after the known ones of their kind, by name.
 PROVIDER_ORDER = ("dense_torch", "dense_eager", "dense_compile", "dense_ort",
                   "lowrank_torch", "lowrank_eager", "lowrank_compile", "lowrank_trp", "lowrank_cpp", "lowrank_ort",
-                  "trp_eager", "trp_compile")
+                  "trp_eager", "trp_compile", "cpp_eager", "cpp_compile")
 _CUDAGRAPH = "_cudagraph"
 
 DASH = "–"
