@@ -143,8 +143,9 @@ def lowrank_conv2d(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor
                    residual: Optional[torch.Tensor] = None, relu: bool = False) -> torch.Tensor:
     """``reference.lowrank_conv2d`` in one fused C++ kernel: float32 CPU tensors.
 
-    The kernel runs in channels_last; an NCHW input (or residual) is converted on entry
-    and the output converted back, so keep a model in channels_last to avoid both copies.
+    The kernel runs in channels_last and its output is always channels_last; an NCHW input
+    (or residual) is converted on entry. (``trp_kernels.ops`` hands it channels_last input,
+    so a model converts once, at its first low-rank layer.)
     """
     lib = _require()
     for name, t in (("x", x), ("weight1", weight1), ("weight2", weight2), ("bias", bias), ("residual", residual)):
@@ -156,7 +157,7 @@ def lowrank_conv2d(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor
     if weight1.shape[1] != x.shape[1] or weight2.shape[1] != weight1.shape[0]:
         raise ValueError(f"lowrank_conv2d: shapes do not chain: x {tuple(x.shape)}, weight1 "
                          f"{tuple(weight1.shape)}, weight2 {tuple(weight2.shape)}")
-    from trp_kernels.reference import conv_output_hw, output_memory_format  # no cycle: reference imports nothing of ours
+    from trp_kernels.reference import conv_output_hw  # no cycle: reference imports nothing of ours
 
     kh, kw = (weight1.shape[2], weight1.shape[3]) if scheme == "channel" else (weight1.shape[2], weight2.shape[3])
     ho, wo = conv_output_hw(x.shape[-2:], (kh, kw), stride, padding, dilation)
@@ -174,7 +175,7 @@ def lowrank_conv2d(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor
             None if residual is None else _nhwc(residual.detach().contiguous(memory_format=cl)), _nhwc(out),
             scheme, int(kh), int(kw), (int(stride[0]), int(stride[1])), (int(padding[0]), int(padding[2])),
             (int(dilation[0]), int(dilation[1])), bool(relu), torch.get_num_threads())
-    return out.contiguous(memory_format=output_memory_format(x))
+    return out
 
 
 def lowrank_linear(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor, bias: Optional[torch.Tensor],
@@ -186,7 +187,7 @@ def lowrank_linear(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor
     res4 = None if residual is None else residual.reshape(-1, weight2.shape[0])[:, :, None, None]
     out = lowrank_conv2d(x4, weight1[:, :, None, None], weight2[:, :, None, None], bias, (1, 1), (0, 0, 0, 0),
                          (1, 1), "channel", res4, relu)
-    return out.reshape(*lead, weight2.shape[0])
+    return out.reshape(*lead, weight2.shape[0]).contiguous()
 
 
 def _require():

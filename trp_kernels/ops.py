@@ -132,10 +132,15 @@ def _lowrank_conv2d_op(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Te
                        bias: Optional[torch.Tensor], residual: Optional[torch.Tensor], stride: list[int],
                        padding: list[int], dilation: list[int], scheme: str, relu: bool,
                        backend: str) -> torch.Tensor:
-    if backend == "cpp" and "cpp" in _FUSED and x.device.type == "cpu" and x.dtype == torch.float32:
-        return cpp.lowrank_conv2d(x, weight1, weight2, bias, stride, padding, dilation, scheme, residual, relu)
-    out = reference.lowrank_conv2d(x, weight1, weight2, bias, stride, padding, dilation, scheme, residual, relu)
+    if _runs_cpp_kernel(x, backend):
+        out = cpp.lowrank_conv2d(x, weight1, weight2, bias, stride, padding, dilation, scheme, residual, relu)
+    else:
+        out = reference.lowrank_conv2d(x, weight1, weight2, bias, stride, padding, dilation, scheme, residual, relu)
     return out.contiguous(memory_format=reference.output_memory_format(x))
+
+
+def _runs_cpp_kernel(x: torch.Tensor, backend: str) -> bool:
+    return backend == "cpp" and "cpp" in _FUSED and x.device.type == "cpu" and x.dtype == torch.float32
 
 
 @_lowrank_conv2d_op.register_fake
@@ -154,7 +159,7 @@ _autograd.register(_lowrank_conv2d_op, "conv")
 def _lowrank_linear_op(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor,
                        bias: Optional[torch.Tensor], residual: Optional[torch.Tensor], relu: bool,
                        backend: str) -> torch.Tensor:
-    if backend == "cpp" and "cpp" in _FUSED and x.device.type == "cpu" and x.dtype == torch.float32:
+    if _runs_cpp_kernel(x, backend):
         return cpp.lowrank_linear(x, weight1, weight2, bias, residual, relu)
     return reference.lowrank_linear(x, weight1, weight2, bias, residual, relu).contiguous()
 
@@ -187,6 +192,11 @@ def lowrank_conv2d(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor
     if name == "torch":
         return reference.lowrank_conv2d(x, weight1, weight2, bias, stride, padding, dilation, scheme,
                                         residual, relu)
+    if name == "cpp" and x.dim() == 4:
+        # The C++ kernel computes in channels_last: converting here (a no-op once the model
+        # is channels_last) makes the output channels_last too, so an NCHW model converts
+        # once, at its first low-rank layer, and PyTorch's own ops keep the layout after.
+        x = x.contiguous(memory_format=torch.channels_last)
     args = (x, weight1, weight2, bias, residual, list(stride), list(padding), list(dilation))
     if name == "triton":
         op = torch.ops.trp.triton_conv_channel if scheme == "channel" else torch.ops.trp.triton_conv_spatial

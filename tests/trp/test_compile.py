@@ -318,8 +318,9 @@ def test_torch_compile_fullgraph_matches_eager(backend):
     assert model.layer2[0].conv1.weight1.grad is not None
 
 
-def test_torch_compile_inductor():
-    model = _compiled_resnet("auto")
+@pytest.mark.parametrize("backend", _backends_here())
+def test_torch_compile_inductor(backend):
+    model = _compiled_resnet(backend)
     x = torch.randn(1, 3, 32, 32)
     torch._dynamo.reset()
     with torch.no_grad():

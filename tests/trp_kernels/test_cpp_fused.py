@@ -87,8 +87,7 @@ SHAPES = [  # (batch, c, n, (h, w), kernel, rank, stride, dilation, padding)
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"s{i}" for i in range(len(SHAPES))])
 def test_conv_grid(shape, layout, epilogue, scheme, threads, isa):
     out = check(conv_case(scheme, *shape, layout, epilogue))
-    want = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-    assert out.is_contiguous(memory_format=want)
+    assert out.is_contiguous(memory_format=torch.channels_last)  # whatever the input's layout
 
 
 @pytest.mark.parametrize("isa", ISAS, indirect=True)
@@ -167,6 +166,9 @@ def test_op_dispatch_runs_the_fused_kernel(monkeypatch):
     out = ops.lowrank_conv2d(x, w1, w2, b, stride, pad4, dil, scheme, "cpp", res, relu)
     ref = ops.lowrank_conv2d(x, w1, w2, b, stride, pad4, dil, scheme, "torch", res, relu)
     assert calls and (out - ref).abs().max() < 1e-5
+    torch.library.opcheck(torch.ops.trp.lowrank_conv2d.default,
+                          (x.contiguous(), w1, w2, b, res, list(stride), list(pad4), list(dil), scheme, relu, "cpp"),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     g = torch.randn_like(out)
     for a, r in zip(torch.autograd.grad(out, tensors, g), torch.autograd.grad(ref, tensors, g)):
         assert (a - r).abs().max() <= 1e-5 * r.abs().max()
