@@ -33,11 +33,9 @@ import torch
 from trp_kernels import _autograd, cpp, reference
 
 BACKENDS = ("triton", "cpp", "torch")
-# On CPU, auto keeps PyTorch's two oneDNN convs until the fused C++ kernel beats them
-# everywhere. First measurement (AMD EPYC, 2 threads, median ms): single ResNet/VGG 3x3
-# layers 1.15-1.43x faster than the two convs at batch 1 on 5 of 7 shapes, 0.75-0.94x at
-# batch 8; ResNet-18 @224 at 1/4 rank, channels_last: 0.85x at batch 1, 1.24x at batch 8.
-# Ask for backend="cpp" to use it.
+# On CPU, auto keeps PyTorch's two oneDNN convs until the fused C++ kernel beats them: it
+# is on par layer for layer and behind ONNX Runtime on whole models so far
+# (benches/results/cpu-layers-cpp, cpu-models-cpp). Ask for backend="cpp" to use it.
 AUTO_ORDER = {"cuda": ("triton", "torch"), "cpu": ("torch",)}
 
 # Read once, like Triton itself, which fixes interpreter mode when it is imported.
