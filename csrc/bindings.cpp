@@ -125,6 +125,18 @@ void check_range(const std::array<int64_t, 2>& v, const char* name, int64_t lo,
     }
 }
 
+// Stride (>= 1), padding (>= 0) and dilation (>= 1), each a pair, checked.
+std::array<std::array<int64_t, 2>, 3> parse_geometry(py::handle stride_obj, py::handle padding_obj,
+                                                     py::handle dilation_obj) {
+    const auto stride = parse_pair(stride_obj, "stride");
+    const auto padding = parse_pair(padding_obj, "padding");
+    const auto dilation = parse_pair(dilation_obj, "dilation");
+    check_range(stride, "stride", 1, stride_obj);
+    check_range(padding, "padding", 0, padding_obj);
+    check_range(dilation, "dilation", 1, dilation_obj);
+    return {stride, padding, dilation};
+}
+
 py::array_t<float> conv2d_direct(py::handle input_obj, py::handle weight_obj,
                                  py::handle bias_obj, py::handle stride_obj,
                                  py::handle padding_obj, py::handle dilation_obj) {
@@ -135,12 +147,7 @@ py::array_t<float> conv2d_direct(py::handle input_obj, py::handle weight_obj,
     const bool has_bias = !bias_obj.is_none();
     if (has_bias) bias = require_f32(bias_obj, "bias", 1, "(out,)");
 
-    const auto stride = parse_pair(stride_obj, "stride");
-    const auto padding = parse_pair(padding_obj, "padding");
-    const auto dilation = parse_pair(dilation_obj, "dilation");
-    check_range(stride, "stride", 1, stride_obj);
-    check_range(padding, "padding", 0, padding_obj);
-    check_range(dilation, "dilation", 1, dilation_obj);
+    const auto [stride, padding, dilation] = parse_geometry(stride_obj, padding_obj, dilation_obj);
 
     trp::Conv2dShape s{};
     s.batch = input.shape(0);
@@ -235,12 +242,7 @@ void lowrank_conv(py::handle x_obj, py::handle w1_obj, py::handle w2_obj, py::ha
     py::array bias, res;
     if (has_bias) bias = require_f32(bias_obj, "bias", 1, "(out_channels,)");
     if (has_res) res = require_f32(residual_obj, "residual", 4, "(batch, out_h, out_w, out_channels) NHWC");
-    const auto stride = parse_pair(stride_obj, "stride");
-    const auto pad = parse_pair(pad_obj, "padding");
-    const auto dil = parse_pair(dilation_obj, "dilation");
-    check_range(stride, "stride", 1, stride_obj);
-    check_range(pad, "padding", 0, pad_obj);
-    check_range(dil, "dilation", 1, dilation_obj);
+    const auto [stride, pad, dil] = parse_geometry(stride_obj, pad_obj, dilation_obj);
     if (kh < 1 || kw < 1 || kh > 64 || kw > 64) {
         value_error("kernel size must be within 1..64, got " + pair_str(kh, kw));
     }
