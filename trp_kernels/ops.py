@@ -50,6 +50,9 @@ if _TRITON_INSTALLED:
     try:  # registers trp::triton_conv_channel, trp::triton_conv_spatial, trp::triton_linear
         from trp_kernels import triton as _triton_kernels
         from trp_kernels.triton._common import MAX_RANK as _TRITON_MAX_RANK
+        from trp_kernels.triton.conv_channel import conv_channel as _triton_conv_channel
+        from trp_kernels.triton.conv_spatial import conv_spatial as _triton_conv_spatial
+        from trp_kernels.triton.linear import linear as _triton_linear
         _TRITON_IMPORT_ERROR = ""
     except Exception as e:  # noqa: BLE001 - e.g. a Triton too old for the kernels
         _TRITON_IMPORT_ERROR = f"the Triton kernels could not be imported ({type(e).__name__}: {e})"
@@ -172,6 +175,22 @@ _autograd.register(_lowrank_linear_op, "linear")
 
 # --- what trp calls ------------------------------------------------------------------
 
+def _plain_eager(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether a call can skip the op and run the kernel directly: plain eager execution
+    with nothing for autograd to record. The op's Python dispatch costs about 20 µs a call,
+    as much as a small layer's whole kernel at batch 1. Anything that traces (torch.compile,
+    torch.export, fake tensors, a dispatch mode) or needs gradients goes through the op."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is None:
+            continue
+        if type(t) not in (torch.Tensor, torch.nn.Parameter) or (grad and t.requires_grad):
+            return False
+    return True
+
+
 def lowrank_conv2d(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor,
                    bias: Optional[torch.Tensor], stride: Sequence[int], padding: Sequence[int],
                    dilation: Sequence[int], scheme: str, backend: str = "auto",
@@ -196,9 +215,14 @@ def lowrank_conv2d(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor
         # once, at its first low-rank layer, and PyTorch's own ops keep the layout after.
         x = x.contiguous(memory_format=torch.channels_last)
     args = (x, weight1, weight2, bias, residual, list(stride), list(padding), list(dilation))
+    direct = _plain_eager(x, weight1, weight2, bias, residual)
     if name == "triton":
+        if direct:
+            return (_triton_conv_channel if scheme == "channel" else _triton_conv_spatial)(*args, relu)
         op = torch.ops.trp.triton_conv_channel if scheme == "channel" else torch.ops.trp.triton_conv_spatial
         return op(*args, relu)
+    if direct and _runs_cpp_kernel(x, name):
+        return cpp.lowrank_conv2d(x, weight1, weight2, bias, stride, padding, dilation, scheme, residual, relu)
     return torch.ops.trp.lowrank_conv2d(*args, scheme, relu, name)
 
 
@@ -211,6 +235,11 @@ def lowrank_linear(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor
     name = resolve_backend(backend, x.device, x.dtype, weight1.shape[0])
     if name == "torch":
         return reference.lowrank_linear(x, weight1, weight2, bias, residual, relu)
+    direct = _plain_eager(x, weight1, weight2, bias, residual)
     if name == "triton":
+        if direct:
+            return _triton_linear(x, weight1, weight2, bias, residual, relu)
         return torch.ops.trp.triton_linear(x, weight1, weight2, bias, residual, relu)
+    if direct and _runs_cpp_kernel(x, name):
+        return cpp.lowrank_linear(x, weight1, weight2, bias, residual, relu)
     return torch.ops.trp.lowrank_linear(x, weight1, weight2, bias, residual, relu, name)

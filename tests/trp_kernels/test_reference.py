@@ -148,3 +148,15 @@ def test_fused_backends():
         assert ops.resolve_backend("auto", "cuda", torch.float16, rank=1024) == "torch"  # over MAX_RANK
         with pytest.raises(ops.BackendError, match="rank 1024 exceeds"):
             ops.resolve_backend("triton", "cuda", torch.float16, rank=1024)
+
+
+def test_plain_eager_calls_skip_the_op_only_when_nothing_traces_or_needs_grad():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x, w = torch.randn(1, 3, 4, 4), torch.nn.Parameter(torch.randn(2, 3, 3, 3))
+    assert not ops._plain_eager(x, w, None)           # autograd must record the parameter's use
+    with torch.no_grad():
+        assert ops._plain_eager(x, w, None)
+        with FakeTensorMode() as mode:
+            assert not ops._plain_eager(mode.from_tensor(x), w)
+    assert ops._plain_eager(x, w.detach())
