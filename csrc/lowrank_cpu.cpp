@@ -57,28 +57,29 @@ bool lowrank_set_isa(const char* name) {
     return false;
 }
 
-bool lowrank_conv_channel(const LowRankConvArgs& a) {
+namespace {
+
+// The active build's kernels.
+struct Kernels {
+    bool (*channel)(const LowRankConvArgs&);
+    bool (*spatial)(const LowRankConvArgs&);
+};
+
+Kernels active() {
     switch (current().load()) {
 #ifdef TRP_HAVE_AVX512_KERNELS
-        case kAvx512: return isa_avx512::conv_channel(a);
+        case kAvx512: return {isa_avx512::conv_channel, isa_avx512::conv_spatial};
 #endif
 #ifdef TRP_HAVE_AVX2_KERNELS
-        case kAvx2: return isa_avx2::conv_channel(a);
+        case kAvx2: return {isa_avx2::conv_channel, isa_avx2::conv_spatial};
 #endif
-        default: return isa_generic::conv_channel(a);
+        default: return {isa_generic::conv_channel, isa_generic::conv_spatial};
     }
 }
 
-bool lowrank_conv_spatial(const LowRankConvArgs& a) {
-    switch (current().load()) {
-#ifdef TRP_HAVE_AVX512_KERNELS
-        case kAvx512: return isa_avx512::conv_spatial(a);
-#endif
-#ifdef TRP_HAVE_AVX2_KERNELS
-        case kAvx2: return isa_avx2::conv_spatial(a);
-#endif
-        default: return isa_generic::conv_spatial(a);
-    }
-}
+}  // namespace
+
+bool lowrank_conv_channel(const LowRankConvArgs& a) { return active().channel(a); }
+bool lowrank_conv_spatial(const LowRankConvArgs& a) { return active().spatial(a); }
 
 }  // namespace trp

@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from trp import decompose
 from trp_kernels import ops
-from trp_kernels.reference import _pair, conv_output_hw, resolve_padding
+from trp_kernels.reference import _pair, conv_output_hw, epilogue, resolve_padding
 
 BACKEND_CHOICES = ("auto", *ops.BACKENDS)
 
@@ -29,6 +29,17 @@ def _positive_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     return value
+
+
+def _check_broadcast(residual: torch.Tensor, out_shape) -> None:
+    """A residual of another shape is added outside the kernel, if it broadcasts to the output."""
+    try:
+        ok = torch.broadcast_shapes(residual.shape, out_shape) == torch.Size(out_shape)
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"residual must have (or broadcast to) the output's shape {tuple(out_shape)}, "
+                         f"got {tuple(residual.shape)}")
 
 
 class _LowRank(nn.Module):
@@ -156,8 +167,9 @@ class LowRankConv2d(_LowRank):
                              f"got shape {tuple(x.shape)}")
         geometry = (self.stride, self._padding4, self.dilation, self.scheme, self._backend)
         if residual is not None and residual.shape != self._out_shape(x):  # broadcasting: not fused
-            out = _unfused_epilogue(ops.lowrank_conv2d(x, self.weight1, self.weight2, self.bias, *geometry),
-                                    residual, self.relu)
+            _check_broadcast(residual, self._out_shape(x))
+            out = epilogue(ops.lowrank_conv2d(x, self.weight1, self.weight2, self.bias, *geometry), residual,
+                           self.relu)
         else:
             out = ops.lowrank_conv2d(x, self.weight1, self.weight2, self.bias, *geometry, residual, self.relu)
         return out.squeeze(0) if unbatched else out
@@ -245,8 +257,9 @@ class LowRankLinear(_LowRank):
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"input must have last dimension {self.in_features}, got shape {tuple(x.shape)}")
         if residual is not None and residual.shape != (*x.shape[:-1], self.out_features):  # broadcasting
-            return _unfused_epilogue(ops.lowrank_linear(x, self.weight1, self.weight2, self.bias, self._backend),
-                                     residual, self.relu)
+            _check_broadcast(residual, (*x.shape[:-1], self.out_features))
+            return epilogue(ops.lowrank_linear(x, self.weight1, self.weight2, self.bias, self._backend), residual,
+                            self.relu)
         return ops.lowrank_linear(x, self.weight1, self.weight2, self.bias, self._backend, residual, self.relu)
 
     def config(self) -> dict:
@@ -263,12 +276,6 @@ class LowRankLinear(_LowRank):
 
 LOWRANK_TYPES = (LowRankConv2d, LowRankLinear)
 
-
-def _unfused_epilogue(out: torch.Tensor, residual: torch.Tensor, relu: bool) -> torch.Tensor:
-    """The epilogue outside the kernel, for a residual that broadcasts (the kernels take
-    one of the output's exact shape)."""
-    out = out + residual
-    return torch.relu(out) if relu else out
 
 
 def from_factors(layer: nn.Module, factors: decompose.Factors, bias: Optional[torch.Tensor],

@@ -157,7 +157,9 @@ def lowrank_conv2d(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor
     if weight1.shape[1] != x.shape[1] or weight2.shape[1] != weight1.shape[0]:
         raise ValueError(f"lowrank_conv2d: shapes do not chain: x {tuple(x.shape)}, weight1 "
                          f"{tuple(weight1.shape)}, weight2 {tuple(weight2.shape)}")
-    from trp_kernels.reference import conv_output_hw  # no cycle: reference imports nothing of ours
+    from trp_kernels.reference import check_geometry, conv_output_hw  # reference imports nothing of ours
+
+    check_geometry("lowrank_conv2d", stride, padding, dilation)
 
     kh, kw = (weight1.shape[2], weight1.shape[3]) if scheme == "channel" else (weight1.shape[2], weight2.shape[3])
     ho, wo = conv_output_hw(x.shape[-2:], (kh, kw), stride, padding, dilation)

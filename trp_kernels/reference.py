@@ -69,6 +69,15 @@ def factor_conv_params(scheme: str, stride: Sequence[int], padding: Sequence[int
     raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
 
 
+def check_geometry(fn: str, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]) -> None:
+    """Raise a ValueError naming the argument unless a factored conv's geometry is 2 strides
+    >= 1, 4 paddings (top, bottom, left, right) >= 0 and 2 dilations >= 1."""
+    for name, value, n, lo in (("stride", stride, 2, 1), ("padding", padding, 4, 0), ("dilation", dilation, 2, 1)):
+        if (not isinstance(value, (list, tuple)) or len(value) != n
+                or any(isinstance(v, bool) or not isinstance(v, (int, torch.SymInt)) or v < lo for v in value)):
+            raise ValueError(f"{fn}: {name} must be {n} ints >= {lo}, got {value!r}")
+
+
 def conv_output_hw(hw: Sequence[int], kernel_size: Sequence[int], stride: Sequence[int],
                    padding: Sequence[int], dilation: Sequence[int]) -> Pair:
     h, w = hw

@@ -192,3 +192,6 @@ def test_broadcasting_residual_is_added_outside_the_kernel():
     x, r = torch.randn(2, 4, 5, 5), torch.randn(6, 1, 1)
     ref = torch.relu(layer.to_dense()(x) + r)
     assert rel_err(layer(x, r), ref) < 1e-6
+
+    with pytest.raises(ValueError, match=r"residual must have \(or broadcast to\) the output's shape \(2, 6, 5, 5\)"):
+        layer(x, torch.randn(2, 3, 5, 5))

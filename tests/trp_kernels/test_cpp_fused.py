@@ -132,6 +132,10 @@ def test_bad_arguments_are_named():
         cpp.lowrank_conv2d(x.double(), w1, w2, b, stride, pad4, dil, scheme, res, relu)
     with pytest.raises(ValueError, match="residual must have the output's shape"):
         cpp.lowrank_conv2d(x, w1, w2, b, stride, pad4, dil, scheme, res[:, :3], relu)
+    with pytest.raises(ValueError, match=r"lowrank_conv2d: padding must be 4 ints >= 0, got \(1, 1\)"):
+        cpp.lowrank_conv2d(x, w1, w2, b, stride, (1, 1), dil, scheme, res, relu)
+    with pytest.raises(ValueError, match=r"lowrank_conv2d: stride must be 2 ints >= 1"):
+        cpp.lowrank_conv2d(x, w1, w2, b, (0, 1), pad4, dil, scheme, res, relu)
     with pytest.raises(ValueError, match="shapes do not chain"):
         cpp.lowrank_conv2d(x, w1[:, :4], w2, b, stride, pad4, dil, scheme, res, relu)
     lib = cpp._require()

@@ -180,6 +180,8 @@ def test_bad_inputs_are_named():
         conv_channel(x.double(), w1.double(), w2.double(), None, None, stride, pad4, dil, relu)
     with pytest.raises(ValueError, match="residual must have the output's shape"):
         conv_channel(x, w1, w2, bias, residual[:, :3], stride, pad4, dil, relu)
+    with pytest.raises(ValueError, match=r"triton conv_channel: dilation must be 2 ints >= 1"):
+        conv_channel(x, w1, w2, bias, residual, stride, pad4, [1, 0], relu)
     with pytest.raises(ValueError, match="weight1 has 4 input channels, x has 5"):
         conv_channel(x, w1[:, :4], w2, bias, residual, stride, pad4, dil, relu)
     with pytest.raises(ValueError, match="weight2 must have 4 input channels"):

@@ -147,9 +147,9 @@ def register_conv_op(name: str, launcher, scheme: str):
     return registered
 
 
-def launch(kernel, tuned_for, grid, args: tuple, consts: dict, config: Optional[dict]) -> None:
+def launch(kernel, tuned, grid, args: tuple, consts: dict, config: Optional[dict]) -> None:
     """Launch ``kernel``: under the interpreter (or with an explicit ``config``, as tests do)
-    with that config, else through the autotuner ``tuned_for(consts)`` returns."""
+    with that config, else through the autotuner ``tuned()`` returns (built only when needed)."""
     from torch._subclasses.fake_tensor import FakeTensor
     from torch.library import wrap_triton
 
@@ -159,7 +159,7 @@ def launch(kernel, tuned_for, grid, args: tuple, consts: dict, config: Optional[
         cfg = config if config is not None else interpreter_config(consts.get("SEG", 16))
         wrap_triton(kernel)[grid](*args, **consts, **cfg)
     else:
-        wrap_triton(tuned_for(consts))[grid](*args, **consts)
+        wrap_triton(tuned())[grid](*args, **consts)
 
 
 @triton.jit

@@ -104,7 +104,7 @@ def launch(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor, bias: 
     args = (x, weight1, weight2, bias if bias is not None else out, residual if residual is not None else out, out,
             m, c, h, w, rank, nout, ho, wo, *x_strides, *w1_strides, weight2.stride(0), weight2.stride(1),
             *res_strides, *out_strides, *stride, *pad, *dilation, _common.bucket(m))
-    _common.launch(_conv_channel_kernel, lambda _: _tuned(r_pad), grid, args, consts, config)
+    _common.launch(_conv_channel_kernel, lambda: _tuned(r_pad), grid, args, consts, config)
 
 
 def conv_channel(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor, bias: Optional[torch.Tensor],
@@ -113,6 +113,7 @@ def conv_channel(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor, 
     """``reference.lowrank_conv2d(..., scheme='channel', residual, relu)`` in one kernel.
     ``padding`` is (top, bottom, left, right); ``config`` fixes the block sizes (tests)."""
     op = "triton conv_channel"
+    reference.check_geometry(op, stride, padding, dilation)
     if x.dim() != 4 or weight1.dim() != 4 or weight2.dim() != 4 or weight2.shape[-2:] != (1, 1):
         raise ValueError(f"{op}: want x (N, C, H, W), weight1 (r, C, kh, kw), weight2 (n, r, 1, 1); got "
                          f"{tuple(x.shape)}, {tuple(weight1.shape)}, {tuple(weight2.shape)}")

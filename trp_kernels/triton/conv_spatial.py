@@ -107,6 +107,7 @@ def conv_spatial(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor, 
     """``reference.lowrank_conv2d(..., scheme='spatial', residual, relu)`` in one kernel.
     ``padding`` is (top, bottom, left, right); ``config`` fixes the block sizes (tests)."""
     op = "triton conv_spatial"
+    reference.check_geometry(op, stride, padding, dilation)
     if (x.dim() != 4 or weight1.dim() != 4 or weight2.dim() != 4 or weight1.shape[-1] != 1
             or weight2.shape[-2] != 1):
         raise ValueError(f"{op}: want x (N, C, H, W), weight1 (r, C, kh, 1), weight2 (n, r, 1, kw); got "
@@ -139,7 +140,7 @@ def conv_spatial(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor, 
             weight2.stride(0), weight2.stride(1), weight2.stride(3), *res.stride(), *out.stride(),
             stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
             _common.bucket(nb * ho * wo))
-    _common.launch(_conv_spatial_kernel, lambda _: _tuned(r_pad, seg), grid, args, consts, config)
+    _common.launch(_conv_spatial_kernel, lambda: _tuned(r_pad, seg), grid, args, consts, config)
     return out
 
 
