@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests import helpers
 from trp_kernels import cpp, ops, reference
 
 pytestmark = pytest.mark.skipif(not cpp.has_fused_kernels(),
@@ -37,24 +38,10 @@ def threads(request):
     torch.set_num_threads(old)
 
 
-def make(shape, layout):
-    if layout == "noncontiguous":
-        n, c, h, w = shape
-        return torch.randn(n, c, h, 2 * w)[..., ::2]
-    x = torch.randn(shape)
-    return x.to(memory_format=torch.channels_last) if layout == "channels_last" else x
-
-
-def conv_case(scheme, batch, c, n, hw, kernel, rank, stride, dilation, padding, layout, epilogue):
-    kh, kw = kernel
-    x = make((batch, c, *hw), layout)
-    w1 = torch.randn((rank, c, kh, kw) if scheme == "channel" else (rank, c, kh, 1)) / (c * kh * kw) ** 0.5
-    w2 = torch.randn((n, rank, 1, 1) if scheme == "channel" else (n, rank, 1, kw)) / rank ** 0.5
-    pad4 = reference.resolve_padding(padding, kernel, dilation)
-    out_hw = reference.conv_output_hw(hw, kernel, stride, pad4, dilation)
-    bias = torch.randn(n) if epilogue != "none" else None
-    residual = make((batch, n, *out_hw), layout) if epilogue == "residual_relu" else None
-    return x, w1, w2, bias, stride, pad4, dilation, scheme, residual, epilogue == "residual_relu"
+def conv_case(scheme, *case):
+    """helpers.conv_case in float32 on CPU, in the reference's argument order."""
+    x, w1, w2, bias, residual, stride, pad4, dilation, relu = helpers.conv_case(scheme, *case)
+    return x, w1, w2, bias, tuple(stride), tuple(pad4), tuple(dilation), scheme, residual, relu
 
 
 def check(args):
@@ -69,12 +56,7 @@ def check(args):
     return out
 
 
-SHAPES = [  # (batch, c, n, (h, w), kernel, rank, stride, dilation, padding)
-    (1, 5, 7, (9, 7), (3, 3), 1, (1, 1), (1, 1), 1),
-    (3, 20, 18, (11, 9), (3, 3), 17, (2, 2), (1, 1), 1),
-    (1, 33, 40, (7, 7), (3, 3), 64, (1, 1), (2, 2), 2),
-    (3, 6, 9, (5, 6), (3, 3), 256, (1, 2), (1, 1), (0, 1, 2, 1)),
-    (1, 12, 20, (8, 13), (5, 3), 17, (2, 1), (1, 2), "valid"),
+SHAPES = helpers.AWKWARD_CONV_SHAPES + [
     (2, 40, 70, (3, 150), (3, 3), 24, (1, 1), (1, 1), 1),   # wider than one spatial tile
 ]
 
@@ -82,8 +64,8 @@ SHAPES = [  # (batch, c, n, (h, w), kernel, rank, stride, dilation, padding)
 @pytest.mark.parametrize("isa", ISAS, indirect=True)
 @pytest.mark.parametrize("threads", [1, 2], indirect=True)
 @pytest.mark.parametrize("scheme", ["channel", "spatial"])
-@pytest.mark.parametrize("epilogue", ["none", "bias", "residual_relu"])
-@pytest.mark.parametrize("layout", ["nchw", "channels_last", "noncontiguous"])
+@pytest.mark.parametrize("epilogue", helpers.EPILOGUES)
+@pytest.mark.parametrize("layout", helpers.LAYOUTS)
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"s{i}" for i in range(len(SHAPES))])
 def test_conv_grid(shape, layout, epilogue, scheme, threads, isa):
     out = check(conv_case(scheme, *shape, layout, epilogue))

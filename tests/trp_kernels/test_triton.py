@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests import helpers
 from trp_kernels import ops, reference
 
 pytestmark = pytest.mark.skipif(bool(ops._TRITON_IMPORT_ERROR), reason=ops._TRITON_IMPORT_ERROR or "")
@@ -39,31 +40,10 @@ def assert_matches_reference(out, ref_fn, tensors, dtype):
     assert err <= bound, f"max error {err:.3g} > bound {bound:.3g} (torch's own {dtype} error {torch_err:.3g})"
 
 
-def make_input(shape, layout, dtype):
-    if layout == "noncontiguous":  # every other column of a wider tensor
-        n, c, h, w = shape
-        return torch.randn(n, c, h, 2 * w, device=DEVICE, dtype=dtype)[..., ::2]
-    x = torch.randn(shape, device=DEVICE, dtype=dtype)
-    return x.to(memory_format=torch.channels_last) if layout == "channels_last" else x
-
-
-def conv_case(scheme, batch, c, n, hw, kernel, rank, stride, dilation, padding, layout, epilogue, dtype):
-    kh, kw = kernel
-    x = make_input((batch, c, *hw), layout, dtype)
-    scale = 1 / (c * kh * kw) ** 0.5
-    if scheme == "channel":
-        w1 = torch.randn(rank, c, kh, kw, device=DEVICE, dtype=dtype) * scale
-        w2 = torch.randn(n, rank, 1, 1, device=DEVICE, dtype=dtype) / rank ** 0.5
-    else:
-        w1 = torch.randn(rank, c, kh, 1, device=DEVICE, dtype=dtype) * scale
-        w2 = torch.randn(n, rank, 1, kw, device=DEVICE, dtype=dtype) / (rank * kw) ** 0.5
-    pad4 = reference.resolve_padding(padding, kernel, dilation)
-    hw_out = reference.conv_output_hw(hw, kernel, stride, pad4, dilation)
-    bias = torch.randn(n, device=DEVICE, dtype=dtype) if epilogue != "none" else None
-    residual = None
-    if epilogue == "residual_relu":
-        residual = make_input((batch, n, *hw_out), layout, dtype)
-    return x, w1, w2, bias, residual, list(stride), list(pad4), list(dilation), epilogue == "residual_relu"
+def conv_case(*args):
+    """helpers.conv_case on this test's device, the dtype given last."""
+    *case, dtype = args
+    return helpers.conv_case(*case, dtype=dtype, device=DEVICE)
 
 
 def check_conv(scheme, args, dtype, config=None):
@@ -78,17 +58,8 @@ def check_conv(scheme, args, dtype, config=None):
     return out
 
 
-# (batch, c, n, (h, w), kernel, rank, stride, dilation, padding): c and n not multiples of
-# 16, odd sizes, ranks 1/17/64/256, stride 2, dilation 2, asymmetric and non-square.
-SHAPES = [
-    (1, 5, 7, (9, 7), (3, 3), 1, (1, 1), (1, 1), 1),
-    (3, 20, 18, (11, 9), (3, 3), 17, (2, 2), (1, 1), 1),
-    (1, 33, 40, (7, 7), (3, 3), 64, (1, 1), (2, 2), 2),
-    (3, 6, 9, (5, 6), (3, 3), 256, (1, 2), (1, 1), (0, 1, 2, 1)),
-    (1, 12, 20, (8, 13), (5, 3), 17, (2, 1), (1, 2), "valid"),
-]
-LAYOUTS = ["nchw", "channels_last", "noncontiguous"]
-EPILOGUES = ["none", "bias", "residual_relu"]
+SHAPES = helpers.AWKWARD_CONV_SHAPES
+LAYOUTS, EPILOGUES = helpers.LAYOUTS, helpers.EPILOGUES
 
 
 @pytest.mark.parametrize("scheme", ["channel", "spatial"])
