@@ -78,6 +78,21 @@ def check_tensors(op: str, x: torch.Tensor, weight1: torch.Tensor, weight2: torc
                          f"got {tuple(residual.shape)}")
 
 
+def conv_output(op: str, x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor,
+                bias: Optional[torch.Tensor], residual: Optional[torch.Tensor], stride, padding, dilation,
+                kernel: tuple) -> torch.Tensor:
+    """The checks both conv schemes share, then their output (empty, in x's layout)."""
+    from trp_kernels import reference
+
+    reference.check_geometry(op, stride, padding, dilation)
+    if weight1.shape[1] != x.shape[1]:
+        raise ValueError(f"{op}: weight1 has {weight1.shape[1]} input channels, x has {x.shape[1]}")
+    ho, wo = reference.conv_output_hw(x.shape[-2:], kernel, stride, padding, dilation)
+    out_shape = (x.shape[0], weight2.shape[0], ho, wo)
+    check_tensors(op, x, weight1, weight2, bias, residual, out_shape)
+    return torch.empty(out_shape, dtype=x.dtype, device=x.device, memory_format=reference.output_memory_format(x))
+
+
 @functools.lru_cache(maxsize=None)
 def configs(r_pad: int, min_block_m: int = 16) -> list:
     """The autotuning space of one kernel family at one padded rank.

@@ -20,7 +20,6 @@ import torch
 import triton
 import triton.language as tl
 
-from trp_kernels import reference
 from trp_kernels.triton import _common
 from trp_kernels.triton._common import accumulate_tap, dot, epilogue_store
 
@@ -113,17 +112,11 @@ def conv_channel(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor, 
     """``reference.lowrank_conv2d(..., scheme='channel', residual, relu)`` in one kernel.
     ``padding`` is (top, bottom, left, right); ``config`` fixes the block sizes (tests)."""
     op = "triton conv_channel"
-    reference.check_geometry(op, stride, padding, dilation)
     if x.dim() != 4 or weight1.dim() != 4 or weight2.dim() != 4 or weight2.shape[-2:] != (1, 1):
         raise ValueError(f"{op}: want x (N, C, H, W), weight1 (r, C, kh, kw), weight2 (n, r, 1, 1); got "
                          f"{tuple(x.shape)}, {tuple(weight1.shape)}, {tuple(weight2.shape)}")
-    if weight1.shape[1] != x.shape[1]:
-        raise ValueError(f"{op}: weight1 has {weight1.shape[1]} input channels, x has {x.shape[1]}")
-    ho, wo = reference.conv_output_hw(x.shape[-2:], weight1.shape[-2:], stride, padding, dilation)
-    out_shape = (x.shape[0], weight2.shape[0], ho, wo)
-    _common.check_tensors(op, x, weight1, weight2, bias, residual, out_shape)
-    out = torch.empty(out_shape, dtype=x.dtype, device=x.device,
-                      memory_format=reference.output_memory_format(x))
+    out = _common.conv_output(op, x, weight1, weight2, bias, residual, stride, padding, dilation,
+                              tuple(weight1.shape[-2:]))
     res_strides = residual.stride() if residual is not None else out.stride()
     launch(x, weight1, weight2, bias, residual, out, tuple(x.shape), tuple(weight1.shape[-2:]), x.stride(),
            weight1.stride(), out.stride(), res_strides, tuple(stride), (padding[0], padding[2]),
