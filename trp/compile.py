@@ -16,7 +16,7 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from trp import decompose, epilogue
+from trp import decompose, epilogue, layout
 from trp.modules import LOWRANK_TYPES, LowRankConv2d, check_backend, from_factors
 from trp_kernels import ops
 
@@ -300,7 +300,8 @@ def _decide(fqn: str, m: nn.Module, weight: torch.Tensor, cfg: CompileConfig,
 def compile(model: nn.Module, *, energy: Optional[float] = None, rank: Optional[int] = None,
             ratio: Optional[float] = None, overrides: Optional[dict] = None, scheme: str = "channel",
             rank_multiple: int = 16, backend: str = "auto", filter_fn: Optional[FilterFn] = None,
-            fold_bn: bool = True, inplace: bool = True, fuse_epilogue: bool = True) -> nn.Module:
+            fold_bn: bool = True, inplace: bool = True, fuse_epilogue: bool = True,
+            channels_last: Optional[bool] = None) -> nn.Module:
     """Factor ``model``'s eligible layers into low-rank modules and return the model.
 
     - Rank: at most one of ``energy`` (default 0.9), ``rank``, ``ratio``; ``rank_multiple``
@@ -318,6 +319,11 @@ def compile(model: nn.Module, *, energy: Optional[float] = None, rank: Optional[
       folded); a module whose forward is rewritten becomes a ``torch.fx.GraphModule`` with
       the same children and state_dict keys (see :mod:`trp.epilogue`). The summary names
       each fused layer's epilogue.
+    - ``channels_last``: convert 4-D inputs to channels_last on entry and 4-D outputs back
+      to NCHW on exit, so that every layer in between runs in the layout the fused kernels
+      (and PyTorch's fast CPU convs and pools) want (see :mod:`trp.layout`). Default: on
+      when the model has a low-rank conv and ``backend`` is not 'torch' (which stays the
+      plain two-conv reference, layout untouched).
     - Layers already factored are not factored again (their backend is updated).
 
     Use the returned model: when the model's own forward is rewritten by the epilogue pass
@@ -325,6 +331,8 @@ def compile(model: nn.Module, *, energy: Optional[float] = None, rank: Optional[
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if channels_last is not None and not isinstance(channels_last, bool):
+        raise TypeError(f"channels_last must be True, False or None (automatic), got {channels_last!r}")
     cfg = CompileConfig(energy, rank, ratio, overrides, scheme, rank_multiple, backend, filter_fn,
                         fold_bn, inplace, fuse_epilogue)
     if not cfg.inplace:
@@ -393,4 +401,6 @@ def compile(model: nn.Module, *, energy: Optional[float] = None, rank: Optional[
             m.backend = cfg.backend
     if cfg.fuse_epilogue:
         model, _ = epilogue.fuse(model)
-    return model
+    if channels_last is None:
+        channels_last = cfg.backend != "torch" and any(isinstance(m, LowRankConv2d) for m in model.modules())
+    return layout.set_channels_last(model, bool(channels_last))

@@ -2,8 +2,8 @@
 
 No pickle anywhere. The metadata records which layers are factored (with their
 constructor arguments), which BatchNorms were folded into which conv, which layers have a
-fused epilogue (re-derived on load by the same pass), the notes on layers left dense, and
-a SHA-256 per tensor so that a modified file is caught.
+fused epilogue (re-derived on load by the same pass), whether the model computes in
+channels_last (:mod:`trp.layout`), the notes on layers left dense, and a SHA-256 per tensor so that a modified file is caught.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from trp import epilogue
+from trp import epilogue, layout
 from trp.compile import FOLDED_ATTR, NOTE_ATTR, walk
 from trp.epilogue import EPILOGUE_ATTR
 from trp.modules import LOWRANK_TYPES, LowRankConv2d, LowRankLinear
@@ -71,7 +71,7 @@ def save(model: nn.Module, path) -> None:
         storages.add(ptr)
         tensors[name] = t
     meta = {"format": FORMAT, "layers": layers, "folded": folded, "notes": notes, "epilogues": epilogues,
-            "aliases": aliases,
+            "aliases": aliases, "channels_last": layout.is_channels_last(model),
             "sha256": {k: _digest(v) for k, v in tensors.items()}}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
     os.close(fd)
@@ -223,4 +223,4 @@ def load(path, model: nn.Module) -> nn.Module:
         if found != meta["epilogues"]:
             raise TrpFileError(f"model does not match the file {path}: its layers' fused epilogues are "
                                f"{meta['epilogues']}, this model's forward gives {found}")
-    return model
+    return layout.set_channels_last(model, bool(meta.get("channels_last", False)))
