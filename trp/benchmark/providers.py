@@ -20,7 +20,10 @@ from trp_kernels import ops, reference
 
 LAYER_PROVIDERS = ("dense_torch", "lowrank_torch", "lowrank_compile", "lowrank_trp", "lowrank_cpp", "lowrank_ort",
                    "dense_torch_cudagraph", "lowrank_torch_cudagraph", "lowrank_trp_cudagraph")
-MODEL_PROVIDERS = ("dense_eager", "dense_compile", "dense_ort", "lowrank_eager", "lowrank_compile",
+# "*_eager_cl": the same model eager in channels_last (model and input converted beforehand),
+# what a user who knows PyTorch's fast CPU layout would run.
+MODEL_PROVIDERS = ("dense_eager", "dense_eager_cl", "dense_compile", "dense_ort", "lowrank_eager",
+                   "lowrank_eager_cl", "lowrank_compile",
                    "lowrank_ort", "trp_eager", "trp_compile", "cpp_eager", "cpp_compile", "dense_cudagraph",
                    "lowrank_cudagraph", "trp_cudagraph")
 # What each model provider's speed-up is measured against: the dense model in the same runtime.
@@ -226,6 +229,10 @@ def prepare_model(provider: str, case: ModelCase, bundle: dict) -> Fn:
     model, x = bundle[kind], bundle["x"]
     if runtime == "eager":
         return lambda: model(x)
+    if runtime == "eager_cl":
+        cl = torch.channels_last
+        model, x_cl = copy.deepcopy(model).to(memory_format=cl), x.contiguous(memory_format=cl)
+        return lambda: model(x_cl)
     if runtime == "compile":
         compiled = _compile(model, case.device)
         return lambda: compiled(x)

@@ -25,8 +25,8 @@ STATUSES = ("ok", "skipped", "failed")
 
 # Display order of providers: dense ones first; a "*_cudagraph" variant right after its base;
 # unknown providers after the known ones of their kind, by name.
-PROVIDER_ORDER = ("dense_torch", "dense_eager", "dense_compile", "dense_ort",
-                  "lowrank_torch", "lowrank_eager", "lowrank_compile", "lowrank_trp", "lowrank_cpp", "lowrank_ort",
+PROVIDER_ORDER = ("dense_torch", "dense_eager", "dense_eager_cl", "dense_compile", "dense_ort",
+                  "lowrank_torch", "lowrank_eager", "lowrank_eager_cl", "lowrank_compile", "lowrank_trp", "lowrank_cpp", "lowrank_ort",
                   "trp_eager", "trp_compile", "cpp_eager", "cpp_compile")
 _CUDAGRAPH = "_cudagraph"
 
