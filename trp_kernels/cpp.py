@@ -104,10 +104,10 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
-def _packed(w: torch.Tensor, how: str) -> torch.Tensor:
-    """``w`` as the GEMM panel the kernels read, cached on the tensor."""
+def _packed(w: torch.Tensor, how: str) -> "numpy.ndarray":  # noqa: F821
+    """``w`` as the GEMM panel the kernels read (a numpy view), cached on the tensor."""
     width = _require().vector_width()
-    key = (w._version, width, how, tuple(w.shape), w.data_ptr())
+    key = (w._version, width, how, w.shape, w.data_ptr())
     hit = _PACKED.get(id(w))
     if hit is not None and hit[0]() is w and hit[1] == key:
         return hit[2]
@@ -129,13 +129,59 @@ def _packed(w: torch.Tensor, how: str) -> torch.Tensor:
         out[:, :cols] = panel
     if id(owner) not in _PACKED:
         weakref.finalize(owner, _PACKED.pop, id(owner), None)
-    _PACKED[id(owner)] = (weakref.ref(owner), key, out)
-    return out
+    _PACKED[id(owner)] = (weakref.ref(owner), key, out.numpy())
+    return _PACKED[id(owner)][2]
 
 
 def _nhwc(t: torch.Tensor) -> "numpy.ndarray":  # noqa: F821
     """A channels_last-contiguous (N, C, H, W) tensor's memory as an (N, H, W, C) array."""
-    return t.detach().permute(0, 2, 3, 1).numpy()
+    return t.numpy().transpose(0, 2, 3, 1)
+
+
+def _array(t: torch.Tensor, name: str) -> "numpy.ndarray":  # noqa: F821
+    """A checked float32 CPU tensor's memory, zero-copy (``.numpy()`` refuses a tensor that
+    requires grad or carries a lazy negation bit, so those are detached/resolved first)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"lowrank_conv2d: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype is not torch.float32 or not t.is_cpu or t.layout is not torch.strided:
+        _cpu_float32(t, name, "lowrank_conv2d", contiguous=False)  # raises the precise error
+    if t.requires_grad:
+        t = t.detach()
+    if t.is_neg():
+        t = t.resolve_neg()
+    return t.numpy()
+
+
+# The geometry of a call (output size, kernel size, ints for the binding), checked once per
+# distinct set of shapes and conv parameters.
+_GEOMETRY: dict[tuple, tuple] = {}
+
+
+def _geometry(x_shape, w1_shape, w2_shape, stride, padding, dilation, scheme) -> tuple:
+    key = (x_shape, w1_shape, w2_shape, tuple(stride), tuple(padding), tuple(dilation), scheme)
+    hit = _GEOMETRY.get(key)
+    if hit is not None:
+        return hit
+    if len(x_shape) != 4 or len(w1_shape) != 4 or len(w2_shape) != 4:
+        raise ValueError(f"lowrank_conv2d: x, weight1 and weight2 must be 4-D, got shapes {tuple(x_shape)}, "
+                         f"{tuple(w1_shape)}, {tuple(w2_shape)}")
+    if w1_shape[1] != x_shape[1] or w2_shape[1] != w1_shape[0]:
+        raise ValueError(f"lowrank_conv2d: shapes do not chain: x {tuple(x_shape)}, weight1 "
+                         f"{tuple(w1_shape)}, weight2 {tuple(w2_shape)}")
+    if scheme not in ("channel", "spatial"):
+        raise ValueError(f"lowrank_conv2d: scheme must be 'channel' or 'spatial', got {scheme!r}")
+    from trp_kernels.reference import check_geometry, conv_output_hw  # reference imports nothing of ours
+
+    check_geometry("lowrank_conv2d", stride, padding, dilation)
+    kh, kw = (w1_shape[2], w1_shape[3]) if scheme == "channel" else (w1_shape[2], w2_shape[3])
+    ho, wo = conv_output_hw(x_shape[-2:], (kh, kw), stride, padding, dilation)
+    out_shape = (x_shape[0], w2_shape[0], max(ho, 0), max(wo, 0))
+    hit = (out_shape, int(kh), int(kw), (int(stride[0]), int(stride[1])), (int(padding[0]), int(padding[2])),
+           (int(dilation[0]), int(dilation[1])))
+    if len(_GEOMETRY) > 4096:  # a model has a few dozen; shapes that vary call after call
+        _GEOMETRY.clear()
+    _GEOMETRY[key] = hit
+    return hit
 
 
 def lowrank_conv2d(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor, bias: Optional[torch.Tensor],
@@ -148,35 +194,26 @@ def lowrank_conv2d(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor
     so a model converts once, at its first low-rank layer.)
     """
     lib = _require()
-    for name, t in (("x", x), ("weight1", weight1), ("weight2", weight2), ("bias", bias), ("residual", residual)):
-        if t is not None:
-            _cpu_float32(t, name, "lowrank_conv2d", contiguous=False)
-    if x.dim() != 4 or weight1.dim() != 4 or weight2.dim() != 4:
-        raise ValueError(f"lowrank_conv2d: x, weight1 and weight2 must be 4-D, got shapes {tuple(x.shape)}, "
-                         f"{tuple(weight1.shape)}, {tuple(weight2.shape)}")
-    if weight1.shape[1] != x.shape[1] or weight2.shape[1] != weight1.shape[0]:
-        raise ValueError(f"lowrank_conv2d: shapes do not chain: x {tuple(x.shape)}, weight1 "
-                         f"{tuple(weight1.shape)}, weight2 {tuple(weight2.shape)}")
-    from trp_kernels.reference import check_geometry, conv_output_hw  # reference imports nothing of ours
-
-    check_geometry("lowrank_conv2d", stride, padding, dilation)
-
-    kh, kw = (weight1.shape[2], weight1.shape[3]) if scheme == "channel" else (weight1.shape[2], weight2.shape[3])
-    ho, wo = conv_output_hw(x.shape[-2:], (kh, kw), stride, padding, dilation)
-    n_out = weight2.shape[0]
-    out = torch.empty((x.shape[0], n_out, max(ho, 0), max(wo, 0)), dtype=torch.float32,
-                      memory_format=torch.channels_last)
-    if residual is not None and tuple(residual.shape) != tuple(out.shape):
-        raise ValueError(f"lowrank_conv2d: residual must have the output's shape {tuple(out.shape)}, "
+    xa, w1a, w2a = _array(x, "x"), _array(weight1, "weight1"), _array(weight2, "weight2")
+    ba = None if bias is None else _array(bias, "bias")
+    ra = None if residual is None else _array(residual, "residual")
+    out_shape, kh, kw, stride2, pad2, dil2 = _geometry(xa.shape, w1a.shape, w2a.shape, stride, padding, dilation,
+                                                       scheme)
+    out = torch.empty(out_shape, dtype=torch.float32, memory_format=torch.channels_last)
+    if ra is not None and ra.shape != out_shape:
+        raise ValueError(f"lowrank_conv2d: residual must have the output's shape {out_shape}, "
                          f"got {tuple(residual.shape)}")
     if out.numel():
         cl = torch.channels_last
+        if not x.is_contiguous(memory_format=cl):
+            xa = _array(x.contiguous(memory_format=cl), "x")
+        if ra is not None and not residual.is_contiguous(memory_format=cl):
+            ra = _array(residual.contiguous(memory_format=cl), "residual")
         lib.lowrank_conv(
-            _nhwc(x.detach().contiguous(memory_format=cl)), _packed(weight1, "w1").numpy(),
-            _packed(weight2, "w2").numpy(), None if bias is None else bias.detach().contiguous().numpy(),
-            None if residual is None else _nhwc(residual.detach().contiguous(memory_format=cl)), _nhwc(out),
-            scheme, int(kh), int(kw), (int(stride[0]), int(stride[1])), (int(padding[0]), int(padding[2])),
-            (int(dilation[0]), int(dilation[1])), bool(relu), torch.get_num_threads())
+            xa.transpose(0, 2, 3, 1), _packed(weight1, "w1"), _packed(weight2, "w2"),
+            None if ba is None else (ba if bias.is_contiguous() else _array(bias.contiguous(), "bias")),
+            None if ra is None else ra.transpose(0, 2, 3, 1), _nhwc(out),
+            scheme, kh, kw, stride2, pad2, dil2, bool(relu), torch.get_num_threads())
     return out
 
 

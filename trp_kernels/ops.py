@@ -24,6 +24,7 @@ listing its reasons.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from typing import Optional, Sequence
@@ -99,17 +100,29 @@ def resolve_backend(backend: str, device: torch.device | str, dtype: torch.dtype
                     rank: Optional[int] = None) -> str:
     """The backend that will run tensors of ``device``/``dtype`` (factors of ``rank``) when
     ``backend`` is asked for."""
-    device = torch.device(device)
+    return _backend_for(backend, torch.device(device).type, dtype, rank)
+
+
+def _backend_for(backend: str, device_type: str, dtype: torch.dtype, rank: Optional[int]) -> str:
+    if not isinstance(backend, str):
+        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+    return _resolve(backend, device_type, dtype, rank)
+
+
+@functools.lru_cache(maxsize=1024)
+def _resolve(backend: str, device_type: str, dtype: torch.dtype, rank: Optional[int]) -> str:
+    # Cached: what is installed and built does not change while the process runs, and
+    # every layer call asks (an error is raised again on every call, never cached).
     if backend == "auto":
         # A backend whose fused kernel has not landed would run the same arithmetic as
         # "torch" with more dispatch overhead: auto only takes fused ones.
-        for name in AUTO_ORDER.get(device.type, ("torch",)):
-            if (name == "torch" or is_fused(name)) and not refusals(name, device, dtype, rank):
+        for name in AUTO_ORDER.get(device_type, ("torch",)):
+            if (name == "torch" or is_fused(name)) and not refusals(name, device_type, dtype, rank):
                 return name
         return "torch"
-    reasons = refusals(backend, device, dtype, rank)
+    reasons = refusals(backend, device_type, dtype, rank)
     if reasons:
-        raise BackendError(f"backend {backend!r} cannot run {dtype} tensors on {device}: "
+        raise BackendError(f"backend {backend!r} cannot run {dtype} tensors on {device_type}: "
                            + "; ".join(reasons))
     return backend
 
@@ -205,7 +218,7 @@ def lowrank_conv2d(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor
     if torch.onnx.is_in_onnx_export():
         return reference.lowrank_conv2d(x, weight1, weight2, bias, stride, padding, dilation, scheme,
                                         residual, relu)
-    name = resolve_backend(backend, x.device, x.dtype, weight1.shape[0])
+    name = _backend_for(backend, x.device.type, x.dtype, weight1.shape[0])
     if name == "torch":
         return reference.lowrank_conv2d(x, weight1, weight2, bias, stride, padding, dilation, scheme,
                                         residual, relu)
@@ -214,15 +227,15 @@ def lowrank_conv2d(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor
         # is channels_last) makes the output channels_last too, so an NCHW model converts
         # once, at its first low-rank layer, and PyTorch's own ops keep the layout after.
         x = x.contiguous(memory_format=torch.channels_last)
-    args = (x, weight1, weight2, bias, residual, list(stride), list(padding), list(dilation))
     direct = _plain_eager(x, weight1, weight2, bias, residual)
+    if direct and name == "cpp" and "cpp" in _FUSED:  # _resolve checked device and dtype
+        return cpp.lowrank_conv2d(x, weight1, weight2, bias, stride, padding, dilation, scheme, residual, relu)
+    args = (x, weight1, weight2, bias, residual, list(stride), list(padding), list(dilation))
     if name == "triton":
         if direct:
             return (_triton_conv_channel if scheme == "channel" else _triton_conv_spatial)(*args, relu)
         op = torch.ops.trp.triton_conv_channel if scheme == "channel" else torch.ops.trp.triton_conv_spatial
         return op(*args, relu)
-    if direct and _runs_cpp_kernel(x, name):
-        return cpp.lowrank_conv2d(x, weight1, weight2, bias, stride, padding, dilation, scheme, residual, relu)
     return torch.ops.trp.lowrank_conv2d(*args, scheme, relu, name)
 
 
@@ -232,7 +245,7 @@ def lowrank_linear(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor
     """A factored linear layer: ``x @ weight1.T @ weight2.T + bias`` (+ residual, ReLU)."""
     if torch.onnx.is_in_onnx_export():
         return reference.lowrank_linear(x, weight1, weight2, bias, residual, relu)
-    name = resolve_backend(backend, x.device, x.dtype, weight1.shape[0])
+    name = _backend_for(backend, x.device.type, x.dtype, weight1.shape[0])
     if name == "torch":
         return reference.lowrank_linear(x, weight1, weight2, bias, residual, relu)
     direct = _plain_eager(x, weight1, weight2, bias, residual)
