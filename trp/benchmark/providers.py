@@ -18,7 +18,11 @@ from trp import models
 from trp.benchmark.cases import RANK_MULTIPLE, LayerCase, ModelCase, lowrank_rank
 from trp_kernels import ops, reference
 
-LAYER_PROVIDERS = ("dense_torch", "lowrank_torch", "lowrank_compile", "lowrank_trp", "lowrank_cpp", "lowrank_ort",
+# On CPU the case input is NCHW; "lowrank_torch_cl" runs the two convs on a channels_last
+# copy made beforehand, the layout a model compiled by trp.compile runs in (trp/layout.py),
+# which is also the layout "lowrank_cpp" is handed.
+LAYER_PROVIDERS = ("dense_torch", "lowrank_torch", "lowrank_torch_cl", "lowrank_compile", "lowrank_trp", "lowrank_cpp",
+                   "lowrank_ort",
                    "dense_torch_cudagraph", "lowrank_torch_cudagraph", "lowrank_trp_cudagraph")
 # "*_eager_cl": the same model eager in channels_last (model and input converted beforehand),
 # what a user who knows PyTorch's fast CPU layout would run.
@@ -145,6 +149,11 @@ def prepare_layer(provider: str, case: LayerCase, t: dict) -> Fn:
         return lambda: F.conv2d(x, t["dense"], b, s.stride, 1)
     if provider == "lowrank_torch":
         return two_convs
+    if provider == "lowrank_torch_cl":
+        if case.channels_last:
+            raise Unavailable("the case input is channels_last already (lowrank_torch runs it)")
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        return lambda: reference.lowrank_conv2d(x_cl, w1, w2, b, stride, pad4, (1, 1), "channel")
     if provider == "lowrank_compile":
         compiled = _compile(lambda x: reference.lowrank_conv2d(x, w1, w2, b, stride, pad4, (1, 1), "channel"),
                             case.device)
@@ -155,7 +164,9 @@ def prepare_layer(provider: str, case: LayerCase, t: dict) -> Fn:
         reasons = ops.refusals("cpp", x.device, x.dtype, case.rank)
         if reasons or not ops.is_fused("cpp"):
             raise Unavailable("; ".join(reasons) or "the C++ extension has no fused kernels")
-        return lambda: ops.lowrank_conv2d(x, w1, w2, b, stride, pad4, (1, 1), "channel", "cpp")
+        # channels_last, as in a model compiled by trp.compile (which converts once, on entry)
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        return lambda: ops.lowrank_conv2d(x_cl, w1, w2, b, stride, pad4, (1, 1), "channel", "cpp")
     if provider == "lowrank_ort":
         if case.device != "cpu":
             raise Unavailable("CPU only (this suite runs ONNX Runtime's CPU execution provider)")

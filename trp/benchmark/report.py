@@ -26,7 +26,7 @@ STATUSES = ("ok", "skipped", "failed")
 # Display order of providers: dense ones first; a "*_cudagraph" variant right after its base;
 # unknown providers after the known ones of their kind, by name.
 PROVIDER_ORDER = ("dense_torch", "dense_eager", "dense_eager_cl", "dense_compile", "dense_ort",
-                  "lowrank_torch", "lowrank_eager", "lowrank_eager_cl", "lowrank_compile", "lowrank_trp", "lowrank_cpp", "lowrank_ort",
+                  "lowrank_torch", "lowrank_torch_cl", "lowrank_eager", "lowrank_eager_cl", "lowrank_compile", "lowrank_trp", "lowrank_cpp", "lowrank_ort",
                   "trp_eager", "trp_compile", "cpp_eager", "cpp_compile")
 _CUDAGRAPH = "_cudagraph"
 
