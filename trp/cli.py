@@ -74,7 +74,8 @@ def demo(args: argparse.Namespace) -> dict:
     compiled_trp = trp.compile(copy.deepcopy(trp_model), overrides=overrides, rank_multiple=1, scheme=args.scheme)
     print("[3/3] post-hoc SVD of the dense baseline at the TRP ranks (no training)")
     compiled_svd = trp.compile(copy.deepcopy(dense), overrides=overrides, rank_multiple=1, scheme=args.scheme)
-    folded_dense = trp.compile(copy.deepcopy(dense), filter_fn=lambda m, q: False)  # BN folded, as the others
+    # BN folded and computing in channels_last, as the others (trp.compile's default for them)
+    folded_dense = trp.compile(copy.deepcopy(dense), filter_fn=lambda m, q: False, channels_last=True)
 
     timed = compare({"dense": lambda: _no_grad(folded_dense, x1), "trp": lambda: _no_grad(compiled_trp, x1),
                      "svd": lambda: _no_grad(compiled_svd, x1)}, warmup=3, repeats=repeats)
