@@ -112,6 +112,8 @@ def _packed(w: torch.Tensor, how: str) -> "numpy.ndarray":  # noqa: F821
     if hit is not None and hit[0]() is w and hit[1] == key:
         return hit[2]
     owner, w = w, w.detach()  # cache on the caller's tensor: the detached view dies at once
+    if w.dim() == 2:  # a linear layer's factor: a 1x1 kernel
+        w = w[:, :, None, None]
     with torch.no_grad():
         if how == "w1":       # (r, c, kh, kw) -> [kh*kw*c][r_pad]
             r = w.shape[0]
@@ -193,11 +195,18 @@ def lowrank_conv2d(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor
     (or residual) is converted on entry. (``trp_kernels.ops`` hands it channels_last input,
     so a model converts once, at its first low-rank layer.)
     """
+    return _fused(x, weight1, weight2, bias, stride, padding, dilation, scheme, residual, relu, False)
+
+
+def _fused(x, weight1, weight2, bias, stride, padding, dilation, scheme, residual, relu, linear: bool):
+    # linear: the weights are the 2-D (r, c) and (n, r) of a linear layer, used as 1x1
+    # kernels (passed as they are, so that their packed panels stay cached on them).
     lib = _require()
     xa, w1a, w2a = _array(x, "x"), _array(weight1, "weight1"), _array(weight2, "weight2")
     ba = None if bias is None else _array(bias, "bias")
     ra = None if residual is None else _array(residual, "residual")
-    out_shape, kh, kw, stride2, pad2, dil2 = _geometry(xa.shape, w1a.shape, w2a.shape, stride, padding, dilation,
+    w1_shape, w2_shape = (w1a.shape + (1, 1), w2a.shape + (1, 1)) if linear else (w1a.shape, w2a.shape)
+    out_shape, kh, kw, stride2, pad2, dil2 = _geometry(xa.shape, w1_shape, w2_shape, stride, padding, dilation,
                                                        scheme)
     out = torch.empty(out_shape, dtype=torch.float32, memory_format=torch.channels_last)
     if ra is not None and ra.shape != out_shape:
@@ -221,11 +230,13 @@ def lowrank_linear(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor
                    residual: Optional[torch.Tensor] = None, relu: bool = False) -> torch.Tensor:
     """``reference.lowrank_linear`` in the fused kernel: the rows of ``x`` are the pixels of a
     1×1 channel-scheme conv."""
+    for name, w in (("weight1", weight1), ("weight2", weight2)):
+        if isinstance(w, torch.Tensor) and w.dim() != 2:
+            raise ValueError(f"lowrank_linear: {name} must be 2-D, got shape {tuple(w.shape)}")
     lead, k = x.shape[:-1], x.shape[-1]
     x4 = x.reshape(-1, k)[:, :, None, None]
     res4 = None if residual is None else residual.reshape(-1, weight2.shape[0])[:, :, None, None]
-    out = lowrank_conv2d(x4, weight1[:, :, None, None], weight2[:, :, None, None], bias, (1, 1), (0, 0, 0, 0),
-                         (1, 1), "channel", res4, relu)
+    out = _fused(x4, weight1, weight2, bias, (1, 1), (0, 0, 0, 0), (1, 1), "channel", res4, relu, True)
     return out.reshape(*lead, weight2.shape[0]).contiguous()
 
 
