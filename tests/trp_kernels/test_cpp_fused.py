@@ -107,6 +107,21 @@ def test_packed_weights_follow_in_place_updates():
     assert len(cpp._PACKED) < before  # dead weights leave the cache
 
 
+def test_weights_are_packed_once_per_tensor(monkeypatch):
+    """A second call with the same weights reuses their packed panels (conv and linear:
+    a linear layer's 2-D factors are packed as they are, not as per-call 4-D views)."""
+    packs = []
+    real = torch.zeros
+    monkeypatch.setattr(cpp.torch, "zeros", lambda *a, **k: packs.append(a) or real(*a, **k))
+    conv = conv_case("channel", 2, 8, 8, (6, 6), (3, 3), 4, (1, 1), (1, 1), 1, "nchw", "bias")
+    w1, w2 = torch.randn(3, 5), torch.randn(4, 3)
+    for _ in range(3):
+        cpp.lowrank_conv2d(*conv)
+        cpp.lowrank_linear(torch.randn(2, 5), w1, w2, None)
+    assert len(packs) == 4  # two panels per layer, packed on the first call only
+    assert id(w1) in cpp._PACKED and id(w2) in cpp._PACKED
+
+
 def test_bad_arguments_are_named():
     x, w1, w2, b, stride, pad4, dil, scheme, res, relu = conv_case(
         "channel", 1, 5, 7, (6, 6), (3, 3), 4, (1, 1), (1, 1), 1, "nchw", "residual_relu")
