@@ -26,7 +26,6 @@ or torch without the extension. An explicit backend that cannot run raises
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 from typing import Optional, Sequence
@@ -108,16 +107,25 @@ def resolve_backend(backend: str, device: torch.device | str, dtype: torch.dtype
     return _backend_for(backend, torch.device(device).type, dtype, rank)
 
 
+# What _resolve said, per (backend, device type, dtype, rank): what is installed and built
+# does not change while the process runs, and every layer call asks. Refusals raise and
+# are never cached; traced code (torch.compile) resolves afresh, so no guard on the cache.
+_RESOLVED: dict[tuple, str] = {}
+
+
 def _backend_for(backend: str, device_type: str, dtype: torch.dtype, rank: Optional[int]) -> str:
     if not isinstance(backend, str):
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
-    return _resolve(backend, device_type, dtype, rank)
+    if torch.compiler.is_compiling():
+        return _resolve(backend, device_type, dtype, rank)
+    key = (backend, device_type, dtype, rank)
+    name = _RESOLVED.get(key)
+    if name is None:
+        name = _RESOLVED[key] = _resolve(backend, device_type, dtype, rank)
+    return name
 
 
-@functools.lru_cache(maxsize=1024)
 def _resolve(backend: str, device_type: str, dtype: torch.dtype, rank: Optional[int]) -> str:
-    # Cached: what is installed and built does not change while the process runs, and
-    # every layer call asks (an error is raised again on every call, never cached).
     if backend == "auto":
         # A backend whose fused kernel has not landed would run the same arithmetic as
         # "torch" with more dispatch overhead: auto only takes fused ones.
