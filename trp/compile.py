@@ -312,8 +312,7 @@ def compile(model: nn.Module, *, energy: Optional[float] = None, rank: Optional[
       every k×k Conv2d except the stem).
     - ``fold_bn`` folds eval-mode BatchNorm2d into the conv that feeds it (the BN becomes
       ``nn.Identity``); a model in training mode keeps its BNs, with a warning.
-    - ``backend``: 'auto' (per call: triton on CUDA; on CPU cpp for calls with few output
-      pixels, where it is faster, else torch; see :mod:`trp_kernels.ops`), or one of
+    - ``backend``: 'auto' (per call: triton on CUDA, cpp on CPU, else torch), or one of
       'triton', 'cpp', 'torch', checked now against the layers' device and dtype.
     - ``fuse_epilogue``: fold a residual add and/or ReLU that follows a low-rank layer into
       its kernel's epilogue (ResNet blocks: ``relu(bn(conv(x)) + shortcut)`` with BN

@@ -18,9 +18,7 @@ Backends, each able to say why it refuses an input (xformers-style dispatch):
 - ``torch``: anywhere; two ``F.conv2d`` / ``F.linear`` calls.
 
 ``auto`` takes the first backend of ``AUTO_ORDER`` that accepts the input and has a fused
-kernel: triton then torch on CUDA; on CPU, cpp for a call with at most
-``CPP_AUTO_MAX_PIXELS`` output pixels (where it beats oneDNN's two convs) and torch above,
-or torch without the extension. An explicit backend that cannot run raises
+kernel: triton then torch on CUDA, cpp then torch on CPU. An explicit backend that cannot run raises
 :class:`BackendError` listing its reasons.
 """
 
@@ -35,13 +33,12 @@ import torch
 from trp_kernels import _autograd, cpp, reference
 
 BACKENDS = ("triton", "cpp", "torch")
+# On CPU auto takes the fused C++ kernel whenever the extension has it. Isolated layers
+# without an epilogue are 1.06-1.37x faster than oneDNN's two convs up to ~800 output
+# pixels a call and 0.86-0.97x above (benches/results/cpu-layers-cpp); in whole models,
+# where the kernel also fuses the residual add and ReLU, it is as fast or faster at every
+# size measured (benches/results/cpu-models: cpp_eager against a size-switched auto).
 AUTO_ORDER = {"cuda": ("triton", "torch"), "cpu": ("cpp", "torch")}
-# On CPU, auto runs the fused C++ kernel for calls with at most this many output pixels
-# (batch x height x width; rows for a linear layer) and PyTorch's two oneDNN convs above
-# it. In benches/results/cpu-layers-cpp (2-core AMD EPYC, channels_last both) the fused
-# kernel is 1.06-1.37x faster (geometric means per size) up to 784 pixels and 0.86-0.97x
-# from 1568 up, where oneDNN's two convs run at ~90% of the dense conv's MAC rate.
-CPP_AUTO_MAX_PIXELS = 1024
 
 # Read once, like Triton itself, which fixes interpreter mode when it is imported.
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
@@ -201,12 +198,6 @@ _autograd.register(_lowrank_linear_op, "linear")
 
 # --- what trp calls ------------------------------------------------------------------
 
-def _auto_cpu(pixels) -> str:
-    """auto's choice on CPU for a call with this many output pixels (see CPP_AUTO_MAX_PIXELS).
-    A symbolic size (dynamic shapes under tracing) keeps the fused kernel: no guard on it."""
-    return "torch" if isinstance(pixels, int) and pixels > CPP_AUTO_MAX_PIXELS else "cpp"
-
-
 def _plain_eager(*tensors: Optional[torch.Tensor]) -> bool:
     """Whether a call can skip the op and run the kernel directly: plain eager execution
     with nothing for autograd to record. The op's Python dispatch costs about 20 µs a call,
@@ -238,8 +229,6 @@ def lowrank_conv2d(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor
         return reference.lowrank_conv2d(x, weight1, weight2, bias, stride, padding, dilation, scheme,
                                         residual, relu)
     name = _backend_for(backend, x.device.type, x.dtype, weight1.shape[0])
-    if name == "cpp" and backend == "auto" and x.dim() == 4:
-        name = _auto_cpu(x.shape[0] * (x.shape[-2] // stride[0]) * (x.shape[-1] // stride[1]))
     if name == "torch":
         return reference.lowrank_conv2d(x, weight1, weight2, bias, stride, padding, dilation, scheme,
                                         residual, relu)
@@ -267,8 +256,6 @@ def lowrank_linear(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor
     if torch.onnx.is_in_onnx_export():
         return reference.lowrank_linear(x, weight1, weight2, bias, residual, relu)
     name = _backend_for(backend, x.device.type, x.dtype, weight1.shape[0])
-    if name == "cpp" and backend == "auto":
-        name = _auto_cpu(x.numel() // max(x.shape[-1], 1) if x.dim() else 1)
     if name == "torch":
         return reference.lowrank_linear(x, weight1, weight2, bias, residual, relu)
     direct = _plain_eager(x, weight1, weight2, bias, residual)

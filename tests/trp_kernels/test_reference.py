@@ -116,36 +116,12 @@ def test_linear_op_registration_and_gradients():
     assert rel_err(fn(x, w1, w2, b, res), torch.relu(x @ w1.T @ w2.T + b + res)) < 1e-12
 
 
-def test_auto_backend_on_cpu(monkeypatch):
+def test_auto_backend_on_cpu():
     fused = ops.is_fused("cpp")
     assert ops.resolve_backend("auto", "cpu", torch.float32) == ("cpp" if fused else "torch")
     assert ops.resolve_backend("auto", "cpu", torch.float64) == "torch"  # cpp runs float32 only
     assert ops.resolve_backend("auto", "meta", torch.float32) == "torch"
     assert ops.resolve_backend("torch", "cpu", torch.float16) == "torch"
-
-
-@pytest.mark.skipif(not ops.is_fused("cpp"), reason="the C++ extension with fused kernels is not built")
-def test_auto_on_cpu_takes_cpp_for_small_calls_only(monkeypatch):
-    """auto runs the fused C++ kernel up to CPP_AUTO_MAX_PIXELS output pixels a call, the
-    two oneDNN convs above (the crossover measured in benches/results/cpu-layers-cpp)."""
-    calls = []
-    monkeypatch.setattr(cpp, "lowrank_conv2d", lambda *a, **k: calls.append("conv") or torch.zeros(1))
-    monkeypatch.setattr(cpp, "lowrank_linear", lambda *a, **k: calls.append("linear") or torch.zeros(1))
-    w1, w2 = torch.randn(4, 8, 3, 3), torch.randn(8, 4, 1, 1)
-    geometry = ((1, 1), (1, 1, 1, 1), (1, 1), "channel")
-    limit = ops.CPP_AUTO_MAX_PIXELS
-    side = int(limit ** 0.5)
-    with torch.no_grad():
-        ops.lowrank_conv2d(torch.randn(1, 8, side, side), w1, w2, None, *geometry)        # <= limit: cpp
-        assert calls == ["conv"]
-        out = ops.lowrank_conv2d(torch.randn(2, 8, side, side), w1, w2, None, *geometry)  # > limit: torch
-        assert calls == ["conv"] and out.shape == (2, 8, side, side)
-        ops.lowrank_conv2d(torch.randn(2, 8, side, side), w1, w2, None, *geometry, backend="cpp")  # asked for
-        assert calls == ["conv", "conv"]
-        ops.lowrank_linear(torch.randn(limit, 8), torch.randn(4, 8), torch.randn(8, 4), None)
-        assert calls[-1] == "linear"
-        out = ops.lowrank_linear(torch.randn(limit + 1, 8), torch.randn(4, 8), torch.randn(8, 4), None)
-        assert len(calls) == 3 and out.shape == (limit + 1, 8)
 
 
 def test_explicit_backend_refusals_are_named():

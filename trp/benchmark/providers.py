@@ -160,7 +160,7 @@ def prepare_layer(provider: str, case: LayerCase, t: dict) -> Fn:
         return lambda: compiled(x)
     if provider == "lowrank_trp":
         return lambda: ops.lowrank_conv2d(x, w1, w2, b, stride, pad4, (1, 1), "channel")
-    if provider == "lowrank_cpp":  # the fused C++ kernel at every size (auto takes it for small calls)
+    if provider == "lowrank_cpp":  # the fused C++ kernel by name (what auto takes on CPU)
         reasons = ops.refusals("cpp", x.device, x.dtype, case.rank)
         if reasons or not ops.is_fused("cpp"):
             raise Unavailable("; ".join(reasons) or "the C++ extension has no fused kernels")
@@ -206,7 +206,7 @@ def model_bundle(case: ModelCase, generator: torch.Generator) -> dict:
     bundle = {"x": x64.to(**cast).contiguous(memory_format=fmt), "ref": ref}
     for key, m in (("dense", dense), ("lowrank", lowrank), ("trp", trp_model)):
         bundle[key] = m.to(**cast).to(memory_format=fmt)
-    # The fused C++ kernel at every size, asked for by name ("auto" takes it for small calls).
+    # The fused C++ kernel asked for by name (what "auto" takes on CPU when the extension is built).
     if case.device == "cpu" and case.dtype == torch.float32 and ops.is_fused("cpp"):
         bundle["cpp"] = trp.compile(copy.deepcopy(lowrank), backend="cpp").to(memory_format=fmt)
     s = trp.summary(lowrank, bundle["x"][:1])
