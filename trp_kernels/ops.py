@@ -34,10 +34,12 @@ from trp_kernels import _autograd, cpp, reference
 
 BACKENDS = ("triton", "cpp", "torch")
 # On CPU auto takes the fused C++ kernel whenever the extension has it. Isolated layers
-# without an epilogue are 1.06-1.37x faster than oneDNN's two convs up to ~800 output
-# pixels a call and 0.86-0.97x above (benches/results/cpu-layers-cpp); in whole models,
-# where the kernel also fuses the residual add and ReLU, it is as fast or faster at every
-# size measured (benches/results/cpu-models: cpp_eager against a size-switched auto).
+# without an epilogue run 1.12-1.34x faster than oneDNN's two channels_last convs up to
+# ~800 output pixels a call at batch 1 and 0.92-0.98x above (benches/results/
+# cpu-layers-cpp); in whole models, where the kernel also fuses the residual add and
+# ReLU, it was as fast or faster than switching to the two convs above 1024 pixels in
+# every case of a model-suite run made to decide this (e.g. ResNet-56 at batch 8, 12.43
+# against 14.53 ms; that run was superseded by benches/results/cpu-models).
 AUTO_ORDER = {"cuda": ("triton", "torch"), "cpu": ("cpp", "torch")}
 
 # Read once, like Triton itself, which fixes interpreter mode when it is imported.
