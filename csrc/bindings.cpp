@@ -223,12 +223,19 @@ void check_dim(const py::array& a, const char* name, py::ssize_t d, int64_t want
     }
 }
 
+// A fused low-rank conv call, checked: the kernel arguments and the arrays they point
+// into (kept referenced, so that their buffers outlive the call or plan).
+struct CheckedCall {
+    trp::LowRankConvArgs a{};
+    bool channel = true;
+    py::array x, w1, w2, bias, res, out;
+};
+
 // Fused low-rank conv, NHWC. Everything the kernel reads is checked here first.
-void lowrank_conv(py::handle x_obj, py::handle w1_obj, py::handle w2_obj, py::handle bias_obj,
-                  py::handle residual_obj, py::handle out_obj, const std::string& scheme, int64_t kh,
-                  int64_t kw, py::handle stride_obj, py::handle pad_obj, py::handle dilation_obj, bool relu,
-                  int threads) {
-    Checking checking("lowrank_conv");
+CheckedCall check_lowrank_conv(py::handle x_obj, py::handle w1_obj, py::handle w2_obj, py::handle bias_obj,
+                               py::handle residual_obj, py::handle out_obj, const std::string& scheme, int64_t kh,
+                               int64_t kw, py::handle stride_obj, py::handle pad_obj, py::handle dilation_obj,
+                               bool relu, int threads) {
     if (scheme != "channel" && scheme != "spatial") {
         value_error("scheme must be 'channel' or 'spatial', got '" + scheme + "'");
     }
@@ -286,6 +293,10 @@ void lowrank_conv(py::handle x_obj, py::handle w1_obj, py::handle w2_obj, py::ha
     a.out = static_cast<float*>(out.mutable_data());
     a.relu = relu;
     a.threads = threads;
+    return CheckedCall{a, channel, x, w1, w2, bias, res, out};
+}
+
+void run_lowrank_conv(const trp::LowRankConvArgs& a, bool channel) {
     bool ok;
     {
         py::gil_scoped_release nogil;
@@ -293,6 +304,65 @@ void lowrank_conv(py::handle x_obj, py::handle w1_obj, py::handle w2_obj, py::ha
     }
     if (!ok) throw std::bad_alloc();
 }
+
+void lowrank_conv(py::handle x_obj, py::handle w1_obj, py::handle w2_obj, py::handle bias_obj,
+                  py::handle residual_obj, py::handle out_obj, const std::string& scheme, int64_t kh,
+                  int64_t kw, py::handle stride_obj, py::handle pad_obj, py::handle dilation_obj, bool relu,
+                  int threads) {
+    Checking checking("lowrank_conv");
+    const CheckedCall call = check_lowrank_conv(x_obj, w1_obj, w2_obj, bias_obj, residual_obj, out_obj, scheme, kh,
+                                                kw, stride_obj, pad_obj, dilation_obj, relu, threads);
+    run_lowrank_conv(call.a, call.channel);
+}
+
+// lowrank_conv, checked once on sample buffers and then run on others of the same shapes:
+// a layer's per-call cost is then only its data pointers crossing the binding. The caller
+// (trp_kernels/cpp.py) guarantees that every buffer it passes has the sample's shape and
+// is C-contiguous float32 (NHWC) memory that stays alive for the call.
+class LowRankPlan {
+public:
+    LowRankPlan(py::handle x_obj, py::handle w1_obj, py::handle w2_obj, py::handle bias_obj,
+                py::handle residual_obj, py::handle out_obj, const std::string& scheme, int64_t kh, int64_t kw,
+                py::handle stride_obj, py::handle pad_obj, py::handle dilation_obj, bool relu) {
+        Checking checking("LowRankPlan");
+        call_ = check_lowrank_conv(x_obj, w1_obj, w2_obj, bias_obj, residual_obj, out_obj, scheme, kh, kw,
+                                   stride_obj, pad_obj, dilation_obj, relu, 1);
+        call_.x = py::array();  // the samples themselves are not kept
+        call_.res = py::array();
+        call_.out = py::array();
+        call_.a.x = nullptr;
+        call_.a.residual = nullptr;
+        call_.a.out = nullptr;
+        has_residual_ = !residual_obj.is_none();
+    }
+
+    void run(std::uintptr_t x, std::uintptr_t out, std::uintptr_t residual, int threads) const {
+        Checking checking("LowRankPlan.run");
+        if (!x || !out) value_error("x and out must be non-null data pointers");
+        if ((residual != 0) != has_residual_) {
+            value_error(has_residual_ ? "this plan adds a residual: pass its data pointer"
+                                      : "this plan has no residual: pass 0");
+        }
+        if (threads < 1) value_error("threads must be >= 1, got " + std::to_string(threads));
+        // The packed panels were padded for the vector width of the build active when the
+        // plan was made; another build would read past them.
+        const int64_t vw = trp::lowrank_vector_width();
+        if (call_.a.rank_padded % vw || call_.a.out_c_padded % vw) {
+            value_error("the plan's weights were packed for another vector width than the active " +
+                        std::to_string(vw) + "-float build; make a new plan");
+        }
+        trp::LowRankConvArgs a = call_.a;
+        a.x = reinterpret_cast<const float*>(x);
+        a.out = reinterpret_cast<float*>(out);
+        a.residual = has_residual_ ? reinterpret_cast<const float*>(residual) : nullptr;
+        a.threads = threads;
+        run_lowrank_conv(a, call_.channel);
+    }
+
+private:
+    CheckedCall call_;
+    bool has_residual_ = false;
+};
 
 py::dict build_info_dict() {
     const trp::BuildInfo b = trp::build_info();
@@ -329,6 +399,16 @@ PYBIND11_MODULE(_C, m) {
           "Fused low-rank conv (both factors + bias/residual/ReLU) into `out`, all NHWC float32.\n\n"
           "w1, w2: packed panels (see trp_kernels/cpp.py); padding: (top, left), the bottom/right "
           "padding being implied by out's size. Releases the GIL.");
+    py::class_<LowRankPlan>(m, "LowRankPlan",
+                            "lowrank_conv checked once, on sample arrays of the shapes it will run on; "
+                            "run() then takes only data pointers (the caller guarantees their shapes).")
+        .def(py::init<py::handle, py::handle, py::handle, py::handle, py::handle, py::handle, const std::string&,
+                      int64_t, int64_t, py::handle, py::handle, py::handle, bool>(),
+             py::arg("x"), py::arg("w1"), py::arg("w2"), py::arg("bias").none(true), py::arg("residual").none(true),
+             py::arg("out"), py::arg("scheme"), py::arg("kh"), py::arg("kw"), py::arg("stride"),
+             py::arg("padding"), py::arg("dilation"), py::arg("relu"))
+        .def("run", &LowRankPlan::run, py::arg("x"), py::arg("out"), py::arg("residual"), py::arg("threads"),
+             "Run on the buffers at these addresses (residual: 0 for none). Releases the GIL.");
     m.def("vector_width", &trp::lowrank_vector_width, "Floats per vector of the active fused-kernel build.");
     m.def("isa", &trp::lowrank_isa, "Name of the active fused-kernel build: generic, avx2 or avx512.");
     m.def("set_isa", [](const std::string& name) { return trp::lowrank_set_isa(name.c_str()); },

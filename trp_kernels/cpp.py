@@ -198,10 +198,71 @@ def lowrank_conv2d(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor
     return _fused(x, weight1, weight2, bias, stride, padding, dilation, scheme, residual, relu, False)
 
 
+# Checked calls kept for the next call of the same layer on the same shapes
+# (``_C.LowRankPlan``): per weight1 tensor, a weak reference to it and its plans by key.
+# A plan holds the packed panels and the bias it was made with; the key and the weak
+# references to weight2 and bias make sure those are still the caller's tensors, unchanged.
+_PLANS: dict[int, tuple] = {}
+_PLAN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def _tag(t: Optional[torch.Tensor]) -> tuple:
+    return (None,) if t is None else (t._version, t.data_ptr(), t.shape)
+
+
+def _plan_key(x, weight1, weight2, bias, stride, padding, dilation, scheme, residual, relu, linear) -> tuple:
+    return (x.shape, _tag(weight1), _tag(weight2), id(bias), _tag(bias), tuple(stride), tuple(padding),
+            tuple(dilation), scheme, bool(relu), residual is None, linear, _C.vector_width())
+
+
+def _run_plan(x, weight1, weight2, bias, stride, padding, dilation, scheme, residual, relu, linear):
+    """The output of a call that a kept plan can run (None: go the checked way). Every
+    buffer's type, dtype, device, layout, shape and contiguity is checked here first."""
+    cl = torch.channels_last
+    if (type(x) not in _PLAN_TYPES or x.dtype is not torch.float32 or not x.is_cpu or x.is_neg()
+            or not x.is_contiguous(memory_format=cl)):
+        return None
+    entry = _PLANS.get(id(weight1))
+    if entry is None or entry[0]() is not weight1:
+        return None
+    hit = entry[1].get(_plan_key(x, weight1, weight2, bias, stride, padding, dilation, scheme, residual, relu,
+                                 linear))
+    if hit is None or hit[1]() is not weight2 or (bias is not None and hit[2]() is not bias):
+        return None
+    plan, out_shape = hit[0], hit[3]
+    res_ptr = 0
+    if residual is not None:
+        if (type(residual) not in _PLAN_TYPES or residual.dtype is not torch.float32 or not residual.is_cpu
+                or residual.is_neg() or residual.shape != out_shape
+                or not residual.is_contiguous(memory_format=cl)):
+            return None
+        res_ptr = residual.data_ptr()
+    out = torch.empty(out_shape, dtype=torch.float32, memory_format=cl)
+    if out.numel():
+        plan.run(x.data_ptr(), out.data_ptr(), res_ptr, torch.get_num_threads())
+    return out
+
+
+def _keep_plan(plan, out_shape, x, weight1, weight2, bias, stride, padding, dilation, scheme, residual, relu, linear):
+    entry = _PLANS.get(id(weight1))
+    if entry is None or entry[0]() is not weight1:
+        if entry is None:
+            weakref.finalize(weight1, _PLANS.pop, id(weight1), None)
+        entry = _PLANS[id(weight1)] = (weakref.ref(weight1), {})
+    plans = entry[1]
+    if len(plans) >= 16:  # shapes that vary call after call, or weights that keep changing
+        plans.clear()
+    key = _plan_key(x, weight1, weight2, bias, stride, padding, dilation, scheme, residual, relu, linear)
+    plans[key] = (plan, weakref.ref(weight2), (lambda: None) if bias is None else weakref.ref(bias), out_shape)
+
+
 def _fused(x, weight1, weight2, bias, stride, padding, dilation, scheme, residual, relu, linear: bool):
     # linear: the weights are the 2-D (r, c) and (n, r) of a linear layer, used as 1x1
     # kernels (passed as they are, so that their packed panels stay cached on them).
     lib = _require()
+    out = _run_plan(x, weight1, weight2, bias, stride, padding, dilation, scheme, residual, relu, linear)
+    if out is not None:
+        return out
     xa, w1a, w2a = _array(x, "x"), _array(weight1, "weight1"), _array(weight2, "weight2")
     ba = None if bias is None else _array(bias, "bias")
     ra = None if residual is None else _array(residual, "residual")
@@ -218,11 +279,14 @@ def _fused(x, weight1, weight2, bias, stride, padding, dilation, scheme, residua
             xa = _array(x.contiguous(memory_format=cl), "x")
         if ra is not None and not residual.is_contiguous(memory_format=cl):
             ra = _array(residual.contiguous(memory_format=cl), "residual")
-        lib.lowrank_conv(
-            xa.transpose(0, 2, 3, 1), _packed(weight1, "w1"), _packed(weight2, "w2"),
-            None if ba is None else (ba if bias.is_contiguous() else _array(bias.contiguous(), "bias")),
-            None if ra is None else ra.transpose(0, 2, 3, 1), _nhwc(out),
-            scheme, kh, kw, stride2, pad2, dil2, bool(relu), torch.get_num_threads())
+        args = (xa.transpose(0, 2, 3, 1), _packed(weight1, "w1"), _packed(weight2, "w2"),
+                None if ba is None else (ba if bias.is_contiguous() else _array(bias.contiguous(), "bias")),
+                None if ra is None else ra.transpose(0, 2, 3, 1), _nhwc(out), scheme, kh, kw, stride2, pad2, dil2,
+                bool(relu))
+        lib.lowrank_conv(*args, torch.get_num_threads())
+        if bias is None or bias.is_contiguous():  # a plan keeps the bias's memory, not a copy of it
+            _keep_plan(lib.LowRankPlan(*args), out_shape, x, weight1, weight2, bias, stride, padding, dilation,
+                       scheme, residual, relu, linear)
     return out
 
 

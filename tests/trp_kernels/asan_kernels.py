@@ -21,12 +21,15 @@ for isa in ("avx512", "avx2", "generic"):
         for scheme in ("channel", "spatial"):
             # (batch, c_in, c_out, (h, w), rank, stride, dilation, padding (t, b, l, r))
             for (b, c, no, hw, r, st, dil, pad) in [(1,5,7,(9,7),1,(1,1),(1,1),(1,1,1,1)), (3,20,18,(11,9),17,(2,2),(1,1),(1,1,1,1)), (2,6,9,(5,6),40,(1,2),(2,1),(0,1,2,1)), (1,3,5,(2,70),3,(1,1),(1,2),(1,1,2,2))]:
-                x = torch.randn(b, c, *hw); w1 = torch.randn(r, c, 3, 3 if scheme == "channel" else 1)
+                # channels_last, so that the second call runs the plan the first one kept
+                x = torch.randn(b, c, *hw).contiguous(memory_format=torch.channels_last)
+                w1 = torch.randn(r, c, 3, 3 if scheme == "channel" else 1)
                 w2 = torch.randn(no, r, 1, 1 if scheme == "channel" else 3); bias = torch.randn(no)
                 ref = reference.lowrank_conv2d(x, w1, w2, bias, st, pad, dil, scheme)
-                res = torch.randn_like(ref)
-                out = cpp.lowrank_conv2d(x, w1, w2, bias, st, pad, dil, scheme, res, True)
+                res = torch.randn_like(ref).contiguous(memory_format=torch.channels_last)
                 exp = reference.lowrank_conv2d(x, w1, w2, bias, st, pad, dil, scheme, res, True)
-                assert (out - exp).abs().max() <= 1e-4 * exp.abs().max(), (isa, scheme, b, c)
+                for _ in range(2):  # the checked call, then the kept plan
+                    out = cpp.lowrank_conv2d(x, w1, w2, bias, st, pad, dil, scheme, res, True)
+                    assert (out - exp).abs().max() <= 1e-4 * exp.abs().max(), (isa, scheme, b, c)
                 n += 1
 print("ok", n)

@@ -45,7 +45,11 @@ def conv_case(scheme, *case):
 
 
 def check(args):
+    """The kernel's output against the float64 reference, on the first call (checked in full,
+    which keeps a plan) and on the second (run by the kept plan): the two must agree bit for bit."""
     out = cpp.lowrank_conv2d(*args)
+    again = cpp.lowrank_conv2d(*args)
+    assert torch.equal(out, again), "the kept plan's output differs from the first call's"
     exact = reference.lowrank_conv2d(*[a.double() if isinstance(a, torch.Tensor) else a for a in args])
     torch_fp32 = reference.lowrank_conv2d(*args)
     assert out.shape == exact.shape and out.dtype == torch.float32
@@ -120,6 +124,47 @@ def test_weights_are_packed_once_per_tensor(monkeypatch):
         cpp.lowrank_linear(torch.randn(2, 5), w1, w2, None)
     assert len(packs) == 4  # two panels per layer, packed on the first call only
     assert id(w1) in cpp._PACKED and id(w2) in cpp._PACKED
+
+
+def test_kept_plans_follow_the_callers_tensors(monkeypatch):
+    """The second call of a layer runs its kept plan (no full check); a new weight or bias
+    tensor, an in-place change, another input shape or layout, or another ISA build goes
+    the checked way again and gives the right answer."""
+    lib = cpp._require()
+    checked = []
+    real = lib.lowrank_conv
+    monkeypatch.setattr(lib, "lowrank_conv", lambda *a: checked.append(1) or real(*a))
+    x, w1, w2, b, *rest = conv_case("channel", 2, 8, 6, (7, 7), (3, 3), 4, (1, 1), (1, 1), 1, "channels_last", "bias")
+    args = [x, w1, w2, b, *rest]
+    check(tuple(args))
+    assert len(checked) == 1  # the second call ran the plan
+    for i, new in ((1, w1.clone()), (2, w2.clone()), (3, b.clone())):
+        args[i] = new  # same values, a new tensor: checked again, then planned
+        check(tuple(args))
+    assert len(checked) == 4
+    with torch.no_grad():
+        args[1].mul_(-1.5)  # in place: the version changes
+    check(tuple(args))
+    args[0] = torch.randn(3, 8, 7, 7).contiguous(memory_format=torch.channels_last)  # another batch
+    check(tuple(args))
+    args[0] = args[0].contiguous()  # NCHW: converted on the checked path, never planned
+    check(tuple(args))
+    assert len(checked) == 8
+    plan = next(iter(cpp._PLANS[id(args[1])][1].values()))[0]
+    with pytest.raises(ValueError, match="this plan has no residual"):
+        plan.run(1, 1, 1, 1)
+    with pytest.raises(ValueError, match="threads must be >= 1"):
+        plan.run(1, 1, 0, 0)
+    default = lib.isa()
+    if default != "generic" and lib.set_isa("generic"):  # another vector width
+        try:
+            check(tuple(args))  # repacked and planned again, for 4-float vectors
+        finally:
+            lib.set_isa(default)
+        narrow = [v[0] for k, v in cpp._PLANS[id(args[1])][1].items() if k[-1] == 4]
+        assert len(narrow) == 1
+        with pytest.raises(ValueError, match="packed for another vector width"):
+            narrow[0].run(1, 1, 0, 1)  # refused before any pointer is touched
 
 
 def test_bad_arguments_are_named():
