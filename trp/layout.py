@@ -1,9 +1,10 @@
 """The memory layout a compiled model computes in: channels_last from entry to exit.
 
 The fused kernels (C++ on CPU, Triton on CUDA) read and write channels_last (NHWC), and so
-do PyTorch's own fast CPU paths: in ``benches/results/cpu-models.json`` (2-core AMD EPYC)
-the low-rank ResNet-18 run as plain PyTorch takes 14.80 ms at batch 1 in NCHW and 10.58 ms
-in channels_last (its 7×7 stem conv and max-pool are the slowest in NCHW). So a model
+do most of PyTorch's fast CPU paths: in ``benches/results/cpu-models.json`` (2-core AMD
+EPYC) the low-rank ResNet-18 run as plain PyTorch takes 14.33 ms at batch 1 in NCHW and
+10.48 ms in channels_last (its 7×7 stem conv and max-pool are the slowest in NCHW;
+PyTorch's 1×1 convs go the other way at batch 1, which makes ResNet-50 slower). So a model
 compiled for a fused backend converts its 4-D inputs to channels_last once, on entry (every
 layer after keeps the layout), and its 4-D outputs back to the standard contiguous (NCHW)
 format on exit: callers see the same shapes, values and strides as before.
