@@ -324,7 +324,7 @@ public:
     LowRankPlan(py::handle x_obj, py::handle w1_obj, py::handle w2_obj, py::handle bias_obj,
                 py::handle residual_obj, py::handle out_obj, const std::string& scheme, int64_t kh, int64_t kw,
                 py::handle stride_obj, py::handle pad_obj, py::handle dilation_obj, bool relu) {
-        Checking checking("LowRankPlan");
+        Checking checking("lowrank_conv");  // the same checks, the same messages
         call_ = check_lowrank_conv(x_obj, w1_obj, w2_obj, bias_obj, residual_obj, out_obj, scheme, kh, kw,
                                    stride_obj, pad_obj, dilation_obj, relu, 1);
         call_.x = py::array();  // the samples themselves are not kept

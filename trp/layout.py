@@ -108,6 +108,8 @@ def set_channels_last(model: nn.Module, enabled: bool = True, graph: Optional[to
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be True or False, got {enabled!r}")
     _remove(model)
     if enabled:
         entry = entry_module(model, graph)

@@ -154,16 +154,9 @@ def _array(t: torch.Tensor, name: str) -> "numpy.ndarray":  # noqa: F821
     return t.numpy()
 
 
-# The geometry of a call (output size, kernel size, ints for the binding), checked once per
-# distinct set of shapes and conv parameters.
-_GEOMETRY: dict[tuple, tuple] = {}
-
-
 def _geometry(x_shape, w1_shape, w2_shape, stride, padding, dilation, scheme) -> tuple:
-    key = (x_shape, w1_shape, w2_shape, tuple(stride), tuple(padding), tuple(dilation), scheme)
-    hit = _GEOMETRY.get(key)
-    if hit is not None:
-        return hit
+    """The output shape and the binding's geometry ints of a call, checked (once per kept
+    plan: later calls of a layer skip this)."""
     if len(x_shape) != 4 or len(w1_shape) != 4 or len(w2_shape) != 4:
         raise ValueError(f"lowrank_conv2d: x, weight1 and weight2 must be 4-D, got shapes {tuple(x_shape)}, "
                          f"{tuple(w1_shape)}, {tuple(w2_shape)}")
@@ -178,12 +171,8 @@ def _geometry(x_shape, w1_shape, w2_shape, stride, padding, dilation, scheme) ->
     kh, kw = (w1_shape[2], w1_shape[3]) if scheme == "channel" else (w1_shape[2], w2_shape[3])
     ho, wo = conv_output_hw(x_shape[-2:], (kh, kw), stride, padding, dilation)
     out_shape = (x_shape[0], w2_shape[0], max(ho, 0), max(wo, 0))
-    hit = (out_shape, int(kh), int(kw), (int(stride[0]), int(stride[1])), (int(padding[0]), int(padding[2])),
-           (int(dilation[0]), int(dilation[1])))
-    if len(_GEOMETRY) > 4096:  # a model has a few dozen; shapes that vary call after call
-        _GEOMETRY.clear()
-    _GEOMETRY[key] = hit
-    return hit
+    return (out_shape, int(kh), int(kw), (int(stride[0]), int(stride[1])), (int(padding[0]), int(padding[2])),
+            (int(dilation[0]), int(dilation[1])))
 
 
 def lowrank_conv2d(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor, bias: Optional[torch.Tensor],
@@ -279,14 +268,16 @@ def _fused(x, weight1, weight2, bias, stride, padding, dilation, scheme, residua
             xa = _array(x.contiguous(memory_format=cl), "x")
         if ra is not None and not residual.is_contiguous(memory_format=cl):
             ra = _array(residual.contiguous(memory_format=cl), "residual")
-        args = (xa.transpose(0, 2, 3, 1), _packed(weight1, "w1"), _packed(weight2, "w2"),
-                None if ba is None else (ba if bias.is_contiguous() else _array(bias.contiguous(), "bias")),
-                None if ra is None else ra.transpose(0, 2, 3, 1), _nhwc(out), scheme, kh, kw, stride2, pad2, dil2,
-                bool(relu))
-        lib.lowrank_conv(*args, torch.get_num_threads())
+        # The plan checks every array it is given; it then runs on those very arrays.
+        plan = lib.LowRankPlan(
+            xa.transpose(0, 2, 3, 1), _packed(weight1, "w1"), _packed(weight2, "w2"),
+            None if ba is None else (ba if bias.is_contiguous() else _array(bias.contiguous(), "bias")),
+            None if ra is None else ra.transpose(0, 2, 3, 1), _nhwc(out), scheme, kh, kw, stride2, pad2, dil2,
+            bool(relu))
+        plan.run(xa.ctypes.data, out.data_ptr(), 0 if ra is None else ra.ctypes.data, torch.get_num_threads())
         if bias is None or bias.is_contiguous():  # a plan keeps the bias's memory, not a copy of it
-            _keep_plan(lib.LowRankPlan(*args), out_shape, x, weight1, weight2, bias, stride, padding, dilation,
-                       scheme, residual, relu, linear)
+            _keep_plan(plan, out_shape, x, weight1, weight2, bias, stride, padding, dilation, scheme, residual, relu,
+                       linear)
     return out
 
 
@@ -294,9 +285,15 @@ def lowrank_linear(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor
                    residual: Optional[torch.Tensor] = None, relu: bool = False) -> torch.Tensor:
     """``reference.lowrank_linear`` in the fused kernel: the rows of ``x`` are the pixels of a
     1×1 channel-scheme conv."""
+    for name, t in (("x", x), ("weight1", weight1), ("weight2", weight2)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"lowrank_linear: {name} must be a torch.Tensor, got {type(t).__name__}")
     for name, w in (("weight1", weight1), ("weight2", weight2)):
-        if isinstance(w, torch.Tensor) and w.dim() != 2:
+        if w.dim() != 2:
             raise ValueError(f"lowrank_linear: {name} must be 2-D, got shape {tuple(w.shape)}")
+    if x.dim() == 0 or x.shape[-1] != weight1.shape[1] or weight2.shape[1] != weight1.shape[0]:
+        raise ValueError(f"lowrank_linear: shapes do not chain: x {tuple(x.shape)} (last dimension = in "
+                         f"features), weight1 {tuple(weight1.shape)}, weight2 {tuple(weight2.shape)}")
     lead, k = x.shape[:-1], x.shape[-1]
     x4 = x.reshape(-1, k)[:, :, None, None]
     res4 = None if residual is None else residual.reshape(-1, weight2.shape[0])[:, :, None, None]

@@ -240,7 +240,7 @@ def lowrank_conv2d(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor
         # once, at its first low-rank layer, and PyTorch's own ops keep the layout after.
         x = x.contiguous(memory_format=torch.channels_last)
     direct = _plain_eager(x, weight1, weight2, bias, residual)
-    if direct and name == "cpp" and "cpp" in _FUSED:  # _resolve checked device and dtype
+    if direct and _runs_cpp_kernel(x, name):
         return cpp.lowrank_conv2d(x, weight1, weight2, bias, stride, padding, dilation, scheme, residual, relu)
     args = (x, weight1, weight2, bias, residual, list(stride), list(padding), list(dilation))
     if name == "triton":

@@ -130,3 +130,5 @@ def test_bad_arguments():
         trp.compile(resnet20(), ratio=0.5, channels_last="yes")
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         layout.set_channels_last(lambda x: x)
+    with pytest.raises(TypeError, match="enabled must be True or False"):
+        layout.set_channels_last(resnet20(), enabled="yes")

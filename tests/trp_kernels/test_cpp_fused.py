@@ -132,8 +132,8 @@ def test_kept_plans_follow_the_callers_tensors(monkeypatch):
     the checked way again and gives the right answer."""
     lib = cpp._require()
     checked = []
-    real = lib.lowrank_conv
-    monkeypatch.setattr(lib, "lowrank_conv", lambda *a: checked.append(1) or real(*a))
+    real = lib.LowRankPlan
+    monkeypatch.setattr(lib, "LowRankPlan", lambda *a: checked.append(1) or real(*a))
     x, w1, w2, b, *rest = conv_case("channel", 2, 8, 6, (7, 7), (3, 3), 4, (1, 1), (1, 1), 1, "channels_last", "bias")
     args = [x, w1, w2, b, *rest]
     check(tuple(args))
@@ -180,6 +180,10 @@ def test_bad_arguments_are_named():
         cpp.lowrank_conv2d(x, w1, w2, b, (0, 1), pad4, dil, scheme, res, relu)
     with pytest.raises(ValueError, match="shapes do not chain"):
         cpp.lowrank_conv2d(x, w1[:, :4], w2, b, stride, pad4, dil, scheme, res, relu)
+    with pytest.raises(TypeError, match="lowrank_linear: x must be a torch.Tensor"):
+        cpp.lowrank_linear("x", torch.randn(3, 5), torch.randn(4, 3), None)
+    with pytest.raises(ValueError, match="lowrank_linear: shapes do not chain"):
+        cpp.lowrank_linear(torch.randn(2, 6), torch.randn(3, 5), torch.randn(4, 3), None)
     lib = cpp._require()
     out = torch.empty(1, 7, 6, 6).to(memory_format=torch.channels_last)
     p1, p2 = cpp._packed(w1, "w1"), cpp._packed(w2, "w2")
