@@ -22,6 +22,11 @@ namespace {
 // int64 (dil * (k - 1) < 2^62). Nothing real comes near it.
 constexpr int64_t kMaxDim = (int64_t{1} << 31) - 1;
 
+// The fused kernels keep a row pointer per tap and tile pixel: kernels up to 64 x 64 taps
+// (exported as MAX_KERNEL, which the Python dispatch reads so that it never picks these
+// kernels for a layer they refuse).
+constexpr int64_t kMaxKernel = 64;
+
 // The entry point whose arguments are being checked, named in every error.
 thread_local const char* t_function = "conv2d_direct";
 
@@ -241,8 +246,8 @@ CheckedCall check_lowrank_conv(py::handle x_obj, py::handle w1_obj, py::handle w
     }
     const bool channel = scheme == "channel";
     py::array x = require_f32(x_obj, "x", 4, "(batch, height, width, channels) NHWC");
-    py::array w1 = require_f32(w1_obj, "w1", 2, "(taps * in_channels, rank_padded)");
-    py::array w2 = require_f32(w2_obj, "w2", 2, "(taps * rank_padded, out_channels_padded)");
+    py::array w1 = require_f32(w1_obj, "w1", 2, "(taps * in_channels, rank)");
+    py::array w2 = require_f32(w2_obj, "w2", 2, "(taps * rank, out_channels)");
     py::array out = require_f32(out_obj, "out", 4, "(batch, out_h, out_w, out_channels) NHWC");
     if (!out.writeable()) value_error("out must be writeable");
     const bool has_bias = !bias_obj.is_none(), has_res = !residual_obj.is_none();
@@ -250,34 +255,26 @@ CheckedCall check_lowrank_conv(py::handle x_obj, py::handle w1_obj, py::handle w
     if (has_bias) bias = require_f32(bias_obj, "bias", 1, "(out_channels,)");
     if (has_res) res = require_f32(residual_obj, "residual", 4, "(batch, out_h, out_w, out_channels) NHWC");
     const auto [stride, pad, dil] = parse_geometry(stride_obj, pad_obj, dilation_obj);
-    if (kh < 1 || kw < 1 || kh > 64 || kw > 64) {
-        value_error("kernel size must be within 1..64, got " + pair_str(kh, kw));
+    if (kh < 1 || kw < 1 || kh > kMaxKernel || kw > kMaxKernel) {
+        value_error("kernel size must be within 1.." + std::to_string(kMaxKernel) + ", got " + pair_str(kh, kw));
     }
     if (threads < 1) value_error("threads must be >= 1, got " + std::to_string(threads));
     for (py::ssize_t d = 1; d < 3; ++d) {
         if (x.shape(d) > kMaxDim) value_error("x spatial sizes must be <= " + std::to_string(kMaxDim));
     }
 
-    const int64_t vw = trp::lowrank_vector_width();
     trp::LowRankConvArgs a{};
     a.batch = x.shape(0); a.in_h = x.shape(1); a.in_w = x.shape(2); a.in_c = x.shape(3);
     a.kh = kh; a.kw = kw;
     a.stride_h = stride[0]; a.stride_w = stride[1]; a.pad_top = pad[0]; a.pad_left = pad[1];
     a.dil_h = dil[0]; a.dil_w = dil[1];
     a.out_h = out.shape(1); a.out_w = out.shape(2); a.out_c = out.shape(3);
-    a.rank_padded = w1.shape(1);
-    a.out_c_padded = w2.shape(1);
+    a.rank = w1.shape(1);
     const int64_t taps1 = channel ? kh * kw : kh, taps2 = channel ? 1 : kw;
-    if (a.rank_padded < 1 || a.rank_padded % vw) {
-        value_error("w1.shape[1] (the padded rank) must be a positive multiple of the vector width " +
-                    std::to_string(vw) + ", got " + std::to_string(a.rank_padded));
-    }
-    if (a.out_c_padded < a.out_c || a.out_c_padded % vw) {
-        value_error("w2.shape[1] must be a multiple of the vector width " + std::to_string(vw) +
-                    " and >= out_channels " + std::to_string(a.out_c) + ", got " + std::to_string(a.out_c_padded));
-    }
+    if (a.rank < 1) value_error("w1.shape[1] (the rank) must be >= 1, got " + std::to_string(a.rank));
     check_dim(w1, "w1", 0, taps1 * a.in_c, "taps x in_channels");
-    check_dim(w2, "w2", 0, taps2 * a.rank_padded, "taps x padded rank");
+    check_dim(w2, "w2", 0, taps2 * a.rank, "taps x rank");
+    check_dim(w2, "w2", 1, a.out_c, "out's channels");
     check_dim(out, "out", 0, a.batch, "x's batch");
     // out's size fixes the bottom/right padding; any size is memory-safe, since every input
     // read outside x is replaced by a zero row.
@@ -344,13 +341,6 @@ public:
                                       : "this plan has no residual: pass 0");
         }
         if (threads < 1) value_error("threads must be >= 1, got " + std::to_string(threads));
-        // The packed panels were padded for the vector width of the build active when the
-        // plan was made; another build would read past them.
-        const int64_t vw = trp::lowrank_vector_width();
-        if (call_.a.rank_padded % vw || call_.a.out_c_padded % vw) {
-            value_error("the plan's weights were packed for another vector width than the active " +
-                        std::to_string(vw) + "-float build; make a new plan");
-        }
         trp::LowRankConvArgs a = call_.a;
         a.x = reinterpret_cast<const float*>(x);
         a.out = reinterpret_cast<float*>(out);
@@ -397,8 +387,8 @@ PYBIND11_MODULE(_C, m) {
           py::arg("residual").none(true), py::arg("out"), py::arg("scheme"), py::arg("kh"), py::arg("kw"),
           py::arg("stride"), py::arg("padding"), py::arg("dilation"), py::arg("relu"), py::arg("threads"),
           "Fused low-rank conv (both factors + bias/residual/ReLU) into `out`, all NHWC float32.\n\n"
-          "w1, w2: packed panels (see trp_kernels/cpp.py); padding: (top, left), the bottom/right "
-          "padding being implied by out's size. Releases the GIL.");
+          "w1, w2: the factors as row-major panels [taps * in][out] (see trp_kernels/cpp.py); padding: "
+          "(top, left), the bottom/right padding being implied by out's size. Releases the GIL.");
     py::class_<LowRankPlan>(m, "LowRankPlan",
                             "lowrank_conv checked once, on sample arrays of the shapes it will run on; "
                             "run() then takes only data pointers (the caller guarantees their shapes).")
@@ -409,6 +399,7 @@ PYBIND11_MODULE(_C, m) {
              py::arg("padding"), py::arg("dilation"), py::arg("relu"))
         .def("run", &LowRankPlan::run, py::arg("x"), py::arg("out"), py::arg("residual"), py::arg("threads"),
              "Run on the buffers at these addresses (residual: 0 for none). Releases the GIL.");
+    m.attr("MAX_KERNEL") = kMaxKernel;
     m.def("vector_width", &trp::lowrank_vector_width, "Floats per vector of the active fused-kernel build.");
     m.def("isa", &trp::lowrank_isa, "Name of the active fused-kernel build: generic, avx2 or avx512.");
     m.def("set_isa", [](const std::string& name) { return trp::lowrank_set_isa(name.c_str()); },

@@ -3,9 +3,10 @@
 // buffer that stays in L1/L2, then the epilogue (bias, residual, ReLU); only the output is
 // written to memory.
 //
-// Everything is NHWC (channels last) and float32. Weights are pre-packed once (by the
-// Python side, trp_kernels/cpp.py) into row-major GEMM panels whose column count is padded with zeros to a
-// multiple of the vector width, so the inner kernels never need a column tail.
+// Everything is NHWC (channels last) and float32. Each factor is read in place as a
+// row-major GEMM panel [taps * K][cols]: a conv weight (cols, K, kh, kw) stored kh, kw, K,
+// cols ("HWIO"), the layout trp's modules keep their factors in (trp_kernels/cpp.py), so
+// what the kernels read is always the parameters' current values.
 //
 // The kernels are compiled once per instruction set (AVX-512, AVX2+FMA, and a portable
 // build) from lowrank_kernels.inc; lowrank_cpu.cpp picks one at run time.
@@ -18,10 +19,10 @@ namespace trp {
 struct LowRankConvArgs {
     const float* x;           // input, NHWC contiguous: [batch][in_h][in_w][in_c]
     int64_t batch, in_h, in_w, in_c;
-    const float* w1;          // first factor, packed: [taps1][in_c][rank_padded]
-    int64_t rank_padded;      // rank rounded up to the vector width (zero columns)
-    const float* w2;          // second factor, packed: [taps2][rank_padded][out_c_padded]
-    int64_t out_c, out_c_padded;
+    const float* w1;          // first factor: [taps1][in_c][rank]
+    int64_t rank;
+    const float* w2;          // second factor: [taps2][rank][out_c]
+    int64_t out_c;
     const float* bias;        // [out_c] or null
     const float* residual;    // NHWC contiguous [batch][out_h][out_w][out_c] or null
     float* out;               // NHWC contiguous [batch][out_h][out_w][out_c]
@@ -34,7 +35,7 @@ struct LowRankConvArgs {
 
 // channel scheme: kh x kw conv in_c -> rank, then 1x1 rank -> out_c.
 //   w1 taps1 = kh*kw (tap t = i*kw + j), w2 taps2 = 1.
-// Both return false only when a thread's scratch (a few hundred KiB) cannot be allocated.
+// Both return false only when scratch memory (a few hundred KiB) cannot be allocated.
 bool lowrank_conv_channel(const LowRankConvArgs& a);
 
 // spatial scheme: kh x 1 conv in_c -> rank (vertical geometry), then 1 x kw rank -> out_c
@@ -42,11 +43,11 @@ bool lowrank_conv_channel(const LowRankConvArgs& a);
 bool lowrank_conv_spatial(const LowRankConvArgs& a);
 
 // Floats per vector of the kernels this CPU runs (16 AVX-512, 8 AVX2, 4 portable) and
-// the name of that build: packing pads to a multiple of it.
+// the name of that build.
 int lowrank_vector_width();
 const char* lowrank_isa();
 // Switch to the named build ("generic", "avx2", "avx512"); false if this CPU (or this
-// build of the extension) lacks it. For tests: packed weights depend on the width.
+// build of the extension) lacks it. For tests.
 bool lowrank_set_isa(const char* name);
 
 namespace isa_avx512 {

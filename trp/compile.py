@@ -17,7 +17,7 @@ import torch.fx
 import torch.nn as nn
 
 from trp import decompose, epilogue, layout
-from trp.modules import LOWRANK_TYPES, LowRankConv2d, check_backend, from_factors
+from trp.modules import LOWRANK_TYPES, NAME_ATTR, LowRankConv2d, check_backend, from_factors
 from trp_kernels import ops
 
 FilterFn = Callable[[nn.Module, str], bool]
@@ -396,9 +396,11 @@ def compile(model: nn.Module, *, energy: Optional[float] = None, rank: Optional[
         setattr(m, NOTE_ATTR, note)
     for parent, name, new, _old in swaps:
         setattr(parent, name, new)
-    for _, m, _, _ in walk(model):
+    for fqn, m, _, _ in walk(model):
         if isinstance(m, LOWRANK_TYPES):
             m.backend = cfg.backend
+            m.lay_out()  # a layer factored before may hold its factors for another backend
+            setattr(m, NAME_ATTR, fqn)
     if cfg.fuse_epilogue:
         model, _ = epilogue.fuse(model)
     if channels_last is None:

@@ -2,6 +2,16 @@
 
 The arithmetic runs in :mod:`trp_kernels.ops`, which picks the kernel for the input's
 device; the factors are ordinary trainable parameters, so fine-tuning works.
+
+The factors live in the memory layout that their backend's kernel reads in place
+(:func:`trp_kernels.ops.kernel_layout`: for the fused C++ kernels a dense permutation of
+the standard strides), so that the kernel always computes with the parameters' current
+values, however they were written (any optimizer, fused or not, ``.data``, ``copy_``,
+``load_state_dict``, numpy views). The layout is chosen when a layer is built, when
+:func:`trp.compile` sets its backend, and when ``.to()``/``.cuda()``/``.float()`` and the
+like convert it; setting ``backend`` by hand leaves it (a layer whose factors are in
+another layout is still computed correctly, its factors copied on each call), since
+changing a parameter's strides under a ``fused=True`` optimizer's state corrupts it.
 """
 
 from __future__ import annotations
@@ -14,9 +24,11 @@ import torch.nn as nn
 
 from trp import decompose
 from trp_kernels import ops
-from trp_kernels.reference import _pair, conv_output_hw, epilogue, resolve_padding
+from trp_kernels.reference import _pair, conv_output_hw, epilogue, input_too_small, min_input_hw, resolve_padding
 
 BACKEND_CHOICES = ("auto", *ops.BACKENDS)
+# The fqn under which trp.compile / trp.load put a layer in its model, named in its errors.
+NAME_ATTR = "_trp_name"
 
 
 def check_backend(backend: str) -> str:
@@ -68,7 +80,35 @@ class _LowRank(nn.Module):
         parameters'); raises :class:`trp_kernels.ops.BackendError` if an explicit backend
         cannot run them."""
         p = self.weight1
-        return ops.resolve_backend(self._backend, device or p.device, dtype or p.dtype)
+        return ops.resolve_backend(self._backend, device or p.device, dtype or p.dtype, self.rank,
+                                   getattr(self, "kernel_size", (1, 1)))
+
+    def _describe(self) -> str:
+        name = getattr(self, NAME_ATTR, None)
+        return f"layer {name!r} ({type(self).__name__})" if name else f"{type(self).__name__}({self.extra_repr()})"
+
+    def lay_out(self) -> None:
+        """Put the factors (and their gradients, so that an optimizer sees one layout) in the
+        memory layout the backend's kernel reads in place; see the module docstring."""
+        for name in ("weight1", "weight2"):
+            p = self._parameters[name]
+            data = p.data
+            laid = ops.kernel_layout(data, self._backend)
+            if laid is data:
+                continue
+            p.data = laid
+            if p.grad is not None:
+                p.grad = torch.empty_like(laid).copy_(p.grad)
+
+    def _apply(self, fn, recurse=True):
+        def tags():
+            return [(p.device, p.dtype, p.stride()) for p in (self.weight1, self.weight2)]
+
+        before = tags()
+        result = super()._apply(fn, recurse)
+        if tags() != before:  # converted (device, dtype or memory format): lay out anew
+            self.lay_out()
+        return result
 
     def _check_rank(self) -> None:
         _positive_int(self.rank, "rank")
@@ -108,6 +148,7 @@ class LowRankConv2d(_LowRank):
         kh, kw = self.kernel_size
         shape1, shape2 = ((rank, in_channels, kh, kw), (out_channels, rank, 1, 1)) if scheme == "channel" \
             else ((rank, in_channels, kh, 1), (out_channels, rank, 1, kw))
+        self._min_hw = min_input_hw(self.kernel_size, self._padding4, self.dilation)
         factory = dict(device=device, dtype=dtype)
         self.weight1 = nn.Parameter(torch.empty(shape1, **factory))
         self.weight2 = nn.Parameter(torch.empty(shape2, **factory))
@@ -115,6 +156,7 @@ class LowRankConv2d(_LowRank):
             self.bias = nn.Parameter(torch.empty(out_channels, **factory))
         else:
             self.register_parameter("bias", None)
+        self.lay_out()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -165,6 +207,8 @@ class LowRankConv2d(_LowRank):
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"input must be (N, {self.in_channels}, H, W) or ({self.in_channels}, H, W), "
                              f"got shape {tuple(x.shape)}")
+        if x.shape[2] < self._min_hw[0] or x.shape[3] < self._min_hw[1]:
+            raise input_too_small(self._describe(), x.shape[2:], self.kernel_size, self._padding4, self.dilation)
         geometry = (self.stride, self._padding4, self.dilation, self.scheme, self._backend)
         if residual is not None and residual.shape != self._out_shape(x):  # broadcasting: not fused
             _check_broadcast(residual, self._out_shape(x))
@@ -216,6 +260,7 @@ class LowRankLinear(_LowRank):
             self.bias = nn.Parameter(torch.empty(out_features, **factory))
         else:
             self.register_parameter("bias", None)
+        self.lay_out()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

@@ -53,6 +53,11 @@ def has_fused_kernels() -> bool:
     return _C is not None and hasattr(_C, "lowrank_conv")
 
 
+def max_kernel() -> int:
+    """The largest kernel height or width the fused kernels take (the C++ side's own limit)."""
+    return int(_require().MAX_KERNEL)
+
+
 def unavailable_reason() -> str | None:
     """Why the extension is not loaded, or None when it is."""
     return _UNAVAILABLE_REASON
@@ -93,46 +98,41 @@ def conv2d_direct(
 
 # --- fused low-rank layers --------------------------------------------------------------
 
-# Packed weight panels, computed once per weight tensor and version (an optimizer step or
-# an in-place copy bumps the version, which repacks) and per vector width.
-# Keyed by id (tensors compare elementwise, so they cannot be dict keys by value); the
-# entry holds a weak reference to check identity and is dropped when the tensor dies.
-_PACKED: dict[int, tuple] = {}
+# The kernels read each factor in place, as the row-major GEMM panel [kh*kw*in][out]: a
+# conv factor (out, in, kh, kw) whose memory runs kh, kw, in, out ("HWIO"), a linear factor
+# (out, in) stored transposed. trp's modules keep their factors in this layout
+# (kernel_layout, through trp_kernels.ops), so the kernel reads the parameters themselves:
+# there is no packed copy that an optimizer, a ``.data`` write or a numpy view could leave
+# behind. A factor in another layout is copied into a panel on every call, never cached.
+
+def _hwio(w: torch.Tensor) -> torch.Tensor:
+    return w.permute(2, 3, 1, 0) if w.dim() == 4 else w.t()
 
 
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
+def in_kernel_layout(w: torch.Tensor) -> bool:
+    """Whether the fused kernels read ``w`` (a 4-D conv or 2-D linear factor) in place."""
+    return _hwio(w).is_contiguous() and not w.is_neg()
 
 
-def _packed(w: torch.Tensor, how: str) -> "numpy.ndarray":  # noqa: F821
-    """``w`` as the GEMM panel the kernels read (a numpy view), cached on the tensor."""
-    width = _require().vector_width()
-    key = (w._version, width, how, w.shape, w.data_ptr())
-    hit = _PACKED.get(id(w))
-    if hit is not None and hit[0]() is w and hit[1] == key:
-        return hit[2]
-    owner, w = w, w.detach()  # cache on the caller's tensor: the detached view dies at once
-    if w.dim() == 2:  # a linear layer's factor: a 1x1 kernel
-        w = w[:, :, None, None]
-    with torch.no_grad():
-        if how == "w1":       # (r, c, kh, kw) -> [kh*kw*c][r_pad]
-            r = w.shape[0]
-            panel = w.permute(2, 3, 1, 0).reshape(-1, r)
-            rows_pad = panel.shape[0]
-        elif how == "w2":     # (n, r, 1, kw) -> [kw*r_pad][n_pad]
-            n, r, kw = w.shape[0], w.shape[1], w.shape[3]
-            panel = w.permute(3, 1, 0, 2).reshape(kw, r, n)
-            panel = torch.nn.functional.pad(panel, (0, 0, 0, _round_up(r, width) - r)).reshape(-1, n)
-            rows_pad = panel.shape[0]
-        else:
-            raise ValueError(f"unknown packing {how!r}")
-        cols = panel.shape[1]
-        out = torch.zeros(rows_pad, _round_up(cols, width), dtype=torch.float32)
-        out[:, :cols] = panel
-    if id(owner) not in _PACKED:
-        weakref.finalize(owner, _PACKED.pop, id(owner), None)
-    _PACKED[id(owner)] = (weakref.ref(owner), key, out.numpy())
-    return _PACKED[id(owner)][2]
+def kernel_layout(w: torch.Tensor) -> torch.Tensor:
+    """``w`` itself when the kernels read it in place, else a copy with the same values,
+    shape and dtype laid out so (a dense permutation of the standard strides, which
+    optimizers, autograd and ``state_dict`` carry like any other)."""
+    if in_kernel_layout(w):
+        return w
+    order = (3, 2, 0, 1) if w.dim() == 4 else (1, 0)
+    return _hwio(w.resolve_neg()).contiguous().permute(*order)
+
+
+def _panel(w: torch.Tensor, name: str) -> tuple["numpy.ndarray", bool]:  # noqa: F821
+    """(``w`` as the kernel's panel, whether that panel is ``w``'s own memory)."""
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"lowrank_conv2d: {name} must be a torch.Tensor, got {type(w).__name__}")
+    _array(w, name)  # the type, device, dtype and layout checks, with their messages
+    t = w.detach()
+    view = in_kernel_layout(t)
+    panel = _hwio(t.resolve_neg()).contiguous().view(-1, t.shape[0])
+    return panel.numpy(), view
 
 
 def _nhwc(t: torch.Tensor) -> "numpy.ndarray":  # noqa: F821
@@ -165,12 +165,12 @@ def _geometry(x_shape, w1_shape, w2_shape, stride, padding, dilation, scheme) ->
                          f"{tuple(w1_shape)}, weight2 {tuple(w2_shape)}")
     if scheme not in ("channel", "spatial"):
         raise ValueError(f"lowrank_conv2d: scheme must be 'channel' or 'spatial', got {scheme!r}")
-    from trp_kernels.reference import check_geometry, conv_output_hw  # reference imports nothing of ours
+    from trp_kernels.reference import check_geometry, checked_output_hw  # reference imports nothing of ours
 
     check_geometry("lowrank_conv2d", stride, padding, dilation)
     kh, kw = (w1_shape[2], w1_shape[3]) if scheme == "channel" else (w1_shape[2], w2_shape[3])
-    ho, wo = conv_output_hw(x_shape[-2:], (kh, kw), stride, padding, dilation)
-    out_shape = (x_shape[0], w2_shape[0], max(ho, 0), max(wo, 0))
+    ho, wo = checked_output_hw("lowrank_conv2d", x_shape[-2:], (kh, kw), stride, padding, dilation)
+    out_shape = (x_shape[0], w2_shape[0], ho, wo)
     return (out_shape, int(kh), int(kw), (int(stride[0]), int(stride[1])), (int(padding[0]), int(padding[2])),
             (int(dilation[0]), int(dilation[1])))
 
@@ -189,19 +189,20 @@ def lowrank_conv2d(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor
 
 # Checked calls kept for the next call of the same layer on the same shapes
 # (``_C.LowRankPlan``): per weight1 tensor, a weak reference to it and its plans by key.
-# A plan holds the packed panels and the bias it was made with; the key and the weak
-# references to weight2 and bias make sure those are still the caller's tensors, unchanged.
+# A plan is kept only when it reads the weights' and the bias's own memory (never a copy),
+# so it always computes with their current values; the key (each tensor's address, shape
+# and strides) and the weak references make sure they are still the caller's tensors.
 _PLANS: dict[int, tuple] = {}
 _PLAN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
 def _tag(t: Optional[torch.Tensor]) -> tuple:
-    return (None,) if t is None else (t._version, t.data_ptr(), t.shape)
+    return (None,) if t is None else (t.data_ptr(), t.shape, t.stride())
 
 
 def _plan_key(x, weight1, weight2, bias, stride, padding, dilation, scheme, residual, relu, linear) -> tuple:
     return (x.shape, _tag(weight1), _tag(weight2), id(bias), _tag(bias), tuple(stride), tuple(padding),
-            tuple(dilation), scheme, bool(relu), residual is None, linear, _C.vector_width())
+            tuple(dilation), scheme, bool(relu), residual is None, linear)
 
 
 def _run_plan(x, weight1, weight2, bias, stride, padding, dilation, scheme, residual, relu, linear):
@@ -210,7 +211,7 @@ def _run_plan(x, weight1, weight2, bias, stride, padding, dilation, scheme, resi
     cl = torch.channels_last
     if (type(x) not in _PLAN_TYPES or x.dtype is not torch.float32 or not x.is_cpu or x.is_neg()
             or not x.is_contiguous(memory_format=cl)):
-        return None
+        return None  # (weight1's entry exists only for a weight checked to be a float32 CPU tensor)
     entry = _PLANS.get(id(weight1))
     if entry is None or entry[0]() is not weight1:
         return None
@@ -239,7 +240,7 @@ def _keep_plan(plan, out_shape, x, weight1, weight2, bias, stride, padding, dila
             weakref.finalize(weight1, _PLANS.pop, id(weight1), None)
         entry = _PLANS[id(weight1)] = (weakref.ref(weight1), {})
     plans = entry[1]
-    if len(plans) >= 16:  # shapes that vary call after call, or weights that keep changing
+    if len(plans) >= 16:  # shapes that vary call after call, or weights that keep moving
         plans.clear()
     key = _plan_key(x, weight1, weight2, bias, stride, padding, dilation, scheme, residual, relu, linear)
     plans[key] = (plan, weakref.ref(weight2), (lambda: None) if bias is None else weakref.ref(bias), out_shape)
@@ -247,15 +248,17 @@ def _keep_plan(plan, out_shape, x, weight1, weight2, bias, stride, padding, dila
 
 def _fused(x, weight1, weight2, bias, stride, padding, dilation, scheme, residual, relu, linear: bool):
     # linear: the weights are the 2-D (r, c) and (n, r) of a linear layer, used as 1x1
-    # kernels (passed as they are, so that their packed panels stay cached on them).
+    # kernels.
     lib = _require()
     out = _run_plan(x, weight1, weight2, bias, stride, padding, dilation, scheme, residual, relu, linear)
     if out is not None:
         return out
-    xa, w1a, w2a = _array(x, "x"), _array(weight1, "weight1"), _array(weight2, "weight2")
+    xa = _array(x, "x")
+    (w1a, view1), (w2a, view2) = _panel(weight1, "weight1"), _panel(weight2, "weight2")
     ba = None if bias is None else _array(bias, "bias")
     ra = None if residual is None else _array(residual, "residual")
-    w1_shape, w2_shape = (w1a.shape + (1, 1), w2a.shape + (1, 1)) if linear else (w1a.shape, w2a.shape)
+    w1_shape, w2_shape = (tuple(weight1.shape) + (1, 1), tuple(weight2.shape) + (1, 1)) if linear else \
+        (tuple(weight1.shape), tuple(weight2.shape))
     out_shape, kh, kw, stride2, pad2, dil2 = _geometry(xa.shape, w1_shape, w2_shape, stride, padding, dilation,
                                                        scheme)
     out = torch.empty(out_shape, dtype=torch.float32, memory_format=torch.channels_last)
@@ -268,14 +271,15 @@ def _fused(x, weight1, weight2, bias, stride, padding, dilation, scheme, residua
             xa = _array(x.contiguous(memory_format=cl), "x")
         if ra is not None and not residual.is_contiguous(memory_format=cl):
             ra = _array(residual.contiguous(memory_format=cl), "residual")
+        bias_view = bias is None or bias.is_contiguous()
         # The plan checks every array it is given; it then runs on those very arrays.
         plan = lib.LowRankPlan(
-            xa.transpose(0, 2, 3, 1), _packed(weight1, "w1"), _packed(weight2, "w2"),
-            None if ba is None else (ba if bias.is_contiguous() else _array(bias.contiguous(), "bias")),
+            xa.transpose(0, 2, 3, 1), w1a, w2a,
+            None if ba is None else (ba if bias_view else _array(bias.contiguous(), "bias")),
             None if ra is None else ra.transpose(0, 2, 3, 1), _nhwc(out), scheme, kh, kw, stride2, pad2, dil2,
             bool(relu))
         plan.run(xa.ctypes.data, out.data_ptr(), 0 if ra is None else ra.ctypes.data, torch.get_num_threads())
-        if bias is None or bias.is_contiguous():  # a plan keeps the bias's memory, not a copy of it
+        if view1 and view2 and bias_view:  # a plan over copies would not see later writes
             _keep_plan(plan, out_shape, x, weight1, weight2, bias, stride, padding, dilation, scheme, residual, relu,
                        linear)
     return out
@@ -295,7 +299,7 @@ def lowrank_linear(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor
         raise ValueError(f"lowrank_linear: shapes do not chain: x {tuple(x.shape)} (last dimension = in "
                          f"features), weight1 {tuple(weight1.shape)}, weight2 {tuple(weight2.shape)}")
     lead, k = x.shape[:-1], x.shape[-1]
-    x4 = x.reshape(-1, k)[:, :, None, None]
+    x4 = x.reshape(-1, k)[:, :, None, None]  # the 2-D weights go as they are: their own memory is the panel
     res4 = None if residual is None else residual.reshape(-1, weight2.shape[0])[:, :, None, None]
     out = _fused(x4, weight1, weight2, bias, (1, 1), (0, 0, 0, 0), (1, 1), "channel", res4, relu, True)
     return out.reshape(*lead, weight2.shape[0]).contiguous()

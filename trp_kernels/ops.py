@@ -70,9 +70,10 @@ class BackendError(RuntimeError):
 
 
 def refusals(backend: str, device: torch.device | str, dtype: torch.dtype,
-             rank: Optional[int] = None) -> list[str]:
+             rank: Optional[int] = None, kernel_size: Optional[Sequence[int]] = None) -> list[str]:
     """Why ``backend`` cannot run tensors of ``device``/``dtype`` (and factors of ``rank``,
-    when given); empty: it can."""
+    a conv of ``kernel_size``, when given); empty: it can. The kernels' own limits are read
+    from the kernels, so that dispatch and their checks cannot disagree."""
     device = torch.device(device)
     reasons = []
     if backend == "torch":
@@ -95,48 +96,78 @@ def refusals(backend: str, device: torch.device | str, dtype: torch.dtype,
             reasons.append(f"tensors are on {device.type}; cpp needs cpu")
         if dtype not in _CPP_DTYPES:
             reasons.append(f"dtype {dtype} is not supported (cpp runs {_names(_CPP_DTYPES)})")
+        if kernel_size is not None and cpp.has_fused_kernels() and max(kernel_size) > cpp.max_kernel():
+            reasons.append(f"kernel size {tuple(kernel_size)} exceeds the fused C++ kernels' maximum "
+                           f"{cpp.max_kernel()}")
         return reasons
     raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
 
 
 def resolve_backend(backend: str, device: torch.device | str, dtype: torch.dtype,
-                    rank: Optional[int] = None) -> str:
-    """The backend that will run tensors of ``device``/``dtype`` (factors of ``rank``) when
-    ``backend`` is asked for."""
-    return _backend_for(backend, torch.device(device).type, dtype, rank)
+                    rank: Optional[int] = None, kernel_size: Optional[Sequence[int]] = None) -> str:
+    """The backend that will run tensors of ``device``/``dtype`` (factors of ``rank``, a conv
+    of ``kernel_size``) when ``backend`` is asked for."""
+    return _backend_for(backend, torch.device(device).type, dtype, rank,
+                        None if kernel_size is None else tuple(kernel_size))
 
 
-# What _resolve said, per (backend, device type, dtype, rank): what is installed and built
-# does not change while the process runs, and every layer call asks. Refusals raise and
-# are never cached; traced code (torch.compile) resolves afresh, so no guard on the cache.
+# What _resolve said, per (backend, device type, dtype, rank, kernel size): what is
+# installed and built does not change while the process runs, and every layer call asks.
+# Refusals raise and are never cached; traced code (torch.compile) resolves afresh, so no
+# guard on the cache.
 _RESOLVED: dict[tuple, str] = {}
 
 
-def _backend_for(backend: str, device_type: str, dtype: torch.dtype, rank: Optional[int]) -> str:
+def _backend_for(backend: str, device_type: str, dtype: torch.dtype, rank: Optional[int],
+                 kernel_size: Optional[tuple] = None) -> str:
     if not isinstance(backend, str):
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
     if torch.compiler.is_compiling():
-        return _resolve(backend, device_type, dtype, rank)
-    key = (backend, device_type, dtype, rank)
+        return _resolve(backend, device_type, dtype, rank, kernel_size)
+    key = (backend, device_type, dtype, rank, kernel_size)
     name = _RESOLVED.get(key)
     if name is None:
-        name = _RESOLVED[key] = _resolve(backend, device_type, dtype, rank)
+        name = _RESOLVED[key] = _resolve(backend, device_type, dtype, rank, kernel_size)
     return name
 
 
-def _resolve(backend: str, device_type: str, dtype: torch.dtype, rank: Optional[int]) -> str:
+def _resolve(backend: str, device_type: str, dtype: torch.dtype, rank: Optional[int],
+             kernel_size: Optional[tuple]) -> str:
     if backend == "auto":
         # A backend whose fused kernel has not landed would run the same arithmetic as
         # "torch" with more dispatch overhead: auto only takes fused ones.
         for name in AUTO_ORDER.get(device_type, ("torch",)):
-            if (name == "torch" or is_fused(name)) and not refusals(name, device_type, dtype, rank):
+            if (name == "torch" or is_fused(name)) and not refusals(name, device_type, dtype, rank, kernel_size):
                 return name
         return "torch"
-    reasons = refusals(backend, device_type, dtype, rank)
+    reasons = refusals(backend, device_type, dtype, rank, kernel_size)
     if reasons:
         raise BackendError(f"backend {backend!r} cannot run {dtype} tensors on {device_type}: "
                            + "; ".join(reasons))
     return backend
+
+
+def kernel_layout(weight: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """``weight`` (a factor: conv (out, in, kh, kw) or linear (out, in)) in the memory layout
+    in which the kernel that ``backend`` runs for its device and dtype reads it in place:
+    the same tensor when it already is, else a copy with the same values. The fused C++
+    kernels read factors in place (see :mod:`trp_kernels.cpp`), so a module that keeps its
+    parameters so is never computed with stale weights and pays no per-call packing; the
+    other backends take any layout, and ``weight`` is returned as it is."""
+    return cpp.kernel_layout(weight) if _reads_in_place(weight, backend) else weight
+
+
+def in_kernel_layout(weight: torch.Tensor, backend: str = "auto") -> bool:
+    """Whether :func:`kernel_layout` would return ``weight`` itself."""
+    return not _reads_in_place(weight, backend) or cpp.in_kernel_layout(weight)
+
+
+def _reads_in_place(weight: torch.Tensor, backend: str) -> bool:
+    try:
+        name = _backend_for(backend, weight.device.type, weight.dtype, None)
+    except BackendError:
+        return False  # the call will say why; the layout does not matter
+    return name == "cpp" and is_fused("cpp")
 
 
 def is_fused(backend: str) -> bool:
@@ -171,9 +202,8 @@ def _runs_cpp_kernel(x: torch.Tensor, backend: str) -> bool:
 
 @_lowrank_conv2d_op.register_fake
 def _(x, weight1, weight2, bias, residual, stride, padding, dilation, scheme, relu, backend):
-    first, second = reference.factor_conv_params(scheme, stride, padding, dilation)
-    hw = reference.conv_output_hw(x.shape[-2:], weight1.shape[-2:], *first)
-    hw = reference.conv_output_hw(hw, weight2.shape[-2:], *second)
+    hw = reference.checked_output_hw("trp::lowrank_conv2d", x.shape[-2:], conv_kernel(weight1, weight2, scheme),
+                                     stride, padding, dilation)
     return torch.empty((x.shape[0], weight2.shape[0], *hw), dtype=x.dtype, device=x.device,
                        memory_format=reference.output_memory_format(x))
 
@@ -199,6 +229,11 @@ _autograd.register(_lowrank_linear_op, "linear")
 
 
 # --- what trp calls ------------------------------------------------------------------
+
+def conv_kernel(weight1: torch.Tensor, weight2: torch.Tensor, scheme: str) -> tuple[int, int]:
+    """The (kh, kw) of the conv that a factored conv's ``weight1``/``weight2`` compute."""
+    return (weight1.shape[2], weight1.shape[3] if scheme == "channel" else weight2.shape[3])
+
 
 def _plain_eager(*tensors: Optional[torch.Tensor]) -> bool:
     """Whether a call can skip the op and run the kernel directly: plain eager execution
@@ -230,7 +265,7 @@ def lowrank_conv2d(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor
     if torch.onnx.is_in_onnx_export():
         return reference.lowrank_conv2d(x, weight1, weight2, bias, stride, padding, dilation, scheme,
                                         residual, relu)
-    name = _backend_for(backend, x.device.type, x.dtype, weight1.shape[0])
+    name = _backend_for(backend, x.device.type, x.dtype, weight1.shape[0], conv_kernel(weight1, weight2, scheme))
     if name == "torch":
         return reference.lowrank_conv2d(x, weight1, weight2, bias, stride, padding, dilation, scheme,
                                         residual, relu)

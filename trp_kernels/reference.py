@@ -87,6 +87,38 @@ def conv_output_hw(hw: Sequence[int], kernel_size: Sequence[int], stride: Sequen
     return (ho, wo)
 
 
+class InputTooSmallError(ValueError, RuntimeError):
+    """An input smaller than a conv's dilated kernel (after padding), for which F.conv2d
+    raises a RuntimeError: a ValueError that is also a RuntimeError, so that code written
+    for the dense layer catches it too."""
+
+
+def min_input_hw(kernel_size: Sequence[int], padding: Sequence[int], dilation: Sequence[int]) -> Pair:
+    """The smallest input height and width that give a conv at least one output pixel."""
+    t, b, l, r = padding
+    return (dilation[0] * (kernel_size[0] - 1) + 1 - t - b, dilation[1] * (kernel_size[1] - 1) + 1 - l - r)
+
+
+def input_too_small(what: str, hw: Sequence[int], kernel_size: Sequence[int], padding: Sequence[int],
+                    dilation: Sequence[int]) -> InputTooSmallError:
+    """The error for an input of spatial size ``hw`` that ``min_input_hw`` refuses."""
+    t, b, l, r = padding
+    eff = (dilation[0] * (kernel_size[0] - 1) + 1, dilation[1] * (kernel_size[1] - 1) + 1)
+    return InputTooSmallError(
+        f"{what}: input of spatial size {hw[0]}x{hw[1]} is smaller than the kernel: padded by "
+        f"(top {t}, bottom {b}, left {l}, right {r}) it is {hw[0] + t + b}x{hw[1] + l + r}, and the kernel "
+        f"{tuple(kernel_size)} with dilation {tuple(dilation)} spans {eff[0]}x{eff[1]} (F.conv2d raises here too)")
+
+
+def checked_output_hw(what: str, hw: Sequence[int], kernel_size: Sequence[int], stride: Sequence[int],
+                      padding: Sequence[int], dilation: Sequence[int]) -> Pair:
+    """:func:`conv_output_hw`, raising :class:`InputTooSmallError` where it would be empty."""
+    lo = min_input_hw(kernel_size, padding, dilation)
+    if hw[0] < lo[0] or hw[1] < lo[1]:
+        raise input_too_small(what, hw, kernel_size, padding, dilation)
+    return conv_output_hw(hw, kernel_size, stride, padding, dilation)
+
+
 def output_memory_format(x: torch.Tensor) -> torch.memory_format:
     """The layout every conv op gives its output: the input's (channels_last stays so)."""
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):

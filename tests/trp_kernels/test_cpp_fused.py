@@ -2,7 +2,8 @@
 
 The same awkward-shape grid as the Triton kernels, float32 with a tight tolerance, for
 every instruction-set build this CPU runs (AVX-512, AVX2, portable), single- and
-multi-threaded; plus the packed-weight cache, the op dispatch and bad inputs.
+multi-threaded, with the weights as given and in the kernels' own layout; plus reading
+the weights in place, the kept plans, the op dispatch and bad inputs.
 """
 
 from __future__ import annotations
@@ -45,11 +46,17 @@ def conv_case(scheme, *case):
 
 
 def check(args):
-    """The kernel's output against the float64 reference, on the first call (checked in full,
-    which keeps a plan) and on the second (run by the kept plan): the two must agree bit for bit."""
+    """The kernel's output against the float64 reference, for the weights as given (copied
+    into the kernel's panels on each call) and in the kernel's layout (read in place): the
+    first call of those is checked in full and keeps a plan, the second runs the plan. All
+    must agree bit for bit."""
     out = cpp.lowrank_conv2d(*args)
-    again = cpp.lowrank_conv2d(*args)
-    assert torch.equal(out, again), "the kept plan's output differs from the first call's"
+    laid = list(args)
+    laid[1], laid[2] = cpp.kernel_layout(args[1]), cpp.kernel_layout(args[2])
+    assert cpp.in_kernel_layout(laid[1]) and cpp.in_kernel_layout(laid[2])
+    first, again = cpp.lowrank_conv2d(*laid), cpp.lowrank_conv2d(*laid)
+    assert torch.equal(out, first), "weights read in place give another result than copied ones"
+    assert torch.equal(first, again), "the kept plan's output differs from the first call's"
     exact = reference.lowrank_conv2d(*[a.double() if isinstance(a, torch.Tensor) else a for a in args])
     torch_fp32 = reference.lowrank_conv2d(*args)
     assert out.shape == exact.shape and out.dtype == torch.float32
@@ -97,74 +104,110 @@ def test_zero_sizes():
     assert cpp.lowrank_linear(torch.randn(0, 5), torch.randn(3, 5), torch.randn(4, 3), None).shape == (0, 4)
 
 
-def test_packed_weights_follow_in_place_updates():
-    """Packing is cached per tensor; an in-place change (an optimizer step) repacks."""
-    args = list(conv_case("channel", 2, 8, 8, (6, 6), (3, 3), 4, (1, 1), (1, 1), 1, "nchw", "bias"))
-    check(tuple(args))
-    with torch.no_grad():
-        args[1].mul_(-2.0)
-    check(tuple(args))
-    before = len(cpp._PACKED)
-    del args
-    import gc
-    gc.collect()
-    assert len(cpp._PACKED) < before  # dead weights leave the cache
+def _laid_case(scheme="channel"):
+    x, w1, w2, b, *rest = conv_case(scheme, 2, 8, 6, (7, 7), (3, 3), 5, (1, 1), (1, 1), 1, "channels_last", "bias")
+    return [x, cpp.kernel_layout(w1), cpp.kernel_layout(w2), b, *rest]
 
 
-def test_weights_are_packed_once_per_tensor(monkeypatch):
-    """A second call with the same weights reuses their packed panels (conv and linear:
-    a linear layer's 2-D factors are packed as they are, not as per-call 4-D views)."""
-    packs = []
-    real = torch.zeros
-    monkeypatch.setattr(cpp.torch, "zeros", lambda *a, **k: packs.append(a) or real(*a, **k))
-    conv = conv_case("channel", 2, 8, 8, (6, 6), (3, 3), 4, (1, 1), (1, 1), 1, "nchw", "bias")
-    w1, w2 = torch.randn(3, 5), torch.randn(4, 3)
+def _writes(t: torch.Tensor):
+    """Ways to change a tensor's values, most of which leave its version counter alone."""
+    yield "in place", lambda: t.mul_(-1.5)
+    yield ".data", lambda: t.data.add_(0.25)
+    yield "numpy", lambda: t.detach().numpy().__setitem__(..., 0.5)
+    yield "foreach", lambda: torch._foreach_mul_([t.data], 0.5)
+    yield "copy_", lambda: t.data.copy_(torch.randn(t.shape))
+
+
+@pytest.mark.parametrize("scheme", ["channel", "spatial"])
+def test_weights_are_read_in_place(scheme):
+    """A factor in the kernel's layout is the kernel's panel: every write, whether or not it
+    bumps the version counter, shows in the next call, on the checked path and through a
+    kept plan."""
+    args = _laid_case(scheme)
+    for i in (1, 2, 3):  # weight1, weight2, bias
+        for how, write in _writes(args[i]):
+            cpp.lowrank_conv2d(*args)  # keeps a plan
+            with torch.no_grad():
+                write()
+            out = cpp.lowrank_conv2d(*args)
+            want = reference.lowrank_conv2d(*args)
+            assert (out - want).abs().max() <= 1e-5 * (1 + want.abs().max()), f"argument {i}, {how}"
+
+
+def test_weights_in_kernel_layout_are_never_copied(monkeypatch):
+    """A factor in the kernel's layout goes to the kernel as its own memory (conv and linear);
+    one in another layout is copied on every call and never kept in a plan."""
+    lib = cpp._require()
+    seen = []
+    real = lib.LowRankPlan
+    monkeypatch.setattr(lib, "LowRankPlan", lambda *a: seen.append(a[1:3]) or real(*a))
+    laid = _laid_case()
     for _ in range(3):
-        cpp.lowrank_conv2d(*conv)
+        cpp.lowrank_conv2d(*laid)
+    assert len(seen) == 1  # checked once, then planned
+    for w, panel in zip(laid[1:3], seen[0]):
+        assert panel.ctypes.data == w.data_ptr()  # the weight's own memory
+    plain = list(laid)
+    plain[1], plain[2] = laid[1].contiguous(), laid[2].contiguous()
+    seen.clear()
+    for _ in range(3):
+        cpp.lowrank_conv2d(*plain)
+    assert len(seen) == 3  # no plan kept over a copy
+    assert all(p.ctypes.data != w.data_ptr() for p, w in zip(seen[0], plain[1:3]))
+    w1, w2 = cpp.kernel_layout(torch.randn(3, 5)), cpp.kernel_layout(torch.randn(4, 3))
+    seen.clear()
+    for _ in range(3):
         cpp.lowrank_linear(torch.randn(2, 5), w1, w2, None)
-    assert len(packs) == 4  # two panels per layer, packed on the first call only
-    assert id(w1) in cpp._PACKED and id(w2) in cpp._PACKED
+    assert len(seen) == 1 and seen[0][0].ctypes.data == w1.data_ptr() and seen[0][1].ctypes.data == w2.data_ptr()
+
+
+def test_kernel_layout():
+    for w in (torch.randn(6, 5, 3, 3), torch.randn(6, 5, 3, 1), torch.randn(7, 6, 1, 3), torch.randn(7, 6)):
+        laid = cpp.kernel_layout(w)
+        assert torch.equal(laid, w) and laid.shape == w.shape and not cpp.in_kernel_layout(w)
+        assert cpp.in_kernel_layout(laid) and cpp.kernel_layout(laid) is laid
+        assert torch.zeros_like(laid).stride() == laid.stride()  # dense: optimizer state takes its strides
+    neg = torch._neg_view(cpp.kernel_layout(torch.randn(6, 5, 3, 3)))  # memory holds minus the values
+    assert neg.is_neg() and not cpp.in_kernel_layout(neg)
+    assert torch.equal(cpp.kernel_layout(neg), neg) and cpp.in_kernel_layout(cpp.kernel_layout(neg))
 
 
 def test_kept_plans_follow_the_callers_tensors(monkeypatch):
     """The second call of a layer runs its kept plan (no full check); a new weight or bias
-    tensor, an in-place change, another input shape or layout, or another ISA build goes
-    the checked way again and gives the right answer."""
+    tensor, another input shape or layout goes the checked way again and gives the right
+    answer; a plan does not depend on the ISA build that made it."""
     lib = cpp._require()
     checked = []
     real = lib.LowRankPlan
     monkeypatch.setattr(lib, "LowRankPlan", lambda *a: checked.append(1) or real(*a))
-    x, w1, w2, b, *rest = conv_case("channel", 2, 8, 6, (7, 7), (3, 3), 4, (1, 1), (1, 1), 1, "channels_last", "bias")
-    args = [x, w1, w2, b, *rest]
+    args = _laid_case()
     check(tuple(args))
-    assert len(checked) == 1  # the second call ran the plan
-    for i, new in ((1, w1.clone()), (2, w2.clone()), (3, b.clone())):
+    assert len(checked) == 1  # three calls: checked once, then planned
+    for i, new in ((1, cpp.kernel_layout(args[1].clone())), (2, cpp.kernel_layout(args[2].clone())),
+                   (3, args[3].clone())):
         args[i] = new  # same values, a new tensor: checked again, then planned
         check(tuple(args))
     assert len(checked) == 4
-    with torch.no_grad():
-        args[1].mul_(-1.5)  # in place: the version changes
-    check(tuple(args))
     args[0] = torch.randn(3, 8, 7, 7).contiguous(memory_format=torch.channels_last)  # another batch
     check(tuple(args))
     args[0] = args[0].contiguous()  # NCHW: converted on the checked path, never planned
     check(tuple(args))
-    assert len(checked) == 8
     plan = next(iter(cpp._PLANS[id(args[1])][1].values()))[0]
     with pytest.raises(ValueError, match="this plan has no residual"):
         plan.run(1, 1, 1, 1)
     with pytest.raises(ValueError, match="threads must be >= 1"):
         plan.run(1, 1, 0, 0)
     default = lib.isa()
-    if default != "generic" and lib.set_isa("generic"):  # another vector width
+    x = torch.randn(3, 8, 7, 7).contiguous(memory_format=torch.channels_last)
+    args[0] = x
+    before = cpp.lowrank_conv2d(*args)
+    if default != "generic" and lib.set_isa("generic"):  # another vector width, the same plan
         try:
-            check(tuple(args))  # repacked and planned again, for 4-float vectors
+            checked.clear()
+            out = cpp.lowrank_conv2d(*args)
         finally:
             lib.set_isa(default)
-        narrow = [v[0] for k, v in cpp._PLANS[id(args[1])][1].items() if k[-1] == 4]
-        assert len(narrow) == 1
-        with pytest.raises(ValueError, match="packed for another vector width"):
-            narrow[0].run(1, 1, 0, 1)  # refused before any pointer is touched
+        assert not checked and (out - before).abs().max() <= 1e-5 * before.abs().max()
 
 
 def test_bad_arguments_are_named():
@@ -186,7 +229,7 @@ def test_bad_arguments_are_named():
         cpp.lowrank_linear(torch.randn(2, 6), torch.randn(3, 5), torch.randn(4, 3), None)
     lib = cpp._require()
     out = torch.empty(1, 7, 6, 6).to(memory_format=torch.channels_last)
-    p1, p2 = cpp._packed(w1, "w1"), cpp._packed(w2, "w2")
+    (p1, _), (p2, _) = cpp._panel(w1, "weight1"), cpp._panel(w2, "weight2")
     nhwc = cpp._nhwc(x.to(memory_format=torch.channels_last))
     with pytest.raises(ValueError, match=r"lowrank_conv: w1.shape\[0\] must be 45"):
         lib.lowrank_conv(nhwc, p1[:-1], p2, None, None, cpp._nhwc(out), "channel", 3, 3, (1, 1), (1, 1), (1, 1),

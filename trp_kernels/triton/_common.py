@@ -87,7 +87,7 @@ def conv_output(op: str, x: torch.Tensor, weight1: torch.Tensor, weight2: torch.
     reference.check_geometry(op, stride, padding, dilation)
     if weight1.shape[1] != x.shape[1]:
         raise ValueError(f"{op}: weight1 has {weight1.shape[1]} input channels, x has {x.shape[1]}")
-    ho, wo = reference.conv_output_hw(x.shape[-2:], kernel, stride, padding, dilation)
+    ho, wo = reference.checked_output_hw(op, x.shape[-2:], kernel, stride, padding, dilation)
     out_shape = (x.shape[0], weight2.shape[0], ho, wo)
     check_tensors(op, x, weight1, weight2, bias, residual, out_shape)
     return torch.empty(out_shape, dtype=x.dtype, device=x.device, memory_format=reference.output_memory_format(x))
@@ -190,7 +190,9 @@ def accumulate_tap(h, x_ptr, w1_ptr, x_rows, valid, C, sxc, s1c, s1r, w1_tap, R,
                    R_PAD: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     """One kernel tap of the first factor: ``h += x[rows, :] @ w1[:, :, tap]ᵀ`` over all
     input channels, BLOCK_K at a time. ``x_rows`` is each tile row's input offset (masked
-    by ``valid``: zero padding), ``w1_tap`` the tap's offset in weight1."""
+    by ``valid``: zero padding), ``w1_tap`` the tap's offset in weight1. The columns of
+    ``h`` past the rank (weights masked to 0) hold x·0, which is NaN where x is inf or NaN:
+    callers clear them with :func:`rank_columns` before the second factor reads them."""
     offs_k = tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, R_PAD)
     r_mask = offs_r < R
@@ -206,6 +208,12 @@ def accumulate_tap(h, x_ptr, w1_ptr, x_rows, valid, C, sxc, s1c, s1r, w1_tap, R,
 
 
 @triton.jit
+def rank_columns(h, r_mask):
+    """``h`` with its columns past the rank set to exactly 0 (see :func:`accumulate_tap`)."""
+    return tl.where(r_mask[None, :], h, 0.0)
+
+
+@triton.jit
 def epilogue_store(acc, offs_n, n_mask, m_mask, out_rows, res_rows, bias_ptr, res_ptr, out_ptr,
                    soc, src, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr):
     """acc (BLOCK_M x BLOCK_N, fp32) + bias[n] + residual, ReLU, stored in out's dtype.
@@ -216,6 +224,6 @@ def epilogue_store(acc, offs_n, n_mask, m_mask, out_rows, res_rows, bias_ptr, re
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_RES:
         acc += tl.load(res_ptr + res_rows[:, None] + offs_n[None, :] * src, mask=mask, other=0.0).to(tl.float32)
-    if RELU:
-        acc = tl.maximum(acc, 0.0)
+    if RELU:  # not tl.maximum, which may turn NaN into 0: torch.relu keeps it
+        acc = tl.where(acc < 0.0, 0.0, acc)
     tl.store(out_ptr + out_rows[:, None] + offs_n[None, :] * soc, acc.to(out_ptr.dtype.element_ty), mask=mask)

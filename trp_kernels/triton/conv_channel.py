@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from trp_kernels.triton import _common
-from trp_kernels.triton._common import accumulate_tap, dot, epilogue_store
+from trp_kernels.triton._common import accumulate_tap, dot, epilogue_store, rank_columns
 
 
 @triton.jit
@@ -57,7 +57,7 @@ def _conv_channel_kernel(
             valid = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             h = accumulate_tap(h, x_ptr, w1_ptr, nb * sxn + ih * sxh + iw * sxw, valid, C, sxc, s1c, s1r,
                                kh * s1h + kw * s1w, R, R_PAD, BLOCK_K, PRECISION)
-    h_in = h.to(x_ptr.dtype.element_ty)
+    h_in = rank_columns(h, r_mask).to(x_ptr.dtype.element_ty)
 
     # Second factor and epilogue, BLOCK_N output channels at a time.
     out_rows = nb * son + oh * soh + ow * sow

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from trp_kernels.triton import _common
-from trp_kernels.triton._common import accumulate_tap, dot, epilogue_store
+from trp_kernels.triton._common import accumulate_tap, dot, epilogue_store, rank_columns
 
 # Widest tile row: wider images are split into several tiles along the width.
 MAX_SEG = 64
@@ -63,7 +63,7 @@ def _conv_spatial_kernel(
         valid = col_ok & (ih >= 0) & (ih < H)
         h = accumulate_tap(h, x_ptr, w1_ptr, nb * sxn + ih * sxh + iw * sxw, valid, C, sxc, s1c, s1r, i * s1h,
                            R, R_PAD, BLOCK_K, PRECISION)
-    h_in = h.to(x_ptr.dtype.element_ty)
+    h_in = rank_columns(h, r_mask).to(x_ptr.dtype.element_ty)
 
     # Second factor (1×kw, horizontal geometry): output column `col` of a tile row reads
     # intermediate columns col·stride + j·dilation of the same row, j < kw.
