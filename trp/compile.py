@@ -346,8 +346,12 @@ def compile(model: nn.Module, *, energy: Optional[float] = None, rank: Optional[
             raise ValueError(f"overrides pattern {pattern!r} matches no conv or linear layer "
                              f"(re.fullmatch on names such as: {names})")
     if cfg.backend != "auto":
-        for device, dtype in {(p.device, p.dtype) for _, m in layers for p in m.parameters(recurse=False)}:
-            ops.resolve_backend(cfg.backend, device, dtype)
+        for fqn, m in layers:
+            for p in m.parameters(recurse=False):
+                try:
+                    ops.resolve_backend(cfg.backend, p.device, p.dtype, kernel_size=getattr(m, "kernel_size", None))
+                except ops.BackendError as e:
+                    raise ops.BackendError(f"{e} (layer {fqn!r})") from None
 
     graph = trace(model)
     folds, unfolded = plan_bn_folds(model, graph) if cfg.fold_bn else ([], [])

@@ -7,7 +7,9 @@ import torch
 import torch.nn as nn
 
 from tests.helpers import rel_err
+import trp
 from trp import LowRankConv2d, LowRankLinear
+from trp_kernels import ops
 
 
 def _conv_layer(scheme="channel", **kw):
@@ -146,3 +148,59 @@ def test_bad_inputs_and_sources():
         LowRankLinear(10, 6, rank=2)(torch.randn(3, 9))
     with pytest.raises(ValueError, match="backend must be one of"):
         layer.backend = "fast"
+
+
+def _backends_here():
+    return [b for b in ("torch", "cpp", "triton")
+            if not ops.refusals(b, "cpu", torch.float32) and (b == "torch" or ops.is_fused(b))]
+
+
+@pytest.mark.parametrize("backend", _backends_here())
+def test_input_smaller_than_the_kernel_raises_as_conv2d_does(backend):
+    """The issue's model: the dense one raises in F.conv2d; the compiled one must raise too
+    (it returned an empty tensor, then NaN logits), naming the layer and the sizes."""
+    from trp_kernels.reference import InputTooSmallError
+
+    m = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 64, 3, dilation=2), nn.ReLU(),
+                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10)).eval()
+    x = torch.randn(2, 3, 5, 5)
+    with pytest.raises(RuntimeError):
+        m(x)
+    compiled = trp.compile(m, rank=4, inplace=False, backend=backend)
+    assert isinstance(compiled[2], trp.LowRankConv2d)
+    with pytest.raises(InputTooSmallError, match=r"layer '2' \(LowRankConv2d\): input of spatial size 3x3 .* "
+                                                 r"spans 5x5") as info:
+        compiled(x)
+    assert isinstance(info.value, ValueError) and isinstance(info.value, RuntimeError)
+    assert compiled(torch.randn(2, 3, 7, 7)).shape == (2, 10)  # the smallest input that fits: 1x1 output
+    layer = compiled[2]
+    # The op itself, called directly: a RuntimeError on every backend (F.conv2d's own on torch)
+    with pytest.raises(RuntimeError, match="padded by" if backend != "torch" else "Kernel size can't be greater"):
+        ops.lowrank_conv2d(torch.randn(1, 16, 4, 9), layer.weight1, layer.weight2, layer.bias, layer.stride,
+                           layer._padding4, layer.dilation, layer.scheme, backend)
+
+
+def test_input_too_small_under_torch_compile():
+    from trp_kernels.reference import InputTooSmallError
+
+    layer = trp.LowRankConv2d(4, 8, 3, rank=2, dilation=3).eval()
+    compiled = torch.compile(layer, backend="eager", fullgraph=True)
+    assert compiled(torch.randn(1, 4, 7, 7)).shape == (1, 8, 1, 1)
+    with pytest.raises(Exception) as info:  # dynamo wraps what the traced forward raised
+        compiled(torch.randn(1, 4, 6, 7))
+    chain = [info.value] + [e for e in (info.value.__cause__, info.value.__context__) if e is not None]
+    assert any(isinstance(e, InputTooSmallError) or "smaller than the kernel" in str(e) for e in chain)
+
+
+def test_auto_falls_back_for_a_kernel_the_fused_kernels_refuse():
+    """A 65x65 kernel: auto runs it (on torch), and an explicit cpp says why at compile time."""
+    conv = nn.Conv2d(2, 8, 65, padding=32)
+    layer = trp.LowRankConv2d.from_conv(conv, rank=2)
+    x = torch.randn(1, 2, 9, 9)
+    with torch.no_grad():
+        assert torch.allclose(layer(x), layer.to_dense()(x), atol=1e-5)
+    assert layer.resolved_backend() == "torch"
+    if ops.is_fused("cpp"):
+        with pytest.raises(ops.BackendError, match=r"kernel size \(65, 65\) exceeds .* \(layer '0'\)"):
+            trp.compile(nn.Sequential(conv, nn.Conv2d(8, 8, 3)), rank=2, backend="cpp",
+                        filter_fn=lambda m, q: True, inplace=False)

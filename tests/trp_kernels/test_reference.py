@@ -136,6 +136,24 @@ def test_explicit_backend_refusals_are_named():
         ops.resolve_backend("cudnn", "cpu", torch.float32)
 
 
+@pytest.mark.skipif(not cpp.has_fused_kernels(), reason="the fused C++ kernels are not built")
+def test_dispatch_knows_the_cpp_kernels_limits():
+    """auto never picks the C++ kernels for a layer they refuse: dispatch reads the kernels'
+    own limit (_C.MAX_KERNEL, the constant their check uses)."""
+    big = cpp.max_kernel() + 1
+    assert cpp.max_kernel() == cpp._C.MAX_KERNEL == 64
+    assert ops.resolve_backend("auto", "cpu", torch.float32, kernel_size=(3, 3)) == "cpp"
+    for kernel in ((big, big), (big, 1), (3, big)):
+        assert ops.resolve_backend("auto", "cpu", torch.float32, kernel_size=kernel) == "torch"
+        with pytest.raises(ops.BackendError, match=rf"kernel size \({kernel[0]}, {kernel[1]}\) exceeds the fused C\+\+"):
+            ops.resolve_backend("cpp", "cpu", torch.float32, kernel_size=kernel)
+    x, w1, w2 = torch.randn(1, 2, big, big), torch.randn(3, 2, big, big), torch.randn(4, 3, 1, 1)
+    with pytest.raises(ValueError, match=f"kernel size must be within 1..{cpp.max_kernel()}"):
+        cpp.lowrank_conv2d(x, w1, w2, None, (1, 1), (0, 0, 0, 0), (1, 1), "channel")
+    out = ops.lowrank_conv2d(x, w1, w2, None, (1, 1), (0, 0, 0, 0), (1, 1), "channel")  # auto: torch
+    assert torch.allclose(out, reference.lowrank_conv2d(x, w1, w2, None, (1, 1), (0, 0, 0, 0), (1, 1), "channel"))
+
+
 def test_triton_is_never_auto_on_cpu_even_when_interpreting():
     assert "triton" not in ops.AUTO_ORDER["cpu"]
 
