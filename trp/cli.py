@@ -1,9 +1,10 @@
-"""Command line: ``python -m trp demo | bench``."""
+"""Command line: ``python -m trp demo | bench | verify``."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 import torch
@@ -131,22 +132,57 @@ def bench(args: argparse.Namespace) -> dict:
     return payload
 
 
+def verify(args: argparse.Namespace) -> int:
+    """Check a saved model file's checksums (and its SHA-256 against --sha256)."""
+    from trp.io import TrpFileError, verify as verify_file
+
+    try:
+        info = verify_file(args.file, args.sha256)
+    except (TrpFileError, FileNotFoundError, ValueError) as e:
+        print(f"trp verify: FAILED: {e}", file=sys.stderr)
+        return 1
+    print(f"{info['path']}: ok ({info['format']}, {info['layers']} factored layers, {info['tensors']} tensors, "
+          f"{info['bytes']} bytes)")
+    print(f"sha256 {info['sha256']}" + ("  (matches --sha256)" if args.sha256 else
+                                         "  (keep it elsewhere and pass it as --sha256 to detect tampering)"))
+    if not info["structure_digest"]:
+        print("warning: an older format: the tensors are checksummed, the structure is not; save it again")
+    return 0
+
+
 def _no_grad(model, x):
     with torch.no_grad():
         return model(x)
 
 
+def _number(kind, text):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
 def _positive(kind):
     def parse(text):
-        value = kind(text)
+        value = _number(kind, text)
         if value <= 0:
             raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
         return value
     return parse
 
 
+def _nonnegative(text):
+    value = _number(float, text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 def _fraction(text):
-    value = float(text)
+    value = _number(float, text)
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
     return value
@@ -159,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--epochs", type=_positive(int), default=None, help="training epochs (default 30, --quick 3)")
     d.add_argument("--quick", action="store_true", help="3 epochs and fewer timing repeats")
     d.add_argument("--energy", type=_fraction, default=0.95, help="TRP projection energy (default 0.95)")
-    d.add_argument("--nuclear-weight", type=float, default=3e-4, help="nuclear-norm weight (default 3e-4)")
+    d.add_argument("--nuclear-weight", type=_nonnegative, default=3e-4, help="nuclear-norm weight (default 3e-4)")
     d.add_argument("--period", type=_positive(int), default=2, help="TRP projection period (default 2)")
     d.add_argument("--scheme", choices=("channel", "spatial"), default="channel")
     d.add_argument("--lr", type=_positive(float), default=0.05)
@@ -185,6 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--budget", type=_positive(float), default=None,
                    help="seconds of timed calls per measurement (default 0.3 quick, 1.0 full)")
     b.set_defaults(func=bench)
+
+    v = sub.add_parser("verify", help="check a file written by trp.save: its checksums, and its SHA-256 with --sha256")
+    v.add_argument("file", help="the .safetensors file")
+    v.add_argument("--sha256", default=None, help="the file's SHA-256 as kept elsewhere (what trp.save returned)")
+    v.set_defaults(func=verify)
     return p
 
 
@@ -192,8 +233,8 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
-    args.func(args)
-    return 0
+    rc = args.func(args)
+    return rc if isinstance(rc, int) else 0
 
 
 if __name__ == "__main__":

@@ -1,47 +1,77 @@
 """Save and load compressed models: weights in safetensors, structure in its JSON metadata.
 
-No pickle anywhere. The metadata records which layers are factored (with their
-constructor arguments), which BatchNorms were folded into which conv, which layers have a
-fused epilogue (re-derived on load by the same pass), whether the model computes in
-channels_last (:mod:`trp.layout`), the notes on layers left dense, and a SHA-256 per tensor so that a modified file is caught.
+No pickle anywhere: loading a file runs no code from it. The metadata records which layers
+are factored (with their constructor arguments), which BatchNorms were folded into which
+conv, which layers have a fused epilogue (re-derived on load by the same pass), whether the
+model computes in channels_last (:mod:`trp.layout`), the notes on layers left dense, which
+state_dict entries share one tensor, a SHA-256 per tensor, and a ``digest``: one SHA-256
+over all of that metadata (the per-tensor checksums included) and every tensor's name,
+dtype and shape. A flipped bit, a truncated copy or a hand edit anywhere in the file,
+structure or weights, makes :func:`load` raise :class:`TrpFileError`.
+
+What the checksums cannot do: anyone who can rewrite the file can rewrite them too, so they
+detect accidents, not an attacker. To detect tampering, keep the file's own SHA-256 (what
+:func:`save` returns, ``sha256sum`` prints, and ``python -m trp verify FILE`` shows)
+somewhere the file's writer cannot reach, and pass it to :func:`load` or :func:`verify` as
+``expected_sha256``.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import inspect
 import json
-import os
-import tempfile
+import re
+import struct
+import warnings
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save as save_bytes
 
-from trp import epilogue, layout
+from trp import epilogue, files, layout
 from trp.compile import FOLDED_ATTR, NOTE_ATTR, walk
 from trp.epilogue import EPILOGUE_ATTR
-from trp.modules import LOWRANK_TYPES, LowRankConv2d, LowRankLinear
+from trp.modules import LOWRANK_TYPES, NAME_ATTR, LowRankConv2d, LowRankLinear
 from trp_kernels.reference import resolve_padding
 
-FORMAT = "trp-safetensors/1"
+FORMAT = "trp-safetensors/2"
+_OLD_FORMAT = "trp-safetensors/1"  # no digest over the structure: read, with a warning
 _META_KEY = "trp"
+_LAYER_TYPES = {cls.__name__: cls for cls in (LowRankConv2d, LowRankLinear)}
+_STR_MAPS = ("folded", "notes", "epilogues", "aliases", "sha256")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 class TrpFileError(ValueError):
     """A file that is not a valid trp model file, or a model that does not match it."""
 
 
-def _digest(t: torch.Tensor) -> str:
+def _tensor_digest(t: torch.Tensor) -> str:
     return hashlib.sha256(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
-def save(model: nn.Module, path) -> None:
-    """Write ``model``'s weights and trp structure to ``path`` (a .safetensors file).
+def _structure_digest(meta: dict, tensors: dict) -> str:
+    """SHA-256 of the canonical JSON of ``meta`` (without its digest) and every tensor's
+    name, dtype and shape; the per-tensor checksums in ``meta`` cover the tensors' bytes."""
+    body = {k: v for k, v in meta.items() if k != "digest"}
+    index = {name: [str(t.dtype), list(t.shape)] for name, t in tensors.items()}
+    text = json.dumps({"meta": body, "tensors": index}, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                      allow_nan=False)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
 
-    The file is written next to ``path`` and renamed into place, so a crash never leaves
-    a half-written file under that name.
+
+def save(model: nn.Module, path) -> str:
+    """Write ``model``'s weights and trp structure to ``path`` (a .safetensors file) and
+    return the file's SHA-256 (hex), to keep for ``load(..., expected_sha256=...)``.
+
+    The file is written next to ``path`` and renamed into place, so a crash never leaves a
+    half-written file under that name; it gets the mode the umask gives a new file.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -72,89 +102,156 @@ def save(model: nn.Module, path) -> None:
         tensors[name] = t
     meta = {"format": FORMAT, "layers": layers, "folded": folded, "notes": notes, "epilogues": epilogues,
             "aliases": aliases, "channels_last": layout.is_channels_last(model),
-            "sha256": {k: _digest(v) for k, v in tensors.items()}}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={_META_KEY: json.dumps(meta)})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+            "sha256": {k: _tensor_digest(v) for k, v in tensors.items()}}
+    meta["digest"] = _structure_digest(meta, tensors)
+    data = save_bytes(tensors, metadata={_META_KEY: json.dumps(meta)})
+    files.atomic_write(path, data)
+    return hashlib.sha256(data).hexdigest()
 
 
-def _read(path: Path) -> tuple[dict, dict]:
+# --- reading -------------------------------------------------------------------------
+
+def _read_bytes(path: Path, expected_sha256: Optional[str]) -> bytes:
+    if expected_sha256 is not None:
+        if not isinstance(expected_sha256, str) or not _HEX64.fullmatch(expected_sha256.strip().lower()):
+            raise ValueError(f"expected_sha256 must be a SHA-256 as 64 hex digits, got {expected_sha256!r}")
     if not path.is_file():
         raise FileNotFoundError(f"path: no such file {str(path)!r}")
+    data = path.read_bytes()  # read once: what is checked is what is parsed
+    if expected_sha256 is not None:
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != expected_sha256.strip().lower():
+            raise TrpFileError(f"{path}: its SHA-256 is {actual}, expected {expected_sha256.strip().lower()} "
+                               "(the file is not the one whose digest was kept)")
+    return data
+
+
+def _header_metadata(data: bytes, path: Path) -> dict:
+    """The safetensors header's ``__metadata__`` (string to string)."""
+    if len(data) < 8:
+        raise TrpFileError(f"{path} is not a readable safetensors file (truncated or corrupt?): "
+                           f"{len(data)} bytes")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > len(data) - 8:
+        raise TrpFileError(f"{path} is not a readable safetensors file (truncated or corrupt?): its header "
+                           f"claims {n} bytes, the file has {len(data) - 8} after the length")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        header = json.loads(data[8:8 + n])
+    except (ValueError, RecursionError) as e:
+        raise TrpFileError(f"{path} is not a readable safetensors file (truncated or corrupt?): bad header "
+                           f"({type(e).__name__})") from None
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    return metadata if isinstance(metadata, dict) else {}
+
+
+def _check_schema(meta, path: Path) -> None:
+    """Every field of the trp metadata has the type it must have (names in errors)."""
+    if not isinstance(meta, dict):
+        raise TrpFileError(f"{path}: trp metadata must be a JSON object, got {type(meta).__name__}")
+    found = meta.get("format")
+    if found not in (FORMAT, _OLD_FORMAT):
+        raise TrpFileError(f"{path}: unsupported format {found!r} (this trp reads {FORMAT!r})")
+    required = {"format", "layers", "folded", "notes", "aliases", "sha256"}
+    if found == FORMAT:
+        required |= {"epilogues", "channels_last", "digest"}
+    allowed = required | {"epilogues", "channels_last"}
+    missing, unknown = required - set(meta), set(meta) - allowed
+    if missing or unknown:
+        raise TrpFileError(f"{path}: trp metadata lacks {sorted(missing)}" if missing else
+                           f"{path}: trp metadata has unknown keys {sorted(unknown)}")
+    if "digest" in meta and not (isinstance(meta["digest"], str) and _HEX64.fullmatch(meta["digest"])):
+        raise TrpFileError(f"{path}: trp metadata's digest must be 64 hex digits")
+    if not isinstance(meta.get("channels_last", False), bool):
+        raise TrpFileError(f"{path}: trp metadata's channels_last must be true or false, "
+                           f"got {meta['channels_last']!r}")
+    for key in _STR_MAPS:
+        value = meta.get(key, {})
+        if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                  for k, v in value.items()):
+            raise TrpFileError(f"{path}: trp metadata's {key!r} must map layer or tensor names to strings")
+    if not isinstance(meta["layers"], dict):
+        raise TrpFileError(f"{path}: trp metadata's 'layers' must be an object")
+    for fqn, entry in meta["layers"].items():
+        if not (isinstance(entry, dict) and set(entry) == {"type", "config"} and isinstance(entry["config"], dict)):
+            raise TrpFileError(f"{path}: layer entry {fqn!r} must be {{'type': ..., 'config': {{...}}}}")
+        if entry["type"] not in _LAYER_TYPES:
+            raise TrpFileError(f"{path}: unknown layer type {entry['type']!r} at {fqn!r}")
+
+
+def _parse(data: bytes, path: Path) -> tuple[dict, dict]:
+    """(metadata, tensors) of a trp file's bytes, every checksum verified."""
+    metadata = _header_metadata(data, path)
+    try:
+        tensors = load_bytes(data)
+    except (SafetensorError, ValueError, RuntimeError, TypeError, OverflowError) as e:
         raise TrpFileError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
     if _META_KEY not in metadata:
         raise TrpFileError(f"{path} has no trp metadata: it was not written by trp.save")
     try:
         meta = json.loads(metadata[_META_KEY])
-    except json.JSONDecodeError as e:
-        raise TrpFileError(f"{path}: trp metadata is not valid JSON ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        found = meta.get("format") if isinstance(meta, dict) else None
-        raise TrpFileError(f"{path}: unsupported format {found!r} (this trp reads {FORMAT!r})")
-    for key in ("layers", "folded", "notes", "aliases", "sha256"):
-        if not isinstance(meta.get(key), dict):
-            raise TrpFileError(f"{path}: trp metadata lacks {key!r}")
+    except (ValueError, RecursionError) as e:
+        raise TrpFileError(f"{path}: trp metadata is not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
+    _check_schema(meta, path)
     if set(meta["sha256"]) != set(tensors):
         raise TrpFileError(f"{path}: the tensors in the file do not match the checksums in its metadata")
     for name, t in tensors.items():
-        if _digest(t) != meta["sha256"][name]:
+        if _tensor_digest(t) != meta["sha256"][name]:
             raise TrpFileError(f"{path}: tensor {name!r} does not match its checksum (the file was modified)")
+    if meta["format"] == _OLD_FORMAT:
+        warnings.warn(f"{path} was written by an older trp ({_OLD_FORMAT}): its tensors are checksummed but its "
+                      "structure is not; save it again to protect both", RuntimeWarning, stacklevel=3)
+    elif _structure_digest(meta, tensors) != meta["digest"]:
+        raise TrpFileError(f"{path}: its structure (metadata, tensor names, dtypes or shapes) does not match "
+                           "its digest (the file was modified)")
+    for alias, name in meta["aliases"].items():
+        if name not in tensors or alias in tensors:
+            raise TrpFileError(f"{path}: alias {alias!r} -> {name!r} must name a stored tensor from a name "
+                               "that is not one")
     return meta, tensors
 
 
-def _check_conv(fqn: str, m: nn.Module, cfg: dict, folded: bool) -> None:
-    if not isinstance(m, (nn.Conv2d, LowRankConv2d)):
-        raise TrpFileError(f"model does not match the file: {fqn!r} is {type(m).__name__}, the file has a "
-                           f"factored Conv2d there")
-    want = dict(in_channels=cfg["in_channels"], out_channels=cfg["out_channels"],
-                kernel_size=tuple(cfg["kernel_size"]), stride=tuple(cfg["stride"]),
-                dilation=tuple(cfg["dilation"]))
-    have = dict(in_channels=m.in_channels, out_channels=m.out_channels, kernel_size=tuple(m.kernel_size),
-                stride=tuple(m.stride), dilation=tuple(m.dilation))
-    pad = cfg["padding"] if isinstance(cfg["padding"], (str, int)) else tuple(cfg["padding"])
-    want["padding"] = resolve_padding(pad, want["kernel_size"], want["dilation"])
-    have["padding"] = resolve_padding(m.padding, have["kernel_size"], have["dilation"])
-    if not folded:
-        want["bias"], have["bias"] = cfg["bias"], m.bias is not None
-    diff = {k: (have[k], want[k]) for k in want if have[k] != want[k]}
-    if diff:
-        text = ", ".join(f"{k}={h} in the model but {w} in the file" for k, (h, w) in diff.items())
-        raise TrpFileError(f"model does not match the file at {fqn!r}: {text}")
-
-
-def _check_linear(fqn: str, m: nn.Module, cfg: dict) -> None:
-    if not isinstance(m, (nn.Linear, LowRankLinear)):
-        raise TrpFileError(f"model does not match the file: {fqn!r} is {type(m).__name__}, the file has a "
-                           f"factored Linear there")
-    if (m.in_features, m.out_features) != (cfg["in_features"], cfg["out_features"]):
-        raise TrpFileError(f"model does not match the file at {fqn!r}: Linear({m.in_features}, "
-                           f"{m.out_features}) in the model, ({cfg['in_features']}, {cfg['out_features']}) in the file")
-
-
-def load(path, model: nn.Module) -> nn.Module:
-    """Rebuild the compressed model saved at ``path`` on ``model``, a freshly built instance
-    of the original (uncompressed) architecture, and return it ready to run (use the
-    returned model: if the saved model had a fused epilogue in its root's own forward, the
-    root is rebuilt as a GraphModule, as :func:`trp.compile` does).
-
-    Raises :class:`TrpFileError` (a ValueError) for a truncated, modified or foreign file
-    and for a model that does not match it.
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+def verify(path, expected_sha256: Optional[str] = None) -> dict:
+    """Check a trp file without a model: its SHA-256 against ``expected_sha256`` (when
+    given), every checksum inside it, and the form of its metadata. Returns what it found
+    (sha256, format, layers, tensors, bytes); raises :class:`TrpFileError` on any mismatch."""
     path = Path(path)
-    meta, tensors = _read(path)
+    data = _read_bytes(path, expected_sha256)
+    meta, tensors = _parse(data, path)
+    return {"path": str(path), "sha256": hashlib.sha256(data).hexdigest(), "format": meta["format"],
+            "layers": len(meta["layers"]), "tensors": len(tensors), "aliases": len(meta["aliases"]),
+            "bytes": len(data), "structure_digest": meta["format"] == FORMAT}
+
+
+# --- applying a file to a model ---------------------------------------------------------
+
+def _ghost(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose parameters and buffers are on the meta device: the load is
+    rehearsed on it, so that a file that does not fit the model fails before the model is
+    touched, without copying any weight."""
+    memo = {}
+    for _, t in model.named_parameters(remove_duplicate=False):
+        memo.setdefault(id(t), nn.Parameter(torch.empty_like(t, device="meta"), requires_grad=t.requires_grad))
+    for _, t in model.named_buffers(remove_duplicate=False):
+        memo.setdefault(id(t), torch.empty_like(t, device="meta"))
+    return copy.deepcopy(model, memo)
+
+
+def _config_keys(cls) -> set:
+    return set(inspect.signature(cls.__init__).parameters) - {"self", "device", "dtype"}
+
+
+def _geometry(m: nn.Module) -> dict:
+    """What a saved layer and the model's layer at its place must agree on."""
+    if isinstance(m, (nn.Linear, LowRankLinear)):
+        return dict(in_features=m.in_features, out_features=m.out_features)
+    return dict(in_channels=m.in_channels, out_channels=m.out_channels, kernel_size=tuple(m.kernel_size),
+                stride=tuple(m.stride), dilation=tuple(m.dilation),
+                padding=resolve_padding(m.padding, m.kernel_size, m.dilation))
+
+
+def _apply(meta: dict, tensors: dict, model: nn.Module, path: Path, device=None) -> nn.Module:
+    """Rebuild the file's structure on ``model`` and load its tensors (new layers on
+    ``device``, default: where the layer they replace is)."""
     modules = dict(model.named_modules())
 
     def module_at(fqn: str) -> nn.Module:
@@ -170,33 +267,39 @@ def load(path, model: nn.Module) -> nn.Module:
         if not isinstance(bn, (nn.BatchNorm2d, nn.Identity)):
             raise TrpFileError(f"model does not match the file: {bn_fqn!r} is {type(bn).__name__}, the file "
                                f"folded a BatchNorm2d there")
-    for fqn, entry in meta["layers"].items():
-        m, cfg = module_at(fqn), entry["config"]
-        if entry["type"] == "LowRankConv2d":
-            _check_conv(fqn, m, cfg, fqn in meta["folded"])
-        elif entry["type"] == "LowRankLinear":
-            _check_linear(fqn, m, cfg)
-        else:
-            raise TrpFileError(f"{path}: unknown layer type {entry['type']!r} at {fqn!r}")
 
-    # Checked: now change the model.
     def replace(fqn: str, new: nn.Module) -> None:
         parent, _, attr = fqn.rpartition(".")
         setattr(modules[parent] if parent else model, attr, new)
 
     for fqn, entry in meta["layers"].items():
-        old, cfg = modules[fqn], dict(entry["config"])
+        old, cls, cfg = module_at(fqn), _LAYER_TYPES[entry["type"]], dict(entry["config"])
+        dense = nn.Linear if cls is LowRankLinear else nn.Conv2d
+        if not isinstance(old, (dense, cls)):
+            raise TrpFileError(f"model does not match the file: {fqn!r} is {type(old).__name__}, the file has a "
+                               f"factored {dense.__name__} there")
+        if set(cfg) != _config_keys(cls):
+            raise TrpFileError(f"{path}: bad layer config at {fqn!r}: keys {sorted(cfg)}, want "
+                               f"{sorted(_config_keys(cls))}")
+        if isinstance(cfg.get("padding"), list):
+            cfg["padding"] = tuple(cfg["padding"])
         ref = tensors.get(f"{fqn}.weight1")
-        factory = dict(device=next(old.parameters()).device,
-                       dtype=ref.dtype if ref is not None else next(old.parameters()).dtype)
-        cls = LowRankConv2d if entry["type"] == "LowRankConv2d" else LowRankLinear
-        if cls is LowRankConv2d:
-            cfg["padding"] = cfg["padding"] if isinstance(cfg["padding"], (str, int)) else tuple(cfg["padding"])
+        param = next(old.parameters(), None)
+        factory = dict(device=device or (param.device if param is not None else "cpu"),
+                       dtype=ref.dtype if ref is not None else (param.dtype if param is not None else None))
         try:
             new = cls(**cfg, **factory)
         except (TypeError, ValueError) as e:
             raise TrpFileError(f"{path}: bad layer config at {fqn!r}: {e}") from None
+        want, have = _geometry(new), _geometry(old)
+        if fqn not in meta["folded"] and isinstance(new, LowRankConv2d):
+            want["bias"], have["bias"] = new.bias is not None, old.bias is not None
+        diff = {k: (have[k], want[k]) for k in want if have[k] != want[k]}
+        if diff:
+            text = ", ".join(f"{k}={h} in the model but {w} in the file" for k, (h, w) in diff.items())
+            raise TrpFileError(f"model does not match the file at {fqn!r}: {text}")
         new.train(old.training)
+        setattr(new, NAME_ATTR, fqn)
         replace(fqn, new)
         modules[fqn] = new
     for fqn, bn_fqn in meta["folded"].items():
@@ -213,8 +316,8 @@ def load(path, model: nn.Module) -> nn.Module:
     state = dict(tensors)
     for alias, name in meta["aliases"].items():
         state[alias] = tensors[name]
-    try:
-        model.load_state_dict(state, strict=True)
+    try:  # a rehearsal on the meta device assigns (copying into meta tensors would warn)
+        model.load_state_dict(state, strict=True, assign=device == "meta")
     except RuntimeError as e:
         raise TrpFileError(f"model does not match the file {path}: {e}") from None
     if meta.get("epilogues"):  # the same pass as trp.compile's, on the same structure
@@ -223,4 +326,26 @@ def load(path, model: nn.Module) -> nn.Module:
         if found != meta["epilogues"]:
             raise TrpFileError(f"model does not match the file {path}: its layers' fused epilogues are "
                                f"{meta['epilogues']}, this model's forward gives {found}")
-    return layout.set_channels_last(model, bool(meta.get("channels_last", False)))
+    return layout.set_channels_last(model, meta.get("channels_last", False))
+
+
+def load(path, model: nn.Module, *, expected_sha256: Optional[str] = None) -> nn.Module:
+    """Rebuild the compressed model saved at ``path`` on ``model``, a freshly built instance
+    of the original (uncompressed) architecture, and return it ready to run (use the
+    returned model: if the saved model had a fused epilogue in its root's own forward, the
+    root is rebuilt as a GraphModule, as :func:`trp.compile` does).
+
+    ``expected_sha256``: the file's SHA-256 as kept elsewhere (see the module docstring);
+    a file with another digest is refused before it is parsed.
+
+    Raises :class:`TrpFileError` (a ValueError) for a truncated, modified or foreign file
+    and for a model that does not match it; then ``model`` is left as it was (the load is
+    rehearsed on a weightless copy first).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    path = Path(path)
+    data = _read_bytes(path, expected_sha256)
+    meta, tensors = _parse(data, path)
+    _apply(meta, tensors, _ghost(model), path, device="meta")
+    return _apply(meta, tensors, model, path)

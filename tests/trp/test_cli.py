@@ -35,3 +35,34 @@ def test_module_entry_point_and_bad_arguments():
 def test_no_command_is_an_error():
     with pytest.raises(SystemExit):
         main([])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--nuclear-weight", "-1"], "--nuclear-weight: must be >= 0, got -1"),
+    (["--lr", "nan"], "--lr: must be a finite number, got nan"),
+    (["--energy", "inf"], "--energy: must be a finite number"),
+    (["--epochs", "x"], "--epochs: must be a number, got 'x'"),
+])
+def test_demo_arguments_are_checked_before_any_training(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", *args])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_verify(tmp_path, capsys):
+    import torch.nn as nn
+
+    import trp
+
+    path = tmp_path / "m.safetensors"
+    digest = trp.save(trp.compile(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3)), rank=2), path)
+    assert main(["verify", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"sha256 {digest}" in out and "1 factored layers" in out
+    assert main(["verify", str(path), "--sha256", digest]) == 0 and "(matches --sha256)" in capsys.readouterr().out
+    assert main(["verify", str(path), "--sha256", "1" * 64]) == 1
+    assert "FAILED" in capsys.readouterr().err
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+    assert main(["verify", str(path)]) == 1 and "does not match its checksum" in capsys.readouterr().err
