@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from trp import decompose
+from trp import checkpoint, decompose, files
 from trp.compile import CompileConfig, DefaultFilter, eligibility, find_stem, walk
 
 # Measured on ResNet-20, batch 128, 2 CPU cores: projecting all 18 target convs (and the
@@ -174,9 +174,6 @@ class TRP:
 
 # --- fit -----------------------------------------------------------------------------
 
-CHECKPOINT = "last.pt"
-
-
 def _rng_state() -> dict:
     import random
 
@@ -196,20 +193,48 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _save_checkpoint(path, payload: dict) -> None:
-    """Written to a temporary file and renamed: a crash never leaves a corrupt checkpoint."""
-    import os
-    import tempfile
+def _match_state_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Give every per-parameter state tensor its parameter's strides. Optimizer.load_state_dict
+    keeps the strides the state was saved with, and a fused optimizer indexes parameter,
+    gradient and state memory alike: state saved from parameters in another layout (e.g. on
+    another device, where low-rank factors are laid out differently) would silently mix up
+    elements."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and value.shape == p.shape and value.stride() != p.stride():
+                    state[key] = torch.empty_strided(p.shape, p.stride(), dtype=value.dtype,
+                                                     device=value.device).copy_(value)
 
-    fd, tmp = tempfile.mkstemp(prefix=".last.", suffix=".tmp", dir=os.path.dirname(path) or ".")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+
+def _resume(state: dict, model: nn.Module, optimizer, scheduler, trp: Optional[TRP]) -> tuple[list, int]:
+    """Apply a verified checkpoint; a checkpoint written for another model, optimizer or
+    controller is a CheckpointError saying which."""
+    def apply(what, fn):
+        try:
+            fn()
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            raise checkpoint.CheckpointError(f"the checkpoint does not match this {what}: {e}") from None
+
+    apply("model", lambda: unwrap(model).load_state_dict(state["model"]))
+    apply("optimizer", lambda: optimizer.load_state_dict(state["optimizer"]))
+    _match_state_layout(optimizer)
+    if scheduler is not None and state.get("scheduler") is not None:
+        apply("scheduler", lambda: scheduler.load_state_dict(state["scheduler"]))
+    if trp is not None:
+        if state.get("trp") is None:
+            raise checkpoint.CheckpointError("the checkpoint was written without a TRP controller; resume it "
+                                             "without trp")
+        apply("TRP controller", lambda: trp.load_state_dict(state["trp"]))
+    _set_rng_state(state["rng"])
+    return list(state["history"]), int(state["epoch"])
+
+
+def _check_number(name: str, value, low: float, strict: bool) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value < low or (strict and value == low):
+        raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {low:g}, got {value!r}")
 
 
 @torch.no_grad()
@@ -243,8 +268,12 @@ def fit(model: nn.Module, train_loader, val_loader=None, *, epochs: int, optimiz
     0.9, weight decay 1e-4), learning rate ÷10 at 50% and 75% of the epochs. Pass your own
     ``optimizer`` (and ``scheduler``, stepped once per epoch) to change that. With
     ``checkpoint_dir`` a checkpoint (model, optimizer, scheduler, TRP state, RNG state,
-    history) is written atomically after every epoch; ``resume=True`` continues from it,
-    ending with the same weights as an uninterrupted run. Under ``torchrun`` the model is
+    history) is written atomically after every epoch, with a checksum, the one before kept
+    (:mod:`trp.checkpoint`); ``resume=True`` continues from the newest one that verifies,
+    ending with the same weights as an uninterrupted run (a directory with no checkpoint
+    starts from scratch; one whose checkpoints are all damaged raises
+    :class:`trp.checkpoint.CheckpointError`). The directory is checked for writing before
+    any training. Under ``torchrun`` the model is
     wrapped in DistributedDataParallel (if it is not already) and only rank 0 writes.
     Returns the per-epoch history (train loss, validation accuracy/loss, TRP ranks).
     """
@@ -260,7 +289,14 @@ def fit(model: nn.Module, train_loader, val_loader=None, *, epochs: int, optimiz
         raise TypeError(f"trp must be a trp.TRP controller or None, got {type(trp).__name__}")
     if resume and checkpoint_dir is None:
         raise ValueError("resume=True needs checkpoint_dir")
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    params = list(model.parameters())
+    if not params:
+        raise ValueError("model has no parameters to train")
+    if optimizer is None:
+        _check_number("lr", lr, 0, strict=True)
+        _check_number("momentum", momentum, 0, strict=False)
+        _check_number("weight_decay", weight_decay, 0, strict=False)
+    device = torch.device(device) if device is not None else params[0].device
     model.to(device)
     if _distributed() and not isinstance(model, nn.parallel.DistributedDataParallel):
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -273,21 +309,16 @@ def fit(model: nn.Module, train_loader, val_loader=None, *, epochs: int, optimiz
             scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
 
     history, start = [], 0
-    path = os.path.join(checkpoint_dir, CHECKPOINT) if checkpoint_dir is not None else None
-    if path is not None:
-        os.makedirs(checkpoint_dir, exist_ok=True)
-    if resume and os.path.exists(path):
-        state = torch.load(path, map_location=device, weights_only=True)
-        unwrap(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None and state.get("scheduler") is not None:
-            scheduler.load_state_dict(state["scheduler"])
-        if trp is not None:
-            if state.get("trp") is None:
-                raise ValueError(f"{path} was written without a TRP controller; resume it without trp")
-            trp.load_state_dict(state["trp"])
-        _set_rng_state(state["rng"])
-        history, start = list(state["history"]), int(state["epoch"])
+    if checkpoint_dir is not None and rank0:  # before any training: a bad directory fails now, not after an epoch
+        try:
+            os.makedirs(checkpoint_dir, exist_ok=True)
+            files.check_writable(checkpoint_dir)
+        except OSError as e:
+            raise ValueError(f"checkpoint_dir {str(checkpoint_dir)!r} is not a writable directory: {e}") from None
+    if resume:
+        state = checkpoint.load_latest(checkpoint_dir, map_location=device)
+        if state is not None:
+            history, start = _resume(state, model, optimizer, scheduler, trp)
 
     for epoch in range(start, epochs):
         if hasattr(getattr(train_loader, "sampler", None), "set_epoch"):
@@ -324,10 +355,10 @@ def fit(model: nn.Module, train_loader, val_loader=None, *, epochs: int, optimiz
         if progress and rank0:
             shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in record.items() if k != "ranks"}
             tqdm.write(f"trp.fit {shown}")
-        if path is not None and rank0:
-            _save_checkpoint(path, {"epoch": epoch + 1, "model": unwrap(model).state_dict(),
-                                    "optimizer": optimizer.state_dict(),
-                                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                                    "trp": trp.state_dict() if trp is not None else None,
-                                    "rng": _rng_state(), "history": history})
+        if checkpoint_dir is not None and rank0:
+            checkpoint.save(checkpoint_dir, {"epoch": epoch + 1, "model": unwrap(model).state_dict(),
+                                             "optimizer": optimizer.state_dict(),
+                                             "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                                             "trp": trp.state_dict() if trp is not None else None,
+                                             "rng": _rng_state(), "history": history})
     return history

@@ -138,7 +138,7 @@ def test_resume_after_a_crash_ends_with_the_same_weights(tmp_path):
     assert c1.step_count == c2.step_count == 3 * 8
     for (n, p), (_, q) in zip(straight.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(p, q), n
-    assert [p.name for p in (tmp_path / "b").iterdir()] == ["last.pt"]
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["last.pt", "previous.pt"]
 
 
 def test_fit_learns_digits_and_reports_history():
@@ -162,3 +162,142 @@ def test_fit_bad_arguments(tmp_path):
         trp.fit(model, train, epochs=1, resume=True)
     with pytest.raises(TypeError, match="trp must be a trp.TRP controller"):
         trp.fit(model, train, epochs=1, trp="yes")
+
+
+def _train(directory, resume=False, crash_in_epoch=None):
+    """A 3-epoch run (8 train + 2 validation batches an epoch), killed early in epoch
+    ``crash_in_epoch`` when given."""
+    torch.manual_seed(0)
+    model = models.resnet_cifar(8)
+    train, val = _loaders()
+    calls = [0]
+
+    def loss_fn(out, y, **kw):
+        calls[0] += 1
+        if crash_in_epoch is not None and calls[0] > (crash_in_epoch - 1) * (8 + 2) + 3:
+            raise Crash
+        return nn.functional.cross_entropy(out, y, **kw)
+
+    try:
+        trp.fit(model, train, val, epochs=3, trp=TRP(model, period=2), checkpoint_dir=directory, resume=resume,
+                progress=False, lr=0.05, loss_fn=loss_fn)
+    except Crash:
+        pass
+    return model
+
+
+def _flip_a_weight_byte(path):
+    """Flip one byte inside a weight tensor's data of a torch.save zip (a stored record)."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    data = bytearray(path.read_bytes())
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    data[start + info.file_size // 2] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    """The issue's case: one flipped byte in a weight tensor of last.pt resumed silently and
+    ended with different weights. Now: last.pt fails its checksum, previous.pt (one epoch
+    back) is resumed with a warning, and the run ends with the uninterrupted run's weights."""
+    from trp.checkpoint import CheckpointError, read
+
+    straight = _train(tmp_path / "a")
+    _train(tmp_path / "b", crash_in_epoch=3)  # last.pt = epoch 2, previous.pt = epoch 1
+    _flip_a_weight_byte(tmp_path / "b" / "last.pt")
+    with pytest.raises(CheckpointError, match="does not match its checksum"):
+        read(tmp_path / "b" / "last.pt")
+    with pytest.warns(RuntimeWarning, match="resuming from .*previous.pt, one epoch back: .*does not match its checksum"):
+        resumed = _train(tmp_path / "b", resume=True)
+    for (n, p), (_, q) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(p, q), n
+
+
+@pytest.mark.parametrize("damage, match", [
+    (lambda p: p.write_bytes(b""), "is empty"),
+    (lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]), "cannot be read \\(truncated or corrupt\\?\\)"),
+    (_flip_a_weight_byte, "does not match its checksum"),
+])
+def test_no_usable_checkpoint_is_a_clear_error(tmp_path, damage, match):
+    from trp.checkpoint import CheckpointError
+
+    _train(tmp_path, crash_in_epoch=2)
+    assert not (tmp_path / "previous.pt").exists()
+    damage(tmp_path / "last.pt")
+    with pytest.raises(CheckpointError, match="no checkpoint to resume from: .*" + match):
+        _train(tmp_path, resume=True)
+
+
+def test_a_checkpoint_for_another_model_says_so(tmp_path):
+    from trp.checkpoint import CheckpointError
+
+    _train(tmp_path, crash_in_epoch=2)
+    torch.manual_seed(0)
+    other = models.resnet_cifar(14)
+    train, _ = _loaders()
+    with pytest.raises(CheckpointError, match="does not match this model"):
+        trp.fit(other, train, epochs=2, checkpoint_dir=tmp_path, resume=True, progress=False)
+
+
+def test_fit_checks_its_arguments_before_training(tmp_path):
+    model = models.resnet_cifar(8)
+    train, _ = _loaders()
+    for kw, match in ((dict(lr=float("nan")), "lr must be a finite number > 0"), (dict(lr=0), "lr must be"),
+                      (dict(momentum=-1), "momentum must be a finite number >= 0"),
+                      (dict(weight_decay=float("inf")), "weight_decay must be")):
+        with pytest.raises(ValueError, match=match):
+            trp.fit(model, train, epochs=1, progress=False, **kw)
+    with pytest.raises(ValueError, match="model has no parameters to train"):
+        trp.fit(nn.Sequential(nn.ReLU()), train, epochs=1, progress=False)
+    blocked = tmp_path / "file"
+    blocked.write_text("x")
+    with pytest.raises(ValueError, match="checkpoint_dir .* is not a writable directory"):
+        trp.fit(model, train, epochs=1, checkpoint_dir=blocked / "sub", progress=False)
+    import os
+
+    if os.path.isdir("/sys/kernel") and not os.access("/sys/kernel", os.W_OK | os.X_OK) or os.geteuid() == 0:
+        calls = []
+        with pytest.raises(ValueError, match="checkpoint_dir '/sys/kernel' is not a writable directory"):
+            trp.fit(model, train, epochs=1, checkpoint_dir="/sys/kernel", progress=False,
+                    loss_fn=lambda *a, **k: calls.append(1))
+        assert not calls  # refused before the first batch
+
+
+def test_checkpoints_get_the_mode_the_umask_gives(tmp_path):
+    import os
+
+    old = os.umask(0o027)
+    try:
+        _train(tmp_path, crash_in_epoch=3)
+    finally:
+        os.umask(old)
+    assert {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()} == {"last.pt": 0o640,
+                                                                              "previous.pt": 0o640}
+
+
+def test_resumed_optimizer_state_takes_its_parameters_layout():
+    """State saved from a parameter in one memory layout, loaded for the same parameter in
+    another: a fused optimizer would mix up elements unless the state is re-laid."""
+    from trp.training import _match_state_layout
+
+    w = torch.randn(8, 4, 3, 3)
+    a = nn.Parameter(w.clone())
+    b = nn.Parameter(w.clone().to(memory_format=torch.channels_last))
+    opt_a, opt_b = torch.optim.Adam([a], lr=0.1, fused=True), torch.optim.Adam([b], lr=0.1, fused=True)
+    target = torch.randn(8, 4, 3, 3)
+    for p, opt in ((a, opt_a), (b, opt_b)):
+        (p - target).square().sum().backward()
+        opt.step()
+    import copy
+
+    opt_b.load_state_dict(copy.deepcopy(opt_a.state_dict()))  # a's contiguous state, as from a checkpoint
+    assert opt_b.state[b]["exp_avg"].stride() != b.stride()
+    _match_state_layout(opt_b)
+    assert opt_b.state[b]["exp_avg"].stride() == b.stride()
+    for p, opt in ((a, opt_a), (b, opt_b)):
+        opt.zero_grad()
+        (p - target).square().sum().backward()
+        opt.step()
+    assert torch.allclose(a, b)
