@@ -158,15 +158,19 @@ def prepare_layer(provider: str, case: LayerCase, t: dict) -> Fn:
         compiled = _compile(lambda x: reference.lowrank_conv2d(x, w1, w2, b, stride, pad4, (1, 1), "channel"),
                             case.device)
         return lambda: compiled(x)
+    # trp's providers get the factors in the layout a trp layer keeps them in (the one its
+    # kernel reads in place), as a model built by trp.compile holds them.
     if provider == "lowrank_trp":
-        return lambda: ops.lowrank_conv2d(x, w1, w2, b, stride, pad4, (1, 1), "channel")
+        k1, k2 = ops.kernel_layout(w1), ops.kernel_layout(w2)
+        return lambda: ops.lowrank_conv2d(x, k1, k2, b, stride, pad4, (1, 1), "channel")
     if provider == "lowrank_cpp":  # the fused C++ kernel by name (what auto takes on CPU)
         reasons = ops.refusals("cpp", x.device, x.dtype, case.rank)
         if reasons or not ops.is_fused("cpp"):
             raise Unavailable("; ".join(reasons) or "the C++ extension has no fused kernels")
         # channels_last, as in a model compiled by trp.compile (which converts once, on entry)
         x_cl = x.contiguous(memory_format=torch.channels_last)
-        return lambda: ops.lowrank_conv2d(x_cl, w1, w2, b, stride, pad4, (1, 1), "channel", "cpp")
+        k1, k2 = ops.kernel_layout(w1, "cpp"), ops.kernel_layout(w2, "cpp")
+        return lambda: ops.lowrank_conv2d(x_cl, k1, k2, b, stride, pad4, (1, 1), "channel", "cpp")
     if provider == "lowrank_ort":
         if case.device != "cpu":
             raise Unavailable("CPU only (this suite runs ONNX Runtime's CPU execution provider)")
