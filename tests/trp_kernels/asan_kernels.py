@@ -28,8 +28,11 @@ for isa in ("avx512", "avx2", "generic"):
                 ref = reference.lowrank_conv2d(x, w1, w2, bias, st, pad, dil, scheme)
                 res = torch.randn_like(ref).contiguous(memory_format=torch.channels_last)
                 exp = reference.lowrank_conv2d(x, w1, w2, bias, st, pad, dil, scheme, res, True)
-                for _ in range(2):  # the checked call, then the kept plan
-                    out = cpp.lowrank_conv2d(x, w1, w2, bias, st, pad, dil, scheme, res, True)
-                    assert (out - exp).abs().max() <= 1e-4 * exp.abs().max(), (isa, scheme, b, c)
+                # the factors as given (copied into panels on each call), then in the kernels'
+                # layout (read in place: the checked call, then the kept plan)
+                for k1, k2 in ((w1, w2), (cpp.kernel_layout(w1), cpp.kernel_layout(w2))):
+                    for _ in range(2):
+                        out = cpp.lowrank_conv2d(x, k1, k2, bias, st, pad, dil, scheme, res, True)
+                        assert (out - exp).abs().max() <= 1e-4 * exp.abs().max(), (isa, scheme, b, c)
                 n += 1
 print("ok", n)
