@@ -83,15 +83,7 @@ def test_modified_weights_are_caught(tmp_path):
 def test_modified_metadata_is_caught(tmp_path):
     path = tmp_path / "m.safetensors"
     trp.save(_compressed(), path)
-    data = path.read_bytes()
-    n = struct.unpack("<Q", data[:8])[0]
-    header = json.loads(data[8:8 + n])
-    meta = json.loads(header["__metadata__"]["trp"])
-    meta["layers"]["layer1.0.conv1"]["config"]["rank"] = 7
-    header["__metadata__"]["trp"] = json.dumps(meta)
-    new = json.dumps(header).encode()
-    new += b" " * (-len(new) % 8)
-    path.write_bytes(struct.pack("<Q", len(new)) + new + data[8 + n:])
+    _rewrite(path, lambda m: m["layers"]["layer1.0.conv1"]["config"].update(rank=7))
     with pytest.raises(TrpFileError, match="its structure .* does not match its digest"):
         trp.load(path, models.resnet_cifar(20))
 
@@ -149,15 +141,14 @@ def _rewrite(path, edit_meta=None, edit_header=None, redigest=False):
     header = json.loads(data[8:8 + n])
     if edit_header:
         edit_header(header)
-    meta = json.loads(header["__metadata__"]["trp"])
-    if edit_meta:
-        edit_meta(meta)
-    if redigest:
-        from safetensors.torch import load as load_bytes
-        body = data[8 + n:]
-        tensors = load_bytes(struct.pack("<Q", n) + data[8:8 + n] + body)
-        meta["digest"] = _structure_digest(meta, tensors)
-    header["__metadata__"]["trp"] = json.dumps(meta)
+    if edit_meta or redigest:
+        meta = json.loads(header["__metadata__"]["trp"])
+        if edit_meta:
+            edit_meta(meta)
+        if redigest:
+            from safetensors.torch import load as load_bytes
+            meta["digest"] = _structure_digest(meta, load_bytes(data))
+        header["__metadata__"]["trp"] = json.dumps(meta)
     new = json.dumps(header).encode()
     new += b" " * (-len(new) % 8)
     path.write_bytes(struct.pack("<Q", len(new)) + new + data[8 + n:])
@@ -264,14 +255,7 @@ def test_malformed_metadata_raises_a_trp_error(tmp_path, edit, match):
 
 def test_deeply_nested_metadata(tmp_path):
     _, path, _ = _saved(tmp_path)
-    _rewrite(path, lambda m: None)
-    data = path.read_bytes()
-    n = struct.unpack("<Q", data[:8])[0]
-    header = json.loads(data[8:8 + n])
-    header["__metadata__"]["trp"] = "[" * 200_000 + "]" * 200_000
-    new = json.dumps(header).encode()
-    new += b" " * (-len(new) % 8)
-    path.write_bytes(struct.pack("<Q", len(new)) + new + data[8 + n:])
+    _rewrite(path, edit_header=lambda h: h["__metadata__"].update(trp="[" * 200_000 + "]" * 200_000))
     with pytest.raises(TrpFileError, match="trp metadata is not valid JSON"):
         trp.load(path, models.resnet_cifar(20))
 
