@@ -157,11 +157,6 @@ def kernel_layout(weight: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     return cpp.kernel_layout(weight) if _reads_in_place(weight, backend) else weight
 
 
-def in_kernel_layout(weight: torch.Tensor, backend: str = "auto") -> bool:
-    """Whether :func:`kernel_layout` would return ``weight`` itself."""
-    return not _reads_in_place(weight, backend) or cpp.in_kernel_layout(weight)
-
-
 def _reads_in_place(weight: torch.Tensor, backend: str) -> bool:
     try:
         name = _backend_for(backend, weight.device.type, weight.dtype, None)
