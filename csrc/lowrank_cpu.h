@@ -35,7 +35,10 @@ struct LowRankConvArgs {
 
 // channel scheme: kh x kw conv in_c -> rank, then 1x1 rank -> out_c.
 //   w1 taps1 = kh*kw (tap t = i*kw + j), w2 taps2 = 1.
-// Both return false only when scratch memory (a few hundred KiB) cannot be allocated.
+// Both return false only when scratch memory cannot be allocated: per thread a few hundred
+// KiB, plus, for a factor whose column count is not a multiple of the vector width, a
+// zero-padded copy of its last columns (rows x at most 2 vectors: taps x in_channels x 128 B
+// for the first factor with AVX-512).
 bool lowrank_conv_channel(const LowRankConvArgs& a);
 
 // spatial scheme: kh x 1 conv in_c -> rank (vertical geometry), then 1 x kw rank -> out_c

@@ -5,7 +5,7 @@ the one before to ``previous.pt``. Each checkpoint carries a SHA-256 over its wh
 (every tensor's dtype, shape and bytes, every other value, in a canonical order), computed
 before it is written and checked after it is read. Resuming reads ``last.pt``; if it is
 missing, empty, truncated or fails its checksum, ``previous.pt`` is used instead, with a
-warning naming what was wrong; if neither can be used, :class:`CheckpointError` says why
+warning naming what was wrong (the damaged file is kept as ``last.pt.damaged``); if neither can be used, :class:`CheckpointError` says why
 for each. Like the checksums in a model file (:mod:`trp.io`), these catch accidents, not
 someone who rewrites a checkpoint and its checksum together.
 """
@@ -95,10 +95,12 @@ def read(path, map_location=None) -> dict:
                               f"{str(e)[:300]}") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} holds a {type(state).__name__}, not a trp training checkpoint")
-    if "digest" not in state:
+    if "digest" not in state and "format" not in state:  # both, so that one damaged key name is not enough
         warnings.warn(f"{path} was written by an older trp, without a checksum: resuming from it unverified",
                       RuntimeWarning, stacklevel=3)
         return state
+    if "digest" not in state or not isinstance(state["digest"], str):
+        raise CheckpointError(f"{path} has no checksum where this format keeps one (the file was damaged)")
     if state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: unsupported checkpoint format {state.get('format')!r} (this trp reads "
                               f"{FORMAT!r})")
@@ -111,12 +113,14 @@ def read(path, map_location=None) -> dict:
     return state
 
 
-def load_latest(directory, map_location=None) -> Optional[dict]:
-    """The newest usable checkpoint in ``directory`` (None when there is none at all)."""
+def load_latest(directory, map_location=None, quarantine: bool = True) -> Optional[dict]:
+    """The newest usable checkpoint in ``directory`` (None when there is none at all). When
+    ``last.pt`` is damaged and ``previous.pt`` is used, ``last.pt`` is renamed to
+    ``last.pt.damaged`` (with ``quarantine``: one process of a distributed run), so that the
+    next save does not rotate it over the good one."""
     directory = Path(directory)
-    candidates = [directory / LAST, directory / PREVIOUS]
     problems = []
-    for path in candidates:
+    for path in (directory / LAST, directory / PREVIOUS):
         if not path.exists():
             continue
         try:
@@ -124,8 +128,11 @@ def load_latest(directory, map_location=None) -> Optional[dict]:
         except CheckpointError as e:
             problems.append(str(e))
             continue
-        if problems or path.name == PREVIOUS:
+        if path.name == PREVIOUS:
             why = "; ".join(problems) or f"{directory / LAST} is missing (a crash between two renames?)"
+            if problems and quarantine:
+                (directory / LAST).replace(directory / (LAST + ".damaged"))
+                why += f" (kept as {LAST}.damaged)"
             warnings.warn(f"resuming from {path}, one epoch back: {why}", RuntimeWarning, stacklevel=2)
         return state
     if problems:

@@ -6,7 +6,7 @@ conv, which layers have a fused epilogue (re-derived on load by the same pass), 
 model computes in channels_last (:mod:`trp.layout`), the notes on layers left dense, which
 state_dict entries share one tensor, a SHA-256 per tensor, and a ``digest``: one SHA-256
 over all of that metadata (the per-tensor checksums included) and every tensor's name,
-dtype and shape. A flipped bit, a truncated copy or a hand edit anywhere in the file,
+dtype and shape. A flipped bit, a truncated copy or any edit of the file's content,
 structure or weights, makes :func:`load` raise :class:`TrpFileError`.
 
 What the checksums cannot do: anyone who can rewrite the file can rewrite them too, so they
@@ -126,6 +126,23 @@ def _read_bytes(path: Path, expected_sha256: Optional[str]) -> bytes:
     return data
 
 
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"{text} does not fit a float")
+    return value
+
+
+def _strict_json(text):
+    """json.loads without Python's extensions (NaN, Infinity, numbers that overflow to inf),
+    which the canonical form of the digest cannot represent."""
+    return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+
+
 def _header_metadata(data: bytes, path: Path) -> dict:
     """The safetensors header's ``__metadata__`` (string to string)."""
     if len(data) < 8:
@@ -136,7 +153,7 @@ def _header_metadata(data: bytes, path: Path) -> dict:
         raise TrpFileError(f"{path} is not a readable safetensors file (truncated or corrupt?): its header "
                            f"claims {n} bytes, the file has {len(data) - 8} after the length")
     try:
-        header = json.loads(data[8:8 + n])
+        header = _strict_json(data[8:8 + n])
     except (ValueError, RecursionError) as e:
         raise TrpFileError(f"{path} is not a readable safetensors file (truncated or corrupt?): bad header "
                            f"({type(e).__name__})") from None
@@ -188,7 +205,7 @@ def _parse(data: bytes, path: Path) -> tuple[dict, dict]:
     if _META_KEY not in metadata:
         raise TrpFileError(f"{path} has no trp metadata: it was not written by trp.save")
     try:
-        meta = json.loads(metadata[_META_KEY])
+        meta = _strict_json(metadata[_META_KEY])
     except (ValueError, RecursionError) as e:
         raise TrpFileError(f"{path}: trp metadata is not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
     _check_schema(meta, path)
@@ -224,16 +241,29 @@ def verify(path, expected_sha256: Optional[str] = None) -> dict:
 
 # --- applying a file to a model ---------------------------------------------------------
 
-def _ghost(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` whose parameters and buffers are on the meta device: the load is
-    rehearsed on it, so that a file that does not fit the model fails before the model is
-    touched, without copying any weight."""
-    memo = {}
-    for _, t in model.named_parameters(remove_duplicate=False):
-        memo.setdefault(id(t), nn.Parameter(torch.empty_like(t, device="meta"), requires_grad=t.requires_grad))
-    for _, t in model.named_buffers(remove_duplicate=False):
-        memo.setdefault(id(t), torch.empty_like(t, device="meta"))
-    return copy.deepcopy(model, memo)
+def _ghost(module: nn.Module, memo: Optional[dict] = None) -> nn.Module:
+    """A copy of ``module``'s tree whose parameters and buffers are on the meta device: the
+    load is rehearsed on it, so that a file that does not fit the model fails before the
+    model is touched, without copying any weight. Each module is copied shallowly (its
+    other attributes are shared, as read-only: a lock or a cached tensor is neither copied
+    nor pickled) with its own containers (children, parameters, buffers, hook tables), the
+    things the rehearsal changes; a module registered twice has one copy."""
+    memo = {} if memo is None else memo
+    if id(module) in memo:
+        return memo[id(module)]
+    ghost = copy.copy(module)
+    memo[id(module)] = ghost
+    for name, value in vars(module).items():
+        if isinstance(value, (dict, set)):  # OrderedDicts of hooks, the non-persistent buffer names, ...
+            setattr(ghost, name, copy.copy(value))
+    for name, p in module._parameters.items():
+        ghost._parameters[name] = None if p is None else memo.setdefault(
+            id(p), nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad))
+    for name, b in module._buffers.items():
+        ghost._buffers[name] = None if b is None else memo.setdefault(id(b), torch.empty_like(b, device="meta"))
+    for name, child in module._modules.items():
+        ghost._modules[name] = None if child is None else _ghost(child, memo)
+    return ghost
 
 
 def _config_keys(cls) -> set:
@@ -272,6 +302,10 @@ def _apply(meta: dict, tensors: dict, model: nn.Module, path: Path, device=None)
         parent, _, attr = fqn.rpartition(".")
         setattr(modules[parent] if parent else model, attr, new)
 
+    state = dict(tensors)
+    for alias, name in meta["aliases"].items():
+        state[alias] = tensors[name]
+    built = {}  # the new layers, built and filled before the model is changed
     for fqn, entry in meta["layers"].items():
         old, cls, cfg = module_at(fqn), _LAYER_TYPES[entry["type"]], dict(entry["config"])
         dense = nn.Linear if cls is LowRankLinear else nn.Conv2d
@@ -300,6 +334,13 @@ def _apply(meta: dict, tensors: dict, model: nn.Module, path: Path, device=None)
             raise TrpFileError(f"model does not match the file at {fqn!r}: {text}")
         new.train(old.training)
         setattr(new, NAME_ATTR, fqn)
+        own = {k[len(fqn) + 1:]: v for k, v in state.items() if k.startswith(fqn + ".")}
+        try:
+            new.load_state_dict(own, strict=True, assign=device == "meta")
+        except RuntimeError as e:
+            raise TrpFileError(f"model does not match the file {path} at {fqn!r}: {e}") from None
+        built[fqn] = new
+    for fqn, new in built.items():  # from here on the model changes: nothing below depends on the file's validity
         replace(fqn, new)
         modules[fqn] = new
     for fqn, bn_fqn in meta["folded"].items():
@@ -313,9 +354,6 @@ def _apply(meta: dict, tensors: dict, model: nn.Module, path: Path, device=None)
         if fqn in modules:
             setattr(modules[fqn], NOTE_ATTR, note)
 
-    state = dict(tensors)
-    for alias, name in meta["aliases"].items():
-        state[alias] = tensors[name]
     try:  # a rehearsal on the meta device assigns (copying into meta tensors would warn)
         model.load_state_dict(state, strict=True, assign=device == "meta")
     except RuntimeError as e:
@@ -339,11 +377,16 @@ def load(path, model: nn.Module, *, expected_sha256: Optional[str] = None) -> nn
     a file with another digest is refused before it is parsed.
 
     Raises :class:`TrpFileError` (a ValueError) for a truncated, modified or foreign file
-    and for a model that does not match it; then ``model`` is left as it was (the load is
-    rehearsed on a weightless copy first).
+    and for a model that does not match it; then ``model`` is left as it was: the load is
+    rehearsed on a weightless copy first, and the new layers are built and filled before
+    the model is changed.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not torch.is_inference_mode_enabled() and any(
+            t.is_inference() for t in (*model.parameters(), *model.buffers())):
+        raise ValueError("model holds tensors made under torch.inference_mode(), which cannot be written: "
+                         "build it outside inference mode (trp.load copies the file's weights into it)")
     path = Path(path)
     data = _read_bytes(path, expected_sha256)
     meta, tensors = _parse(data, path)

@@ -93,7 +93,7 @@ class _LowRank(nn.Module):
         for name in ("weight1", "weight2"):
             p = self._parameters[name]
             data = p.data
-            laid = ops.kernel_layout(data, self._backend)
+            laid = ops.kernel_layout(data, self._backend, getattr(self, "kernel_size", None))
             if laid is data:
                 continue
             p.data = laid
@@ -109,6 +109,11 @@ class _LowRank(nn.Module):
         if tags() != before:  # converted (device, dtype or memory format): lay out anew
             self.lay_out()
         return result
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
+        if local_metadata.get("assign_to_params_buffers", False):  # the file's tensors became the factors
+            self.lay_out()
 
     def _check_rank(self) -> None:
         _positive_int(self.rank, "rank")

@@ -209,25 +209,43 @@ def _match_state_layout(optimizer: torch.optim.Optimizer) -> None:
 
 
 def _resume(state: dict, model: nn.Module, optimizer, scheduler, trp: Optional[TRP]) -> tuple[list, int]:
-    """Apply a verified checkpoint; a checkpoint written for another model, optimizer or
-    controller is a CheckpointError saying which."""
+    """Apply a verified checkpoint, all or nothing: a checkpoint written for another model,
+    optimizer or controller is a CheckpointError saying which, raised before anything
+    changes (each load_state_dict below checks before it writes, the model's is checked here)."""
+    error = checkpoint.CheckpointError
+    missing = [k for k in ("epoch", "model", "optimizer", "rng", "history") if k not in state]
+    if missing:
+        raise error(f"the checkpoint lacks {missing}")
+    if trp is not None and state.get("trp") is None:
+        raise error("the checkpoint was written without a TRP controller; resume it without trp")
+    own, saved = unwrap(model).state_dict(), state["model"]
+    if not isinstance(saved, dict) or set(own) != set(saved):
+        extra, lacking = sorted(set(saved) - set(own))[:5], sorted(set(own) - set(saved))[:5]
+        raise error(f"the checkpoint does not match this model: it has {extra} the model lacks, and lacks {lacking}")
+    shapes = [k for k in own if own[k].shape != getattr(saved[k], "shape", None)][:5]
+    if shapes:
+        raise error(f"the checkpoint does not match this model: other shapes for {shapes}")
+
     def apply(what, fn):
         try:
             fn()
         except (RuntimeError, ValueError, KeyError, TypeError) as e:
-            raise checkpoint.CheckpointError(f"the checkpoint does not match this {what}: {e}") from None
+            raise error(f"the checkpoint does not match this {what}: {e}") from None
 
-    apply("model", lambda: unwrap(model).load_state_dict(state["model"]))
-    apply("optimizer", lambda: optimizer.load_state_dict(state["optimizer"]))
+    if trp is not None:
+        before = trp.state_dict()
+        apply("TRP controller", lambda: trp.load_state_dict(state["trp"]))
+    try:
+        apply("optimizer", lambda: optimizer.load_state_dict(state["optimizer"]))
+    except checkpoint.CheckpointError:
+        if trp is not None:
+            trp.load_state_dict(before)
+        raise
     _match_state_layout(optimizer)
+    apply("model", lambda: unwrap(model).load_state_dict(saved))
     if scheduler is not None and state.get("scheduler") is not None:
         apply("scheduler", lambda: scheduler.load_state_dict(state["scheduler"]))
-    if trp is not None:
-        if state.get("trp") is None:
-            raise checkpoint.CheckpointError("the checkpoint was written without a TRP controller; resume it "
-                                             "without trp")
-        apply("TRP controller", lambda: trp.load_state_dict(state["trp"]))
-    _set_rng_state(state["rng"])
+    apply("random number generators", lambda: _set_rng_state(state["rng"]))
     return list(state["history"]), int(state["epoch"])
 
 
@@ -316,7 +334,7 @@ def fit(model: nn.Module, train_loader, val_loader=None, *, epochs: int, optimiz
         except OSError as e:
             raise ValueError(f"checkpoint_dir {str(checkpoint_dir)!r} is not a writable directory: {e}") from None
     if resume:
-        state = checkpoint.load_latest(checkpoint_dir, map_location=device)
+        state = checkpoint.load_latest(checkpoint_dir, map_location=device, quarantine=rank0)
         if state is not None:
             history, start = _resume(state, model, optimizer, scheduler, trp)
 

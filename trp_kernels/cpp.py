@@ -126,13 +126,9 @@ def kernel_layout(w: torch.Tensor) -> torch.Tensor:
 
 def _panel(w: torch.Tensor, name: str) -> tuple["numpy.ndarray", bool]:  # noqa: F821
     """(``w`` as the kernel's panel, whether that panel is ``w``'s own memory)."""
-    if not isinstance(w, torch.Tensor):
-        raise TypeError(f"lowrank_conv2d: {name} must be a torch.Tensor, got {type(w).__name__}")
-    _array(w, name)  # the type, device, dtype and layout checks, with their messages
-    t = w.detach()
-    view = in_kernel_layout(t)
-    panel = _hwio(t.resolve_neg()).contiguous().view(-1, t.shape[0])
-    return panel.numpy(), view
+    t = _checked(w, name)
+    view = t.data_ptr() == w.data_ptr() and in_kernel_layout(t)
+    return _hwio(t).contiguous().view(-1, t.shape[0]).numpy(), view
 
 
 def _nhwc(t: torch.Tensor) -> "numpy.ndarray":  # noqa: F821
@@ -140,18 +136,21 @@ def _nhwc(t: torch.Tensor) -> "numpy.ndarray":  # noqa: F821
     return t.numpy().transpose(0, 2, 3, 1)
 
 
-def _array(t: torch.Tensor, name: str) -> "numpy.ndarray":  # noqa: F821
-    """A checked float32 CPU tensor's memory, zero-copy (``.numpy()`` refuses a tensor that
-    requires grad or carries a lazy negation bit, so those are detached/resolved first)."""
+def _checked(t: torch.Tensor, name: str) -> torch.Tensor:
+    """A float32 CPU tensor, detached, its lazy negation bit resolved (a copy then: the
+    memory holds minus the values); anything else raises naming ``name``."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"lowrank_conv2d: {name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype is not torch.float32 or not t.is_cpu or t.layout is not torch.strided:
         _cpu_float32(t, name, "lowrank_conv2d", contiguous=False)  # raises the precise error
     if t.requires_grad:
         t = t.detach()
-    if t.is_neg():
-        t = t.resolve_neg()
-    return t.numpy()
+    return t.resolve_neg() if t.is_neg() else t
+
+
+def _array(t: torch.Tensor, name: str) -> "numpy.ndarray":  # noqa: F821
+    """A checked tensor's memory as numpy, zero-copy unless it had to be resolved."""
+    return _checked(t, name).numpy()
 
 
 def _geometry(x_shape, w1_shape, w2_shape, stride, padding, dilation, scheme) -> tuple:
@@ -197,12 +196,12 @@ _PLAN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
 def _tag(t: Optional[torch.Tensor]) -> tuple:
-    return (None,) if t is None else (t.data_ptr(), t.shape, t.stride())
+    return (None,) if t is None else (t.data_ptr(), t.shape, t.stride(), t.dtype, t.is_neg())
 
 
 def _plan_key(x, weight1, weight2, bias, stride, padding, dilation, scheme, residual, relu, linear) -> tuple:
-    return (x.shape, _tag(weight1), _tag(weight2), id(bias), _tag(bias), tuple(stride), tuple(padding),
-            tuple(dilation), scheme, bool(relu), residual is None, linear)
+    return (x.shape, _tag(weight1), _tag(weight2), _tag(bias), tuple(stride), tuple(padding), tuple(dilation),
+            scheme, bool(relu), residual is None, linear)
 
 
 def _run_plan(x, weight1, weight2, bias, stride, padding, dilation, scheme, residual, relu, linear):
@@ -239,10 +238,12 @@ def _keep_plan(plan, out_shape, x, weight1, weight2, bias, stride, padding, dila
         if entry is None:
             weakref.finalize(weight1, _PLANS.pop, id(weight1), None)
         entry = _PLANS[id(weight1)] = (weakref.ref(weight1), {})
-    plans = entry[1]
-    if len(plans) >= 16:  # shapes that vary call after call, or weights that keep moving
-        plans.clear()
     key = _plan_key(x, weight1, weight2, bias, stride, padding, dilation, scheme, residual, relu, linear)
+    plans = entry[1]
+    for old in [k for k in plans if k[1] != key[1]]:  # weight1 has new memory: those can never run again,
+        del plans[old]                               # and they keep the old memory alive
+    if len(plans) >= 16:  # shapes that vary call after call
+        plans.clear()
     plans[key] = (plan, weakref.ref(weight2), (lambda: None) if bias is None else weakref.ref(bias), out_shape)
 
 
@@ -271,11 +272,11 @@ def _fused(x, weight1, weight2, bias, stride, padding, dilation, scheme, residua
             xa = _array(x.contiguous(memory_format=cl), "x")
         if ra is not None and not residual.is_contiguous(memory_format=cl):
             ra = _array(residual.contiguous(memory_format=cl), "residual")
-        bias_view = bias is None or bias.is_contiguous()
+        bias_view = bias is None or (bias.is_contiguous() and not bias.is_neg())
         # The plan checks every array it is given; it then runs on those very arrays.
         plan = lib.LowRankPlan(
             xa.transpose(0, 2, 3, 1), w1a, w2a,
-            None if ba is None else (ba if bias_view else _array(bias.contiguous(), "bias")),
+            None if ba is None else (ba if bias.is_contiguous() else _array(bias.contiguous(), "bias")),
             None if ra is None else ra.transpose(0, 2, 3, 1), _nhwc(out), scheme, kh, kw, stride2, pad2, dil2,
             bool(relu))
         plan.run(xa.ctypes.data, out.data_ptr(), 0 if ra is None else ra.ctypes.data, torch.get_num_threads())

@@ -147,19 +147,22 @@ def _resolve(backend: str, device_type: str, dtype: torch.dtype, rank: Optional[
     return backend
 
 
-def kernel_layout(weight: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+def kernel_layout(weight: torch.Tensor, backend: str = "auto",
+                  kernel_size: Optional[Sequence[int]] = None) -> torch.Tensor:
     """``weight`` (a factor: conv (out, in, kh, kw) or linear (out, in)) in the memory layout
     in which the kernel that ``backend`` runs for its device and dtype reads it in place:
     the same tensor when it already is, else a copy with the same values. The fused C++
     kernels read factors in place (see :mod:`trp_kernels.cpp`), so a module that keeps its
     parameters so is never computed with stale weights and pays no per-call packing; the
-    other backends take any layout, and ``weight`` is returned as it is."""
-    return cpp.kernel_layout(weight) if _reads_in_place(weight, backend) else weight
+    other backends take any layout, and ``weight`` is returned as it is. ``kernel_size``:
+    the layer's, for the backend choice (auto does not take the C++ kernels for every size)."""
+    return cpp.kernel_layout(weight) if _reads_in_place(weight, backend, kernel_size) else weight
 
 
-def _reads_in_place(weight: torch.Tensor, backend: str) -> bool:
+def _reads_in_place(weight: torch.Tensor, backend: str, kernel_size: Optional[Sequence[int]]) -> bool:
     try:
-        name = _backend_for(backend, weight.device.type, weight.dtype, None)
+        name = _backend_for(backend, weight.device.type, weight.dtype, None,
+                            None if kernel_size is None else tuple(kernel_size))
     except BackendError:
         return False  # the call will say why; the layout does not matter
     return name == "cpp" and is_fused("cpp")

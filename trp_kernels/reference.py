@@ -93,17 +93,23 @@ class InputTooSmallError(ValueError, RuntimeError):
     for the dense layer catches it too."""
 
 
+def _span(kernel_size: Sequence[int], dilation: Sequence[int]) -> Pair:
+    """How many input rows and columns a dilated kernel covers."""
+    return (dilation[0] * (kernel_size[0] - 1) + 1, dilation[1] * (kernel_size[1] - 1) + 1)
+
+
 def min_input_hw(kernel_size: Sequence[int], padding: Sequence[int], dilation: Sequence[int]) -> Pair:
     """The smallest input height and width that give a conv at least one output pixel."""
     t, b, l, r = padding
-    return (dilation[0] * (kernel_size[0] - 1) + 1 - t - b, dilation[1] * (kernel_size[1] - 1) + 1 - l - r)
+    eff = _span(kernel_size, dilation)
+    return (eff[0] - t - b, eff[1] - l - r)
 
 
 def input_too_small(what: str, hw: Sequence[int], kernel_size: Sequence[int], padding: Sequence[int],
                     dilation: Sequence[int]) -> InputTooSmallError:
     """The error for an input of spatial size ``hw`` that ``min_input_hw`` refuses."""
     t, b, l, r = padding
-    eff = (dilation[0] * (kernel_size[0] - 1) + 1, dilation[1] * (kernel_size[1] - 1) + 1)
+    eff = _span(kernel_size, dilation)
     return InputTooSmallError(
         f"{what}: input of spatial size {hw[0]}x{hw[1]} is smaller than the kernel: padded by "
         f"(top {t}, bottom {b}, left {l}, right {r}) it is {hw[0] + t + b}x{hw[1] + l + r}, and the kernel "

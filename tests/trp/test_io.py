@@ -296,3 +296,42 @@ def test_old_format_loads_with_a_warning(tmp_path):
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
+
+
+def test_json_extensions_are_refused(tmp_path):
+    """NaN, Infinity and overflowing numbers are Python's JSON extensions: a TrpFileError,
+    not the ValueError the canonical digest would raise."""
+    for text in ("NaN", "Infinity", "-Infinity", "1e999"):
+        _, path, _ = _saved(tmp_path)
+        _rewrite(path, edit_header=lambda h, t=text: h["__metadata__"].update(
+            trp=h["__metadata__"]["trp"].replace('"rank": 4', f'"rank": {t}', 1)))
+        assert text in json.loads(path.read_bytes()[8:8 + struct.unpack("<Q", path.read_bytes()[:8])[0]])[
+            "__metadata__"]["trp"]
+        with pytest.raises(TrpFileError, match="trp metadata is not valid JSON"):
+            trp.load(path, models.resnet_cifar(20))
+
+
+def test_models_with_uncopyable_attributes_load(tmp_path):
+    """The rehearsal copies no attribute but the module tree: a lock or a cached tensor
+    stays shared, as in the model."""
+    import threading
+
+    model, path, _ = _saved(tmp_path)
+    fresh = models.resnet_cifar(20)
+    fresh.lock = threading.Lock()
+    fresh.cache = torch.zeros(1000)
+    loaded = trp.load(path, fresh)
+    assert loaded.lock is fresh.lock
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_a_model_built_in_inference_mode_is_refused_untouched(tmp_path):
+    _, path, _ = _saved(tmp_path)
+    with torch.inference_mode():
+        fresh = models.resnet_cifar(20)
+    kinds = [type(m) for m in fresh.modules()]
+    with pytest.raises(ValueError, match="made under torch.inference_mode"):
+        trp.load(path, fresh)
+    assert [type(m) for m in fresh.modules()] == kinds

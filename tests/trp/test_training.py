@@ -301,3 +301,45 @@ def test_resumed_optimizer_state_takes_its_parameters_layout():
         (p - target).square().sum().backward()
         opt.step()
     assert torch.allclose(a, b)
+
+
+def test_a_damaged_digest_key_is_not_taken_for_an_old_checkpoint(tmp_path):
+    """Flipping one bit of the key name 'digest' must not make the checkpoint pass as one
+    from an older trp (which is resumed unverified)."""
+    from trp.checkpoint import CheckpointError, read
+
+    _train(tmp_path, crash_in_epoch=2)
+    path = tmp_path / "last.pt"
+    data = path.read_bytes()
+    assert data.count(b"digest") >= 1
+    path.write_bytes(data.replace(b"digest", b"digesu"))
+    with pytest.raises(CheckpointError, match="no checksum where this format keeps one"):
+        read(path)
+
+
+def test_after_a_fallback_the_damaged_file_is_set_aside(tmp_path):
+    """Resumed from previous.pt because last.pt was damaged: last.pt is kept as
+    last.pt.damaged, so the next save does not rotate it over the good previous.pt."""
+    _train(tmp_path, crash_in_epoch=3)
+    _flip_a_weight_byte(tmp_path / "last.pt")
+    with pytest.warns(RuntimeWarning, match="kept as last.pt.damaged"):
+        _train(tmp_path, resume=True)  # from epoch 1's checkpoint: trains epochs 2 and 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "last.pt.damaged", "previous.pt"]
+    from trp.checkpoint import read
+
+    assert read(tmp_path / "last.pt")["epoch"] == 3 and read(tmp_path / "previous.pt")["epoch"] == 2
+
+
+def test_a_checkpoint_for_another_optimizer_changes_nothing(tmp_path):
+    from trp.checkpoint import CheckpointError
+
+    _train(tmp_path, crash_in_epoch=2)
+    torch.manual_seed(0)
+    model = models.resnet_cifar(8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    controller = TRP(model, period=2)
+    train, _ = _loaders()
+    with pytest.raises(CheckpointError, match="does not match this optimizer"):
+        trp.fit(model, train, epochs=3, trp=controller, checkpoint_dir=tmp_path, resume=True, progress=False,
+                optimizer=torch.optim.Adam([next(model.parameters())]))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and controller.step_count == 0

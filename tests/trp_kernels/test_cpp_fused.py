@@ -265,3 +265,25 @@ def test_op_dispatch_runs_the_fused_kernel(monkeypatch):
     g = torch.randn_like(out)
     for a, r in zip(torch.autograd.grad(out, tensors, g), torch.autograd.grad(ref, tensors, g)):
         assert (a - r).abs().max() <= 1e-5 * r.abs().max()
+
+
+def test_lazily_negated_tensors_are_never_planned_over_a_copy():
+    """A tensor with PyTorch's lazy negation bit holds minus its values: the kernel gets a
+    resolved copy, so no kept plan may read that copy on later calls (the tensor's writes
+    would not show), and a tensor that gains the bit must miss the plan."""
+    args = _laid_case()
+    base = torch.randn(args[2].shape[0])
+    args[3] = torch._neg_view(base)  # the bias
+    for _ in range(2):
+        cpp.lowrank_conv2d(*args)
+    base += 10.0
+    out = cpp.lowrank_conv2d(*args)
+    assert (out - reference.lowrank_conv2d(*args)).abs().max() < 1e-4
+    args[3] = base.clone()
+    w1 = torch.nn.Parameter(args[1].detach().clone())
+    args[1] = w1
+    for _ in range(2):
+        cpp.lowrank_conv2d(*args)  # planned over w1's own memory
+    w1.data = torch._neg_view(w1.data)  # same memory, same strides, the values negated
+    out = cpp.lowrank_conv2d(*args)
+    assert (out - reference.lowrank_conv2d(*args)).abs().max() < 1e-4
