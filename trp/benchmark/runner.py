@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -15,6 +13,7 @@ from typing import Iterable, Optional
 
 import torch
 
+from trp import files
 from trp.benchmark import cases as C
 from trp.benchmark import providers as P
 from trp.timing import compare, machine_info
@@ -149,10 +148,7 @@ def model_case_rows(case: C.ModelCase, providers: Iterable[str], budget_s: float
 def _write_json(path: Path, payload: dict) -> None:
     """Atomic: a crash mid-run leaves the previous complete file, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=1)
-    os.replace(tmp, path)
+    files.atomic_write(path, json.dumps(payload, indent=1).encode())
 
 
 def run(suite: str = "all", device: str = "cpu", quick: bool = False, json_path=None, out_dir=None,
