@@ -57,9 +57,8 @@ def _ort_session(model_bytes: bytes):
     options.intra_op_num_threads = torch.get_num_threads()  # same threads as the torch providers
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # ORT's idle threads otherwise busy-wait after each run and slow whatever runs next
-    # (here: the other providers, interleaved; in an application: its other work).
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # ORT's default, spinning threads, as users run it: its idle threads busy-wait after a
+    # run, which is why the runner never times it call by call against another runtime.
     return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
 
 
@@ -126,6 +125,11 @@ def _two_conv_onnx(case: LayerCase, t: dict) -> bytes:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model.SerializeToString()
+
+
+def runtime(provider: str) -> str:
+    """The thread pool a provider runs on: "onnxruntime" for ONNX Runtime's, else "torch"."""
+    return "onnxruntime" if provider.endswith("_ort") else "torch"
 
 
 def layer_baseline(provider: str) -> str:
