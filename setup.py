@@ -189,6 +189,7 @@ setup(
             "onnx>=1.16",
             "onnxscript>=0.1",
             "onnxruntime>=1.17",
+            "openvino>=2024.0",  # a peer in the benchmark suite (python -m trp bench)
             "matplotlib>=3.6",
             "pybind11>=2.12",  # the AddressSanitizer build in tests/trp_kernels/test_cpp_asan.py
         ]

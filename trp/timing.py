@@ -89,7 +89,7 @@ def machine_info() -> dict:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
         info["cuda"] = torch.version.cuda
-    for name in ("triton", "onnxruntime"):
+    for name in ("triton", "onnxruntime", "openvino"):
         try:
             info[name] = __import__(name).__version__
         except Exception:  # noqa: BLE001 - not installed, or broken: record its absence

@@ -57,10 +57,16 @@ def test_model_rows_for_every_provider():
     rows = runner.model_case_rows(case, P.MODEL_PROVIDERS, 0.01, _quiet, torch.Generator().manual_seed(0))
     by = {r["provider"]: r for r in rows}
     assert list(by) == list(P.MODEL_PROVIDERS)
-    for name in ("dense_eager", "dense_compile", "dense_ort", "lowrank_eager", "lowrank_compile", "lowrank_ort",
-                 "trp_eager", "trp_compile"):
+    for name in ("dense_eager", "dense_compile", "dense_compile_frozen", "dense_ort", "dense_openvino",
+                 "lowrank_eager", "lowrank_compile", "lowrank_compile_frozen", "lowrank_ort", "lowrank_openvino",
+                 "trp_eager", "trp_compile", "trp_compile_frozen"):
         assert by[name]["status"] == "ok", (name, by[name]["reason"])
-        assert by[name]["max_rel_err"] < 1e-4
+        assert by[name]["max_rel_err"] < 1e-4 and by[name]["precision"] == "float32"
+    for name in ("dense_openvino_default", "lowrank_openvino_default"):  # bfloat16 where the CPU has it
+        assert by[name]["status"] == "ok", (name, by[name]["reason"])
+        assert by[name]["precision"] in ("float32", "bfloat16", "float16")
+        assert by[name]["max_rel_err"] < (1e-4 if by[name]["precision"] == "float32" else 3.2e-2)
+    assert {P.runtime(p) for p in by} == {"torch", "onnxruntime", "openvino"}
     for name in ("dense_cudagraph", "lowrank_cudagraph", "trp_cudagraph"):
         assert by[name]["status"] == "skipped" and "CUDA" in by[name]["reason"]
     assert by["lowrank_ort"]["baseline"] == "dense_ort" and by["trp_compile"]["baseline"] == "dense_compile"

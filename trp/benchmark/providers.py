@@ -22,13 +22,18 @@ from trp_kernels import ops, reference
 # copy made beforehand, the layout a model compiled by trp.compile runs in (trp/layout.py),
 # which is also the layout "lowrank_cpp" is handed.
 LAYER_PROVIDERS = ("dense_torch", "lowrank_torch", "lowrank_torch_cl", "lowrank_compile", "lowrank_trp", "lowrank_cpp",
-                   "lowrank_ort",
+                   "lowrank_ort", "lowrank_openvino",
                    "dense_torch_cudagraph", "lowrank_torch_cudagraph", "lowrank_trp_cudagraph")
 # "*_eager_cl": the same model eager in channels_last (model and input converted beforehand),
 # what a user who knows PyTorch's fast CPU layout would run.
-MODEL_PROVIDERS = ("dense_eager", "dense_eager_cl", "dense_compile", "dense_ort", "lowrank_eager",
-                   "lowrank_eager_cl", "lowrank_compile",
-                   "lowrank_ort", "trp_eager", "trp_compile", "cpp_eager", "cpp_compile", "dense_cudagraph",
+# "*_compile_frozen": torch.compile with torch._inductor.config.freezing = True (weights
+# folded in as constants: much faster on CPU); "*_openvino": OpenVINO computing in float32;
+# "*_openvino_default": OpenVINO as it comes, which on a CPU with AVX512-BF16 computes in
+# bfloat16 (the row says so and gives its error).
+MODEL_PROVIDERS = ("dense_eager", "dense_eager_cl", "dense_compile", "dense_compile_frozen", "dense_ort",
+                   "dense_openvino", "dense_openvino_default", "lowrank_eager", "lowrank_eager_cl", "lowrank_compile",
+                   "lowrank_compile_frozen", "lowrank_ort", "lowrank_openvino", "lowrank_openvino_default",
+                   "trp_eager", "trp_compile", "trp_compile_frozen", "cpp_eager", "cpp_compile", "dense_cudagraph",
                    "lowrank_cudagraph", "trp_cudagraph")
 # What each model provider's speed-up is measured against: the dense model in the same runtime.
 MODEL_BASELINE = {p: "dense_" + p.split("_", 1)[1] for p in MODEL_PROVIDERS}
@@ -60,6 +65,38 @@ def _ort_session(model_bytes: bytes):
     # ORT's default, spinning threads, as users run it: its idle threads busy-wait after a
     # run, which is why the runner never times it call by call against another runtime.
     return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+
+
+def _openvino_fn(model_bytes: bytes, x: torch.Tensor, f32: bool) -> Fn:
+    """OpenVINO on the CPU with the torch providers' thread count; in float32 (``f32``) or
+    in its default precision, which the returned callable records as ``.precision``."""
+    try:
+        import openvino as ov
+    except ImportError as e:
+        raise Unavailable(f"openvino is not installed ({e})") from None
+    core = ov.Core()
+    config = {"INFERENCE_NUM_THREADS": torch.get_num_threads()}
+    if f32:
+        config["INFERENCE_PRECISION_HINT"] = "f32"
+    compiled = core.compile_model(core.read_model(model=model_bytes), "CPU", config)
+    request = compiled.create_infer_request()
+    feed = {0: x.contiguous().numpy()}
+
+    def fn():
+        return torch.from_numpy(request.infer(feed)[0].copy())
+
+    hint = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+    fn.precision = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}.get(hint, hint)
+    return fn
+
+
+def _frozen(fn_or_module, example: torch.Tensor, device: str) -> Fn:
+    """torch.compile with Inductor's freezing (weights as constants), compiled here on
+    ``example`` (freezing acts when the graph is compiled, under no_grad)."""
+    compiled = _compile(fn_or_module, device)
+    with torch._inductor.config.patch(freezing=True), torch.no_grad():
+        compiled(example)
+    return lambda: compiled(example)
 
 
 def _ort_fn(session, x: torch.Tensor) -> Fn:
@@ -128,8 +165,10 @@ def _two_conv_onnx(case: LayerCase, t: dict) -> bytes:
 
 
 def runtime(provider: str) -> str:
-    """The thread pool a provider runs on: "onnxruntime" for ONNX Runtime's, else "torch"."""
-    return "onnxruntime" if provider.endswith("_ort") else "torch"
+    """The thread pool a provider runs on: ONNX Runtime's, OpenVINO's, or PyTorch's."""
+    if provider.endswith("_ort"):
+        return "onnxruntime"
+    return "openvino" if "_openvino" in provider else "torch"
 
 
 def layer_baseline(provider: str) -> str:
@@ -181,6 +220,10 @@ def prepare_layer(provider: str, case: LayerCase, t: dict) -> Fn:
         if case.dtype != torch.float32:
             raise Unavailable(f"float32 only, case is {case.dtype}")
         return _ort_fn(_ort_session(_two_conv_onnx(case, t)), x)
+    if provider == "lowrank_openvino":
+        if case.device != "cpu" or case.dtype != torch.float32:
+            raise Unavailable("float32 on CPU only (this suite runs OpenVINO's CPU plugin)")
+        return _openvino_fn(_two_conv_onnx(case, t), x, f32=True)
     raise ValueError(f"unknown layer provider {provider!r}; known: {LAYER_PROVIDERS}")
 
 
@@ -255,10 +298,16 @@ def prepare_model(provider: str, case: ModelCase, bundle: dict) -> Fn:
     if runtime == "compile":
         compiled = _compile(model, case.device)
         return lambda: compiled(x)
+    if runtime == "compile_frozen":
+        return _frozen(model, x, case.device)
     if runtime == "ort":
         if case.device != "cpu":
             raise Unavailable("CPU only (this suite runs ONNX Runtime's CPU execution provider)")
         return _ort_fn(_ort_session(_onnx_bytes(model, x)), x)
+    if runtime in ("openvino", "openvino_default"):
+        if case.device != "cpu" or case.dtype != torch.float32:
+            raise Unavailable("float32 on CPU only (this suite runs OpenVINO's CPU plugin)")
+        return _openvino_fn(_onnx_bytes(model, x), x, f32=runtime == "openvino")
     if runtime == "cudagraph":
         if case.device != "cuda":
             raise Unavailable("CUDA graphs need a CUDA device")

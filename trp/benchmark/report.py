@@ -25,9 +25,12 @@ STATUSES = ("ok", "skipped", "failed")
 
 # Display order of providers: dense ones first; a "*_cudagraph" variant right after its base;
 # unknown providers after the known ones of their kind, by name.
-PROVIDER_ORDER = ("dense_torch", "dense_eager", "dense_eager_cl", "dense_compile", "dense_ort",
-                  "lowrank_torch", "lowrank_torch_cl", "lowrank_eager", "lowrank_eager_cl", "lowrank_compile", "lowrank_trp", "lowrank_cpp", "lowrank_ort",
-                  "trp_eager", "trp_compile", "cpp_eager", "cpp_compile")
+PROVIDER_ORDER = ("dense_torch", "dense_eager", "dense_eager_cl", "dense_compile", "dense_compile_frozen", "dense_ort",
+                  "dense_openvino", "dense_openvino_default",
+                  "lowrank_torch", "lowrank_torch_cl", "lowrank_eager", "lowrank_eager_cl", "lowrank_compile",
+                  "lowrank_compile_frozen", "lowrank_trp", "lowrank_cpp", "lowrank_ort", "lowrank_openvino",
+                  "lowrank_openvino_default", "trp_eager", "trp_compile", "trp_compile_frozen", "cpp_eager",
+                  "cpp_compile")
 _CUDAGRAPH = "_cudagraph"
 
 DASH = "–"
@@ -186,7 +189,10 @@ TABLE_HEADER = ("case", "batch", "rank", "provider", "median ms (p25–p75)", "M
 
 
 def _table_row(r: Mapping) -> list[str]:
-    cells = [r["case"], str(r["batch"]), DASH if r["rank"] is None else str(r["rank"]), r["provider"]]
+    provider = r["provider"]
+    if r.get("precision", r["dtype"]) != r["dtype"]:  # a runtime that computes in a narrower type
+        provider += f" (computes in {r['precision']}; rel. err. {r['max_rel_err']:.1e})"
+    cells = [r["case"], str(r["batch"]), DASH if r["rank"] is None else str(r["rank"]), provider]
     macs = f"{fmt_macs(r['macs'])} / {fmt_macs(r['macs_dense'])}"
     if r["status"] == "ok":
         cells += [f"{fmt_ms(r['median_ms'])} ({fmt_ms(r['p25_ms'])}–{fmt_ms(r['p75_ms'])})", macs,

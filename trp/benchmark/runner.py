@@ -39,7 +39,8 @@ def make_row(suite, case_name, provider, case, rank, rank_rule, macs_dense, macs
     return dict(suite=suite, case=case_name, provider=provider, device=case.device, dtype=_dtype_name(case.dtype),
                 batch=case.batch, rank=rank, rank_rule=rank_rule, macs_dense=int(macs_dense), macs=int(macs),
                 status="skipped", reason="", median_ms=None, p25_ms=None, p75_ms=None, min_ms=None, max_ms=None,
-                repeats=None, prepare_s=None, baseline=None, speedup=None, realized_fraction=None, max_rel_err=None)
+                repeats=None, prepare_s=None, baseline=None, speedup=None, realized_fraction=None, max_rel_err=None,
+                precision=_dtype_name(case.dtype))
 
 
 def tolerance(dense_err: Optional[float], dtype: torch.dtype, layers: int = 1) -> Optional[float]:
@@ -50,7 +51,9 @@ def tolerance(dense_err: Optional[float], dtype: torch.dtype, layers: int = 1) -
 
 def prepare_checked(row: dict, prepare, ref: torch.Tensor, tol: Optional[float]):
     """Prepare one provider and check its output; returns its callable, or None (the row
-    then says why: skipped, crashed, or wrong)."""
+    then says why: skipped, crashed, or wrong). A provider that computes in a narrower type
+    than the case (OpenVINO's default: bfloat16) says so in ``.precision``; the row records
+    it, and its output is held to twice that type's slack (bfloat16: 3.2e-2)."""
     t0 = time.perf_counter()
     try:
         with torch.inference_mode():
@@ -66,6 +69,10 @@ def prepare_checked(row: dict, prepare, ref: torch.Tensor, tol: Optional[float])
     row["prepare_s"] = round(time.perf_counter() - t0, 3)
     err = _rel(out, ref)
     row["max_rel_err"] = err
+    precision = getattr(fn, "precision", row["precision"])
+    if precision != row["precision"] and tol is not None:
+        row["precision"] = precision
+        tol = max(tol, 2 * ATOL[getattr(torch, precision)])
     if tol is not None and not err <= tol:
         row.update(status="failed", reason=f"output differs from the dense reference: relative error "
                                            f"{err:.2e} > tolerance {tol:.2e}; not timed")
