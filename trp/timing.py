@@ -22,8 +22,8 @@ def compare(fns: dict[str, Callable[[], object]], *, warmup: int = 3, repeats: i
             pools: Optional[dict[str, str]] = None, blocks: int = 4, idle_s: float = 0.2) -> dict:
     """Time several functions, ``repeats`` calls each; median and quartiles per function.
 
-    Functions on one thread pool (``pools`` maps a name to its pool: "torch",
-    "onnxruntime", ...; default, all on one) are interleaved, one call of each per round in
+    Functions on one thread pool (``pools`` maps a name to its pool: "torch", or an ONNX
+    Runtime session's own; default, all on one) are interleaved, one call of each per round in
     rotating order, so that drift in a shared machine's speed hits them alike. Functions on
     different pools are never interleaved: a runtime's pool keeps spinning after its call
     and would slow whatever runs next on the same cores (on 2 cores, ONNX Runtime's CIFAR

@@ -164,11 +164,12 @@ def _two_conv_onnx(case: LayerCase, t: dict) -> bytes:
     return model.SerializeToString()
 
 
-def runtime(provider: str) -> str:
-    """The thread pool a provider runs on: ONNX Runtime's, OpenVINO's, or PyTorch's."""
-    if provider.endswith("_ort"):
-        return "onnxruntime"
-    return "openvino" if "_openvino" in provider else "torch"
+def pool(provider: str) -> str:
+    """The thread pool a provider runs on: PyTorch's, which all torch providers share, or
+    one of its own: every ONNX Runtime session and OpenVINO compiled model has its own
+    threads, which spin after a call (two ONNX Runtime sessions interleaved call by call
+    slow each other severalfold on 2 cores, as a runtime and PyTorch do)."""
+    return provider if provider.endswith("_ort") or "_openvino" in provider else "torch"
 
 
 def layer_baseline(provider: str) -> str:

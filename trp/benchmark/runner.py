@@ -1,7 +1,8 @@
 """Runs the suite: for each case, every provider's output is checked against the float64
 dense reference (a wrong answer is never timed), then the checked providers are timed side
 by side: those on PyTorch's thread pool interleaved round by round, so that the drift of a
-shared machine hits them alike, and a runtime with a pool of its own (ONNX Runtime) in
+shared machine hits them alike, and each provider with a pool of its own (an ONNX Runtime
+session, an OpenVINO compiled model) in
 blocks of its own with the other pools idle (:func:`trp.timing.compare`)."""
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ def _time_side_by_side(rows: list[dict], fns: dict, budget_s: float, device: str
                 torch.cuda.synchronize()
             slowest = max(slowest, time.perf_counter() - t0)
         repeats = int(min(MAX_REPEATS, max(MIN_REPEATS, budget_s / max(slowest, 1e-6))))
-        stats = compare(fns, warmup=1, repeats=repeats, device=device, pools={n: P.runtime(n) for n in fns})
+        stats = compare(fns, warmup=1, repeats=repeats, device=device, pools={n: P.pool(n) for n in fns})
     for row in rows:
         if row["provider"] in stats:
             row.update(stats[row["provider"]], status="ok")
