@@ -2,9 +2,10 @@
 
 The fused kernels (C++ on CPU, Triton on CUDA) read and write channels_last (NHWC), and so
 do most of PyTorch's fast CPU paths: in ``benches/results/cpu-models.json`` (2-core AMD
-EPYC) the low-rank ResNet-18 run as plain PyTorch takes 14.33 ms at batch 1 in NCHW and
-10.48 ms in channels_last (its 7×7 stem conv and max-pool are the slowest in NCHW;
-PyTorch's 1×1 convs go the other way at batch 1, which makes ResNet-50 slower). So a model
+EPYC) the low-rank ResNet-18 run as plain PyTorch takes 12.33 ms at batch 1 in NCHW and
+7.74 ms in channels_last (its 7×7 stem conv and max-pool are the slowest in NCHW;
+PyTorch's 1×1 convs are sometimes slower in channels_last at batch 1, so ResNet-50 gains
+less). So a model
 compiled for a fused backend converts its 4-D inputs to channels_last once, on entry (every
 layer after keeps the layout), and its 4-D outputs back to the standard contiguous (NCHW)
 format on exit: callers see the same shapes, values and strides as before.

@@ -2,8 +2,8 @@
 dense reference (a wrong answer is never timed), then the checked providers are timed side
 by side: those on PyTorch's thread pool interleaved round by round, so that the drift of a
 shared machine hits them alike, and each provider with a pool of its own (an ONNX Runtime
-session, an OpenVINO compiled model) in
-blocks of its own with the other pools idle (:func:`trp.timing.compare`)."""
+session, an OpenVINO compiled model) in blocks of its own with the other pools idle
+(:func:`trp.timing.compare`)."""
 
 from __future__ import annotations
 
