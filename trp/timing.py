@@ -29,8 +29,9 @@ def compare(fns: dict[str, Callable[[], object]], *, warmup: int = 3, repeats: i
     and would slow whatever runs next on the same cores (on 2 cores, ONNX Runtime's CIFAR
     ResNet-20 took 1.9x as long interleaved with PyTorch as alone). Each pool runs in
     ``blocks`` blocks, the pools' blocks alternating (so drift still reaches every pool),
-    each block after ``idle_s`` of sleep (the previous pool's threads go idle) and an untimed
-    call of each of its functions.
+    each block after ``idle_s`` of sleep (the previous pool's threads go idle) and 50 ms of
+    untimed calls of its functions (short blocks right after a pause otherwise run slow:
+    a 1 ms model took 1.26-1.35x its time alone in blocks of 25 calls).
     """
     if warmup < 0 or repeats < 1 or not fns or blocks < 1 or idle_s < 0:
         raise ValueError(f"need functions, warmup >= 0, repeats >= 1, blocks >= 1 and idle_s >= 0, got {len(fns)}, "
@@ -68,8 +69,12 @@ def compare(fns: dict[str, Callable[[], object]], *, warmup: int = 3, repeats: i
         rounds = repeats * (b + 1) // blocks - repeats * b // blocks
         for names in groups.values():  # in turn: every block follows another pool's
             time.sleep(idle_s)
-            for name in names:  # untimed: the pool wakes up
-                fns[name]()
+            woke = time.perf_counter()
+            while True:  # untimed, at least one call each and 50 ms: the pool, caches and clock wake up
+                for name in names:
+                    fns[name]()
+                if time.perf_counter() - woke >= 0.05:
+                    break
             for i in range(rounds):
                 for name in names[i % len(names):] + names[:i % len(names)]:
                     timed(name)
