@@ -58,11 +58,13 @@ def compare(fns: dict[str, Callable[[], object]], *, warmup: int = 3, repeats: i
             torch.cuda.synchronize(device)
         times[name].append((time.perf_counter() - t0) * 1e3)
 
-    if len(groups) == 1:
-        names = list(fns)
-        for i in range(repeats):
+    def interleaved(names, rounds):  # one call of each per round, the order rotating
+        for i in range(rounds):
             for name in names[i % len(names):] + names[:i % len(names)]:
                 timed(name)
+
+    if len(groups) == 1:
+        interleaved(list(fns), repeats)
         return {n: _stats(t) for n, t in times.items()}
     blocks = min(blocks, repeats)
     for b in range(blocks):
@@ -75,9 +77,7 @@ def compare(fns: dict[str, Callable[[], object]], *, warmup: int = 3, repeats: i
                     fns[name]()
                 if time.perf_counter() - woke >= 0.05:
                     break
-            for i in range(rounds):
-                for name in names[i % len(names):] + names[:i % len(names)]:
-                    timed(name)
+            interleaved(names, rounds)
     return {n: _stats(t) for n, t in times.items()}
 
 

@@ -156,6 +156,9 @@ def kernel_layout(weight: torch.Tensor, backend: str = "auto",
     parameters so is never computed with stale weights and pays no per-call packing; the
     other backends take any layout, and ``weight`` is returned as it is. ``kernel_size``:
     the layer's, for the backend choice (auto does not take the C++ kernels for every size)."""
+    if not isinstance(weight, torch.Tensor) or weight.dim() not in (2, 4):
+        raise TypeError(f"kernel_layout: weight must be a 2-D or 4-D torch.Tensor (a linear or conv factor), "
+                        f"got {weight!r:.80}")
     return cpp.kernel_layout(weight) if _reads_in_place(weight, backend, kernel_size) else weight
 
 

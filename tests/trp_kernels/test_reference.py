@@ -178,3 +178,10 @@ def test_plain_eager_calls_skip_the_op_only_when_nothing_traces_or_needs_grad():
         with FakeTensorMode() as mode:
             assert not ops._plain_eager(mode.from_tensor(x), w)
     assert ops._plain_eager(x, w.detach())
+
+
+def test_kernel_layout_names_a_bad_weight():
+    with pytest.raises(TypeError, match="kernel_layout: weight must be a 2-D or 4-D torch.Tensor"):
+        ops.kernel_layout("w")
+    with pytest.raises(TypeError, match="kernel_layout: weight must be"):
+        ops.kernel_layout(torch.zeros(3))
