@@ -5,6 +5,7 @@
     trp.save(model, "m.safetensors"); trp.load("m.safetensors", fresh_model)
 """
 
+from trp.breakdown import Breakdown, breakdown
 from trp.compile import CompileConfig, compile, default_filter
 from trp.decompose import RankSpec, select_rank
 from trp.io import load, save
@@ -17,4 +18,4 @@ __version__ = "0.1.0"
 
 __all__ = ["compile", "CompileConfig", "default_filter", "RankSpec", "select_rank", "save", "load",
            "LowRankConv2d", "LowRankLinear", "summary", "Summary", "BackendError", "TRP", "fit", "evaluate",
-           "__version__"]
+           "breakdown", "Breakdown", "__version__"]

@@ -1,4 +1,4 @@
-"""Command line: ``python -m trp demo | bench | verify``."""
+"""Command line: ``python -m trp demo | bench | breakdown | verify``."""
 
 from __future__ import annotations
 
@@ -132,6 +132,24 @@ def bench(args: argparse.Namespace) -> dict:
     return payload
 
 
+def breakdown(args: argparse.Namespace) -> dict:
+    from trp.benchmark import runner
+    from trp.benchmark.report import breakdown_markdown
+
+    command = "python -m trp " + " ".join(args.argv)
+    try:
+        payload = runner.run_breakdown("cpu", args.quick, args.json, args.out, args.threads, args.providers,
+                                       args.select, args.repeats, command)
+    except ValueError as e:  # bad arguments: said before anything is built or timed
+        print(f"python -m trp breakdown: error: {e}", file=sys.stderr)
+        return 2
+    print(breakdown_markdown(payload))
+    for path in [args.json, *payload.get("report", {}).values()]:
+        if path:
+            print(f"wrote {path}")
+    return payload
+
+
 def verify(args: argparse.Namespace) -> int:
     """Check a saved model file's checksums (and its SHA-256 against --sha256)."""
     from trp.io import TrpFileError, verify as verify_file
@@ -221,6 +239,18 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--budget", type=_positive(float), default=None,
                    help="seconds of timed calls per measurement (default 0.3 quick, 1.0 full)")
     b.set_defaults(func=bench)
+
+    k = sub.add_parser("breakdown", help="split each benchmark model's CPU time into stem, low-rank layers, "
+                                         "dense 1x1 convs, pooling and head, and glue")
+    k.add_argument("--quick", action="store_true", help="the quick model case only (CIFAR ResNet-20, batch 1)")
+    k.add_argument("--select", default=None, help="only cases whose name contains this text")
+    k.add_argument("--providers", nargs="+", default=None,
+                   help="eager model providers to break down (default: trp_eager lowrank_eager_cl dense_eager_cl)")
+    k.add_argument("--repeats", type=_positive(int), default=30, help="instrumented calls per model (default 30)")
+    k.add_argument("--threads", type=_positive(int), default=None, help="CPU threads")
+    k.add_argument("--json", default=None, help="write the rows (and environment) to this JSON file")
+    k.add_argument("--out", default=None, help="write report.md to this directory")
+    k.set_defaults(func=breakdown)
 
     v = sub.add_parser("verify", help="check a file written by trp.save: its checksums, and its SHA-256 with --sha256")
     v.add_argument("file", help="the .safetensors file")

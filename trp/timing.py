@@ -1,5 +1,6 @@
 """Wall-clock timing with warm-up and medians (CUDA synchronised inside the timed call); each
-runtime's thread pool timed on its own (see :func:`compare`)."""
+function timed in blocks of its own, each runtime's thread pool idle while another's runs
+(see :func:`compare`)."""
 
 from __future__ import annotations
 
@@ -19,19 +20,26 @@ def _stats(times: list[float]) -> dict:
 
 
 def compare(fns: dict[str, Callable[[], object]], *, warmup: int = 3, repeats: int = 10, device=None,
-            pools: Optional[dict[str, str]] = None, blocks: int = 4, idle_s: float = 0.2) -> dict:
+            pools: Optional[dict[str, str]] = None, interleave: bool = False, blocks: int = 4,
+            idle_s: float = 0.2) -> dict:
     """Time several functions, ``repeats`` calls each; median and quartiles per function.
 
-    Functions on one thread pool (``pools`` maps a name to its pool: "torch", or an ONNX
-    Runtime session's own; default, all on one) are interleaved, one call of each per round in
-    rotating order, so that drift in a shared machine's speed hits them alike. Functions on
-    different pools are never interleaved: a runtime's pool keeps spinning after its call
-    and would slow whatever runs next on the same cores (on 2 cores, ONNX Runtime's CIFAR
-    ResNet-20 took 1.9x as long interleaved with PyTorch as alone). Each pool runs in
-    ``blocks`` blocks, the pools' blocks alternating (so drift still reaches every pool),
-    each block after ``idle_s`` of sleep (the previous pool's threads go idle) and 50 ms of
-    untimed calls of its functions (short blocks right after a pause otherwise run slow:
-    a 1 ms model took 1.26-1.35x its time alone in blocks of 25 calls).
+    Each function runs in ``blocks`` blocks of its own, the functions' blocks in turn, so
+    that drift in a shared machine's speed reaches every function. A block starts with 50 ms
+    of untimed calls (its caches, the pool and the clock wake up: short blocks right after a
+    pause otherwise ran slow, a 1 ms model at 1.26-1.35x its time alone) and, when the block
+    before ran on another thread pool (``pools`` maps a name to its pool: "torch", or an ONNX
+    Runtime session's own; default, all on one), after ``idle_s`` of sleep: a runtime's pool
+    keeps spinning after its call and would slow whatever runs next on the same cores (on 2
+    cores, ONNX Runtime's CIFAR ResNet-20 took 1.9x as long interleaved with PyTorch as
+    alone). Functions are not timed call by call against each other by default because a
+    call then finds the caches full of the other function's data: CIFAR ResNet-20 at batch
+    1 took 1.07-1.40x as long interleaved with seven other PyTorch models as alone.
+
+    ``interleave=True`` times the functions of one pool call by call instead, one call of
+    each per round in rotating order: for variants of one computation on one working set
+    (a model with and without instrumentation), where it makes drift hit them alike.
+    Functions on different pools are never interleaved.
     """
     if warmup < 0 or repeats < 1 or not fns or blocks < 1 or idle_s < 0:
         raise ValueError(f"need functions, warmup >= 0, repeats >= 1, blocks >= 1 and idle_s >= 0, got {len(fns)}, "
@@ -41,9 +49,9 @@ def compare(fns: dict[str, Callable[[], object]], *, warmup: int = 3, repeats: i
     if unknown:
         raise ValueError(f"pools names functions that are not timed: {sorted(unknown)}")
     cuda = device is not None and torch.device(device).type == "cuda"
-    groups: dict[str, list[str]] = {}
+    units: dict[str, list[str]] = {}  # what runs in one block
     for name in fns:
-        groups.setdefault(pools.get(name, ""), []).append(name)
+        units.setdefault(pools.get(name, "") if interleave else name, []).append(name)
     for name in fns:
         for _ in range(warmup):
             fns[name]()
@@ -63,14 +71,18 @@ def compare(fns: dict[str, Callable[[], object]], *, warmup: int = 3, repeats: i
             for name in names[i % len(names):] + names[:i % len(names)]:
                 timed(name)
 
-    if len(groups) == 1:
+    if len(units) == 1:
         interleaved(list(fns), repeats)
         return {n: _stats(t) for n, t in times.items()}
     blocks = min(blocks, repeats)
+    last_pool = pools.get(list(fns)[-1], "")  # the pool of the last warm-up call
     for b in range(blocks):
         rounds = repeats * (b + 1) // blocks - repeats * b // blocks
-        for names in groups.values():  # in turn: every block follows another pool's
-            time.sleep(idle_s)
+        for names in units.values():  # in turn: every block follows another function's
+            pool = pools.get(names[0], "")
+            if pool != last_pool:
+                time.sleep(idle_s)
+            last_pool = pool
             woke = time.perf_counter()
             while True:  # untimed, at least one call each and 50 ms: the pool, caches and clock wake up
                 for name in names:

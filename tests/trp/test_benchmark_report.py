@@ -243,3 +243,44 @@ def test_validation_errors(tmp_path):
     with pytest.raises(TypeError, match="out_dir must be a str or Path, got NoneType"):
         report.write_report(good, ENV, CMD, None)
     assert not (tmp_path / "report.md").exists()
+
+
+def test_breakdown_markdown():
+    parts = {"stem": {"median_ms": 1.0, "p25_ms": 1.0, "p75_ms": 1.0, "modules": 1},
+             "glue": {"median_ms": 0.5, "p25_ms": 0.5, "p75_ms": 0.5, "modules": 0}}
+    ok = {"case": "resnet18 @224", "batch": 1, "dtype": "float32", "provider": "trp_eager", "status": "ok",
+          "reason": "", "parts": parts, "sum_ms": 1.5, "plain_ms": 1.6, "discrepancy": 1.5 / 1.6 - 1, "ok": False}
+    low = dict(ok, provider="dense_eager_cl", parts={"low-rank layers": parts["stem"]} | parts, sum_ms=2.5,
+               plain_ms=2.5, discrepancy=0.0, ok=True)
+    skipped = {"case": "resnet18 @224", "batch": 1, "dtype": "float32", "provider": "lowrank_eager_cl",
+               "status": "failed", "reason": "output differs"}
+    text = report.breakdown_markdown({"environment": ENV, "command": "python -m trp breakdown",
+                                      "parts": ["stem", "low-rank layers", "glue"], "rows": [ok, low, skipped]})
+    lines = text.splitlines()
+    assert "## resnet18 @224, batch 1, float32" in lines
+    assert "| part | `dense_eager_cl` | `lowrank_eager_cl` | `trp_eager` |" in lines
+    assert "| stem | 1.000 (40%) | – | 1.000 (67%) |" in lines
+    assert lines.index("| stem | 1.000 (40%) | – | 1.000 (67%) |") < lines.index(
+        "| low-rank layers | 1.000 (40%) | – | – |") < lines.index("| glue | 0.500 (20%) | – | 0.500 (33%) |")
+    assert "| the model, plain | 2.500 | failed: output differs | 1.600 |" in lines
+    assert "| sum / plain − 1 | +0.0% | – | -6.2% (distorted) |" in lines
+    with pytest.raises(TypeError, match="payload must be a dict with a 'rows' list"):
+        report.breakdown_markdown([ok])
+
+
+def test_run_ranges():
+    run1 = [row("models", "resnet18 @224", "trp_eager", median=5.0, baseline="dense_eager"),
+            row("models", "resnet18 @224", "lowrank_ort", median=3.0, baseline="dense_ort"),
+            row("models", "resnet18 @224", "trp_eager", batch=8, median=31.0, baseline="dense_eager")]
+    run2 = [row("models", "resnet18 @224", "trp_eager", median=5.5, baseline="dense_eager"),
+            row("models", "resnet18 @224", "lowrank_ort", median=3.0001, baseline="dense_ort"),
+            row("models", "resnet18 @224", "trp_eager", batch=8, status="failed", reason="crashed")]
+    lines = report.run_ranges([run1, run2], ["trp_eager", "lowrank_ort"]).splitlines()
+    assert lines[0] == "| case | batch | `trp_eager` | `lowrank_ort` |"
+    assert lines[2] == "| resnet18 @224 | 1 | 5.000–5.500 | 3.000 |"
+    assert lines[3] == "| resnet18 @224 | 8 | 31.00 | – |"
+    assert lines[-1] == "Cells: median ms, lowest–highest over 2 runs."
+    with pytest.raises(ValueError, match="runs must be a non-empty list"):
+        report.run_ranges([], ["trp_eager"])
+    with pytest.raises(ValueError, match="providers must be a non-empty list"):
+        report.run_ranges([run1], "trp_eager")

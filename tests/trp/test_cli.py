@@ -66,3 +66,29 @@ def test_verify(tmp_path, capsys):
     data[-1] ^= 1
     path.write_bytes(bytes(data))
     assert main(["verify", str(path)]) == 1 and "does not match its checksum" in capsys.readouterr().err
+
+
+def test_breakdown_writes_what_it_prints(tmp_path, capsys):
+    from trp.breakdown import PARTS
+
+    out, report_dir = tmp_path / "bd.json", tmp_path / "bd"
+    main(["breakdown", "--quick", "--repeats", "3", "--json", str(out), "--out", str(report_dir)])
+    text = capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert data["parts"] == list(PARTS) and data["command"].startswith("python -m trp breakdown --quick")
+    assert [r["provider"] for r in data["rows"]] == ["trp_eager", "lowrank_eager_cl", "dense_eager_cl"]
+    for r in data["rows"]:
+        assert r["status"] == "ok" and r["case"] == "resnet20 @32" and r["batch"] == 1 and r["repeats"] == 3
+        assert set(r["parts"]) <= set(PARTS) and "glue" in r["parts"] and r["plain_ms"] > 0
+        assert r["sum_ms"] == pytest.approx(sum(p["median_ms"] for p in r["parts"].values()))
+        assert r["discrepancy"] == pytest.approx(r["sum_ms"] / r["plain_ms"] - 1)
+    assert "low-rank layers" in data["rows"][0]["parts"] and "low-rank layers" not in data["rows"][2]["parts"]
+    assert (report_dir / "report.md").read_text() in text and "| sum / plain − 1 |" in text
+
+
+def test_breakdown_arguments():
+    run = subprocess.run([sys.executable, "-m", "trp", "breakdown", "--providers", "trp_compile"],
+                         capture_output=True, text=True)
+    assert run.returncode == 2 and "breakdown providers must be eager model providers" in run.stderr
+    run = subprocess.run([sys.executable, "-m", "trp", "breakdown", "--repeats", "0"], capture_output=True, text=True)
+    assert run.returncode == 2 and "--repeats: must be > 0" in run.stderr

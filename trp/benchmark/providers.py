@@ -283,6 +283,24 @@ def _onnx_bytes(model: nn.Module, x: torch.Tensor) -> bytes:
     return buf.getvalue()
 
 
+EAGER_MODEL_PROVIDERS = tuple(p for p in MODEL_PROVIDERS if p.endswith(("_eager", "_eager_cl")))
+
+
+def eager_model(provider: str, bundle: dict) -> tuple[nn.Module, torch.Tensor]:
+    """The module and input an eager provider calls: the bundle's own, or for "*_eager_cl" a
+    copy of the model and the input converted to channels_last."""
+    if provider not in EAGER_MODEL_PROVIDERS:
+        raise ValueError(f"provider must be an eager model provider {EAGER_MODEL_PROVIDERS}, got {provider!r}")
+    kind = provider.split("_", 1)[0]
+    if kind not in bundle:
+        raise Unavailable("the fused C++ kernel runs float32 on CPU, with the extension built")
+    model, x = bundle[kind], bundle["x"]
+    if provider.endswith("_eager_cl"):
+        cl = torch.channels_last
+        return copy.deepcopy(model).to(memory_format=cl), x.contiguous(memory_format=cl)
+    return model, x
+
+
 def prepare_model(provider: str, case: ModelCase, bundle: dict) -> Fn:
     kind, runtime = provider.split("_", 1)
     if provider not in MODEL_PROVIDERS:
@@ -290,12 +308,9 @@ def prepare_model(provider: str, case: ModelCase, bundle: dict) -> Fn:
     if kind not in bundle:
         raise Unavailable("the fused C++ kernel runs float32 on CPU, with the extension built")
     model, x = bundle[kind], bundle["x"]
-    if runtime == "eager":
+    if runtime in ("eager", "eager_cl"):
+        model, x = eager_model(provider, bundle)
         return lambda: model(x)
-    if runtime == "eager_cl":
-        cl = torch.channels_last
-        model, x_cl = copy.deepcopy(model).to(memory_format=cl), x.contiguous(memory_format=cl)
-        return lambda: model(x_cl)
     if runtime == "compile":
         compiled = _compile(model, case.device)
         return lambda: compiled(x)

@@ -268,6 +268,39 @@ def headline(rows, suite: str = "models", case_contains: str = "resnet18") -> st
     return "\n".join(lines) + "\n"
 
 
+def run_ranges(runs, providers, suite: str = "models") -> str:
+    """A table of medians over separate runs: one row per (case, batch) of ``suite``, one
+    column per provider in ``providers``, cells "lowest–highest median ms" over ``runs``
+    (each a list of rows, as one run of the suite writes), the single value where they
+    agree to the digits shown, "–" where no run has an ok row. The header says how many
+    runs each cell could draw on."""
+    if not isinstance(runs, (list, tuple)) or not runs:
+        raise ValueError("runs must be a non-empty list of row lists, one per run")
+    for rows in runs:
+        _validate(rows)
+    if isinstance(providers, str) or not providers:
+        raise ValueError(f"providers must be a non-empty list of provider names, got {providers!r}")
+    medians: dict[tuple, dict[str, list[float]]] = {}
+    for rows in runs:
+        for r in rows:
+            if r["suite"] == suite:
+                cell = medians.setdefault((r["case"], r["batch"]), {})
+                if r["status"] == "ok" and r["provider"] in providers:
+                    cell.setdefault(r["provider"], []).append(r["median_ms"])
+
+    def fmt(values):
+        if not values:
+            return DASH
+        lo, hi = fmt_ms(min(values)), fmt_ms(max(values))
+        return lo if lo == hi else f"{lo}–{hi}"
+
+    order = sorted(medians, key=lambda k: (_natural(k[0]), k[1]))
+    body = [[_cell(case), str(batch)] + [fmt(medians[(case, batch)].get(p, [])) for p in providers]
+            for case, batch in order]
+    return "\n".join(_table(["case", "batch", *(_code(p) for p in providers)], body) +
+                     ["", f"Cells: median ms, lowest–highest over {len(runs)} runs."]) + "\n"
+
+
 # --------------------------------------------------------------------------- plot
 
 def plot(rows, path, title) -> Path:
@@ -347,3 +380,45 @@ def write_report(rows, environment, command, out_dir) -> dict[str, Path]:
         sel = [r for r in rows if r["suite"] == suite and r["device"] == device]
         paths[name] = plot(sel, out / name, f"{suite} on {device}: speed-up vs MAC reduction")
     return paths
+
+
+# --------------------------------------------------------------------------- time breakdown
+
+def breakdown_markdown(payload: Mapping) -> str:
+    """The report of ``python -m trp breakdown``: per model case, one column per provider,
+    the median ms of each part and its share, then the sum of the parts against the plain
+    model's median (the check that the instrumentation did not distort the total)."""
+    if not isinstance(payload, Mapping) or not isinstance(payload.get("rows"), list):
+        raise TypeError("payload must be a dict with a 'rows' list, as run_breakdown returns")
+    env, rows = payload.get("environment") or {}, payload["rows"]
+    lines = ["# Time breakdown", "", f"Command: {_code(payload.get('command') or '')}", "", "## Environment", ""]
+    lines += [f"- {k}: {DASH if v is None else v}" for k, v in env.items()] or ["- (none given)"]
+    lines += ["", "Median ms of each part over the instrumented calls (share of their sum). \"glue\" is the rest "
+              "of each call: residual adds and ReLUs outside the fused kernels, layout conversions, Python "
+              "dispatch. The last row compares the sum of the parts with the model's median timed without "
+              "instrumentation, interleaved with the instrumented calls.", ""]
+    cases: dict[tuple, list] = {}
+    for r in rows:
+        cases.setdefault((r["case"], r["batch"], r["dtype"]), []).append(r)
+    for (case, batch, dtype), group in cases.items():
+        group = sorted(group, key=lambda r: provider_key(r["provider"]))
+        parts = list(payload.get("parts") or [])  # the runner's order; then any other, as met
+        for r in group:
+            parts += [p for p in r.get("parts", {}) if p not in parts]
+        header = ["part"] + [_code(r["provider"]) for r in group]
+        body = []
+        for part in [p for p in parts if any(p in r.get("parts", {}) for r in group)]:
+            cells = [part]
+            for r in group:
+                p = r.get("parts", {}).get(part)
+                cells.append(f"{fmt_ms(p['median_ms'])} ({p['median_ms'] / r['sum_ms']:.0%})" if p else DASH)
+            body.append(cells)
+        ok = [r for r in group if r["status"] == "ok"]
+        body.append(["sum of the parts"] + [fmt_ms(r["sum_ms"]) if r in ok else DASH for r in group])
+        body.append(["the model, plain"] + [fmt_ms(r["plain_ms"]) if r in ok else _not_run(r) for r in group])
+        body.append(["sum / plain − 1"] + [f"{r['discrepancy']:+.1%}" + ("" if r["ok"] else " (distorted)")
+                                           if r in ok else DASH for r in group])
+        lines += [f"## {case}, batch {batch}, {dtype}", ""] + _table(header, body) + [""]
+    if not cases:
+        lines += ["_No rows._", ""]
+    return "\n".join(lines)

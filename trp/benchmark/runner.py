@@ -1,9 +1,9 @@
 """Runs the suite: for each case, every provider's output is checked against the float64
-dense reference (a wrong answer is never timed), then the checked providers are timed side
-by side: those on PyTorch's thread pool interleaved round by round, so that the drift of a
-shared machine hits them alike, and each provider with a pool of its own (an ONNX Runtime
-session, an OpenVINO compiled model) in blocks of its own with the other pools idle
-(:func:`trp.timing.compare`)."""
+dense reference (a wrong answer is never timed), then the checked providers are timed in
+turn, each in blocks of its own (its caches hold its own data, as when a user runs one
+model), the blocks alternating so that a shared machine's drift reaches them all, and a
+block after another thread pool's (an ONNX Runtime session, an OpenVINO compiled model,
+PyTorch's) starting after that pool has gone idle (:func:`trp.timing.compare`)."""
 
 from __future__ import annotations
 
@@ -82,8 +82,8 @@ def prepare_checked(row: dict, prepare, ref: torch.Tensor, tol: Optional[float])
 
 
 def _time_side_by_side(rows: list[dict], fns: dict, budget_s: float, device: str) -> None:
-    """Interleaved timing of every checked provider of a case (one call of each per round,
-    order rotating), about ``budget_s`` of calls per provider."""
+    """Time every checked provider of a case (:func:`trp.timing.compare`: each in blocks of
+    its own, the blocks alternating), about ``budget_s`` of calls per provider."""
     if not fns:
         return
     with torch.inference_mode():
@@ -213,4 +213,65 @@ def run(suite: str = "all", device: str = "cpu", quick: bool = False, json_path=
         from trp.benchmark.report import write_report
         payload["report"] = {k: str(v) for k, v in write_report(payload["rows"], payload["environment"],
                                                                 command, out_dir).items()}
+    return payload
+
+
+BREAKDOWN_PROVIDERS = ("trp_eager", "lowrank_eager_cl", "dense_eager_cl")
+
+
+def run_breakdown(device: str = "cpu", quick: bool = False, json_path=None, out_dir=None,
+                  threads: Optional[int] = None, providers: Optional[list[str]] = None, select: Optional[str] = None,
+                  repeats: int = 30, command: str = "", show_progress: bool = True) -> dict:
+    """The time of each model case split into parts (:func:`trp.breakdown.breakdown`), for the
+    eager providers of the model suite: ``trp.compile``'s model and the PyTorch models it is
+    measured against. Each provider's output is checked against the float64 reference first.
+    Returns ``{"environment", "command", "rows"}``, one row per (case, provider); the JSON
+    file (if given) is rewritten after every row."""
+    from trp.breakdown import PARTS, breakdown
+
+    if device != "cpu":
+        raise ValueError(f"the breakdown times CPU models only, got device={device!r}")
+    providers = list(providers or BREAKDOWN_PROVIDERS)
+    for p in providers:
+        if p not in P.EAGER_MODEL_PROVIDERS:
+            raise ValueError(f"breakdown providers must be eager model providers {P.EAGER_MODEL_PROVIDERS}, got {p!r}")
+    if threads:
+        torch.set_num_threads(threads)
+    payload = {"environment": machine_info() | {"device": device, "quick": quick,
+                                                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                                                    timespec="seconds")},
+               "command": command, "parts": list(PARTS), "rows": []}
+    from tqdm import tqdm
+    cases = [c for c in C.model_cases(device, quick) if not select or select in c.name]
+    g = torch.Generator().manual_seed(0)
+    with tqdm(total=len(cases) * len(providers), desc="trp breakdown", unit="model", disable=not show_progress,
+              dynamic_ncols=True) as bar:
+        try:
+            for case in cases:
+                bundle = P.model_bundle(case, g)
+                for provider in providers:
+                    bar.set_postfix_str(f"{case.name} b{case.batch} {provider}", refresh=False)
+                    row = {"case": case.name, "batch": case.batch, "provider": provider, "dtype": _dtype_name(case.dtype),
+                           "status": "skipped", "reason": ""}
+                    check = make_row("models", case.name, provider, case, None, case.rank_rule, 1, 1)
+                    if prepare_checked(check, lambda: P.prepare_model(provider, case, bundle), bundle["ref"],
+                                       tolerance(0.0, case.dtype, layers=10)) is None:
+                        row.update(status=check["status"], reason=check["reason"])
+                    else:
+                        model, x = P.eager_model(provider, bundle)
+                        row.update(breakdown(model, x, repeats=repeats).to_dict(), status="ok",
+                                   max_rel_err=check["max_rel_err"])
+                    payload["rows"].append(row)
+                    bar.update(1)
+                    if json_path:
+                        _write_json(Path(json_path), payload)
+        finally:
+            if json_path:
+                _write_json(Path(json_path), payload)
+    if out_dir:
+        from trp.benchmark.report import breakdown_markdown
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report.md").write_text(breakdown_markdown(payload), encoding="utf-8")
+        payload["report"] = {"report.md": str(out / "report.md")}
     return payload
