@@ -226,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     d.set_defaults(func=demo)
 
-    b = sub.add_parser("bench", help="benchmark dense vs low-rank layers and models against torch.compile and ONNX Runtime")
+    b = sub.add_parser("bench", help="benchmark dense vs low-rank layers and models against torch.compile, ONNX Runtime and OpenVINO")
     b.add_argument("--suite", choices=("layers", "models", "all"), default="all")
     b.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     b.add_argument("--quick", action="store_true", help="a few cases, in under 5 minutes on 2 CPU cores")

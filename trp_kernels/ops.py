@@ -34,9 +34,10 @@ from trp_kernels import _autograd, cpp, reference
 
 BACKENDS = ("triton", "cpp", "torch")
 # On CPU auto takes the fused C++ kernel whenever the extension has it. Isolated layers
-# without an epilogue run 1.12-1.34x faster than oneDNN's two channels_last convs up to
-# ~800 output pixels a call at batch 1 and 0.92-0.98x above (benches/results/
-# cpu-layers-cpp); in whole models, where the kernel also fuses the residual add and
+# without an epilogue ran 1.12-1.34x faster than oneDNN's two channels_last convs up to
+# ~800 output pixels a call at batch 1 and 0.92-0.98x above on an AMD EPYC (an Intel Xeon
+# run, benches/results/cpu-layers, has it slower on VGG's 512-channel layers, 0.46-0.68x
+# at batch 1, and at batch 8 on most); in whole models, where the kernel also fuses the residual add and
 # ReLU, it was as fast or faster than switching to the two convs above 1024 pixels in
 # every case of a model-suite run made to decide this (e.g. ResNet-56 at batch 8, 12.43
 # against 14.53 ms; that run was superseded by benches/results/cpu-models).
