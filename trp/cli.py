@@ -1,4 +1,11 @@
-"""Command line: ``python -m trp demo | bench | breakdown | verify``."""
+"""Command line: ``python -m trp demo | summary | compress | verify | bench | breakdown``.
+
+``summary`` and ``compress`` take the user's own model, named as ``package.module:callable``
+(``torchvision.models:resnet18``) or ``path/to/file.py:callable``: the callable is called
+with no arguments and must return an ``nn.Module``. Weights come from ``--weights`` (a
+safetensors file or a ``torch.save``'d state dict, read with ``weights_only=True``); a
+whole pickled model is read only with ``--allow-pickle``, which runs code from the file.
+"""
 
 from __future__ import annotations
 
@@ -150,6 +157,141 @@ def breakdown(args: argparse.Namespace) -> dict:
     return payload
 
 
+class UsageError(Exception):
+    """Bad command-line input found after parsing: reported like argparse's own errors (exit 2)."""
+
+
+def _shape(text):
+    try:
+        dims = tuple(int(d) for d in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated positive ints like 1,3,224,224, got {text!r}") \
+            from None
+    if not dims or any(d < 1 for d in dims):
+        raise argparse.ArgumentTypeError(f"must be comma-separated positive ints like 1,3,224,224, got {text!r}")
+    return dims
+
+
+def load_user_model(spec: str, weights=None, allow_pickle: bool = False) -> torch.nn.Module:
+    """The model named by ``spec`` ("package.module:callable" or "file.py:callable", or with
+    ``allow_pickle`` a file written by ``torch.save(model)``), with ``weights`` loaded."""
+    import importlib
+    import importlib.util
+    from pathlib import Path
+
+    import torch.nn as nn
+
+    if ":" not in spec:
+        if not allow_pickle:
+            raise UsageError(f"MODEL must be 'package.module:callable' or 'file.py:callable', got {spec!r} "
+                             "(a whole pickled model needs --allow-pickle, which runs code from the file)")
+        if not Path(spec).is_file():
+            raise UsageError(f"MODEL file {spec!r} does not exist")
+        model = torch.load(spec, map_location="cpu", weights_only=False)
+    else:
+        where, _, name = spec.rpartition(":")
+        if not where or not name.isidentifier():
+            raise UsageError(f"MODEL must be 'package.module:callable' or 'file.py:callable', got {spec!r}")
+        if where.endswith(".py"):
+            path = Path(where)
+            if not path.is_file():
+                raise UsageError(f"MODEL file {where!r} does not exist")
+            module_spec = importlib.util.spec_from_file_location(f"_trp_user_{path.stem}", path)
+            module = importlib.util.module_from_spec(module_spec)
+            sys.path.insert(0, str(path.resolve().parent))  # its own imports of neighbouring files
+            try:
+                module_spec.loader.exec_module(module)
+            finally:
+                sys.path.remove(str(path.resolve().parent))
+        else:
+            try:
+                module = importlib.import_module(where)
+            except ImportError as e:
+                raise UsageError(f"MODEL: cannot import {where!r}: {e}") from None
+        build = getattr(module, name, None)
+        if not callable(build):
+            raise UsageError(f"MODEL: {where!r} has no callable {name!r}")
+        model = build()
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"MODEL {spec!r} gave a {type(model).__name__}, not an nn.Module")
+    if weights:
+        if not Path(weights).is_file():
+            raise UsageError(f"--weights file {weights!r} does not exist")
+        if str(weights).endswith(".safetensors"):
+            from safetensors.torch import load_file
+            state = load_file(weights)
+        else:
+            try:
+                state = torch.load(weights, map_location="cpu", weights_only=True)
+            except Exception as e:  # noqa: BLE001 - not a plain state dict: say what to do
+                raise UsageError(f"--weights {weights!r} is not a state dict that loads with weights_only=True "
+                                 f"({type(e).__name__}); save model.state_dict(), or a .safetensors file") from None
+        if not isinstance(state, dict):
+            raise UsageError(f"--weights {weights!r} holds a {type(state).__name__}, not a state dict")
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise UsageError(f"--weights {weights!r} does not fit MODEL: {str(e).splitlines()[0]}") from None
+    return model.eval()
+
+
+def _compiled(args: argparse.Namespace):
+    import trp
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load_user_model(args.model, args.weights, args.allow_pickle)
+    x = torch.randn(*args.input)
+    with torch.no_grad():
+        try:
+            ref = model(x)
+        except Exception as e:  # noqa: BLE001 - a wrong --input is the usual cause
+            raise UsageError(f"MODEL does not run on an input of shape {tuple(args.input)} (--input): "
+                             f"{type(e).__name__}: {str(e).splitlines()[0]}") from None
+    options = {k: getattr(args, k) for k in ("energy", "rank", "ratio") if getattr(args, k) is not None}
+    if len(options) > 1:
+        raise UsageError(f"give at most one of --energy, --rank, --ratio, got {sorted(options)}")
+    try:
+        compiled = trp.compile(model, **options, rank_multiple=args.rank_multiple, scheme=args.scheme,
+                               backend=args.backend, inplace=True)
+    except (ValueError, TypeError) as e:
+        raise UsageError(str(e)) from None
+    with torch.no_grad():
+        out = compiled(x)
+    err = None
+    if isinstance(ref, torch.Tensor) and isinstance(out, torch.Tensor):
+        err = ((out - ref).float().norm() / ref.float().norm().clamp_min(1e-30)).item()
+    return compiled, x, err
+
+
+def _print_compiled(compiled, x, err) -> None:
+    import trp
+
+    print(trp.summary(compiled, x))
+    if err is not None:
+        print(f"relative output error against the model before compile, on a random input: {err:.3g} "
+              "(random weights and inputs make this large; on a trained model and real data, measure accuracy)")
+
+
+def summary(args: argparse.Namespace) -> int:
+    """What trp.compile does to the user's model: the per-layer table, nothing written."""
+    compiled, x, err = _compiled(args)
+    _print_compiled(compiled, x, err)
+    return 0
+
+
+def compress(args: argparse.Namespace) -> int:
+    """trp.compile the user's model and save it (trp.save: safetensors, no pickle)."""
+    import trp
+
+    compiled, x, err = _compiled(args)
+    _print_compiled(compiled, x, err)
+    digest = trp.save(compiled, args.out)
+    print(f"wrote {args.out} (sha256 {digest})")
+    print(f"load it with: trp.load({args.out!r}, <a fresh {args.model} model>, expected_sha256={digest[:12]!r}...)")
+    return 0
+
+
 def verify(args: argparse.Namespace) -> int:
     """Check a saved model file's checksums (and its SHA-256 against --sha256)."""
     from trp.io import TrpFileError, verify as verify_file
@@ -252,6 +394,35 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--out", default=None, help="write report.md to this directory")
     k.set_defaults(func=breakdown)
 
+    for name, what, func in (("summary", "what trp.compile does to your model: per-layer MACs, params, rank, "
+                                          "scheme, backend and notes", summary),
+                             ("compress", "trp.compile your model and save it as a .safetensors file", compress)):
+        c = sub.add_parser(name, help=what, description=what + ". MODEL is 'package.module:callable' "
+                           "(e.g. torchvision.models:resnet18) or 'file.py:callable'; the callable is called with "
+                           "no arguments and returns an nn.Module (any nn.Module: torchvision, timm, your own).")
+        c.add_argument("model", metavar="MODEL", help="package.module:callable or file.py:callable")
+        c.add_argument("--input", type=_shape, required=True, metavar="SHAPE",
+                       help="the input shape to trace and measure with, e.g. 1,3,224,224")
+        c.add_argument("--weights", default=None, metavar="FILE",
+                       help="load this state dict first: .safetensors, or a torch.save'd state dict (weights only)")
+        c.add_argument("--allow-pickle", action="store_true",
+                       help="let MODEL be a file written by torch.save(model); unpickling runs code from the file")
+        ranks = c.add_argument_group("ranks (at most one; default: --energy 0.9)")
+        ranks.add_argument("--energy", type=_fraction, default=None, help="keep this fraction of sum(sigma^2)")
+        ranks.add_argument("--rank", type=_positive(int), default=None, help="this rank for every factored layer")
+        ranks.add_argument("--ratio", type=_fraction, default=None, help="this fraction of each layer's full rank")
+        c.add_argument("--rank-multiple", type=_positive(int), default=16,
+                       help="round energy/ratio ranks up to a multiple of this (default 16; a layer whose rounded "
+                            "rank reaches full rank stays dense)")
+        c.add_argument("--scheme", choices=("channel", "spatial"), default="channel",
+                       help="factored structure: channel (k×k to rank r, then 1×1) or spatial (k×1 then 1×k)")
+        c.add_argument("--backend", choices=("auto", "cpp", "triton", "torch"), default="auto",
+                       help="kernels the layers run on (default auto: the fused kernel the device has)")
+        c.add_argument("--threads", type=_positive(int), default=None, help="CPU threads")
+        if name == "compress":
+            c.add_argument("--out", required=True, metavar="FILE.safetensors", help="where to write the model")
+        c.set_defaults(func=func)
+
     v = sub.add_parser("verify", help="check a file written by trp.save: its checksums, and its SHA-256 with --sha256")
     v.add_argument("file", help="the .safetensors file")
     v.add_argument("--sha256", default=None, help="the file's SHA-256 as kept elsewhere (what trp.save returned)")
@@ -261,9 +432,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     args.argv = argv
-    rc = args.func(args)
+    try:
+        rc = args.func(args)
+    except UsageError as e:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
+        sub.error(str(e))  # usage line and message on stderr, exit status 2
     return rc if isinstance(rc, int) else 0
 
 

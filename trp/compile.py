@@ -7,6 +7,7 @@ unusable backend or a weight that cannot be factored raise before the model is t
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ OverrideValue = Union[None, int, float, dict]
 # Attributes that compile leaves on layers, read by summary() and save().
 NOTE_ATTR = "_trp_note"          # why a layer stayed dense
 FOLDED_ATTR = "_trp_folded_bn"   # fqn of the BatchNorm folded into this conv
+ROUNDED = "rank_multiple rounded"  # in the note of a layer kept dense only by rank rounding
 
 
 @dataclass
@@ -292,8 +294,14 @@ def _decide(fqn: str, m: nn.Module, weight: torch.Tensor, cfg: CompileConfig,
         dense = decompose.conv_macs_per_pixel(*args, rank=None)
         low = decompose.conv_macs_per_pixel(*args, rank=f.rank, scheme=plan.scheme)
     if low >= dense:
-        return (f"rank {f.rank}/{f.full_rank} ({plan.spec.describe()}) would not cut MACs "
-                f"({low} vs {dense} MACs per output pixel)"), None, None
+        note = (f"rank {f.rank}/{f.full_rank} ({plan.spec.describe()}) would not cut MACs "
+                f"({low} vs {dense} MACs per output pixel)")
+        if plan.spec.rank is None and plan.spec.rank_multiple > 1 and not isinstance(m, nn.Linear):
+            exact = decompose.select_rank(decompose.conv_singular_values(weight, plan.scheme),
+                                          dataclasses.replace(plan.spec, rank_multiple=1))
+            if decompose.conv_macs_per_pixel(*args, rank=exact, scheme=plan.scheme) < dense:
+                note += f"; {ROUNDED} {exact} to {f.rank} (rank_multiple=1 would factor it at {exact})"
+        return note, None, None
     return None, f, plan
 
 

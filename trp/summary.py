@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from trp import decompose
-from trp.compile import FOLDED_ATTR, NOTE_ATTR
+from trp.compile import FOLDED_ATTR, NOTE_ATTR, ROUNDED
 from trp.epilogue import EPILOGUE_ATTR
 from trp.modules import LOWRANK_TYPES, LowRankConv2d, LowRankLinear
 from trp_kernels import ops
@@ -62,9 +62,15 @@ class Summary:
         factored = sum(r["rank"] is not None for r in self.rows)
         macs_x = self.macs_dense / self.macs if self.macs else float("nan")
         params_x = self.params_dense / self.params if self.params else float("nan")
-        return "\n".join([line(head), rule, *map(line, body), rule, line(total),
-                          f"{factored} of {len(self.rows)} conv/linear layers factored; "
-                          f"MACs {macs_x:.2f}x fewer, params {params_x:.2f}x fewer (conv/linear layers only)"])
+        lines = [line(head), rule, *map(line, body), rule, line(total),
+                 f"{factored} of {len(self.rows)} conv/linear layers factored; "
+                 f"MACs {macs_x:.2f}x fewer, params {params_x:.2f}x fewer (conv/linear layers only)"]
+        rounded = sum(ROUNDED in r["note"] for r in self.rows)
+        if rounded:
+            lines.append(f"{rounded} layer(s) stayed dense only because rank_multiple rounded their rank up to "
+                         f"full rank (see their notes); a smaller rank_multiple factors them (on CPU the fused "
+                         f"kernel takes any rank; 16 suits the GPU kernels)")
+        return "\n".join(lines)
 
     def _repr_pretty_(self, p, cycle):  # IPython
         p.text(str(self))

@@ -92,3 +92,89 @@ def test_breakdown_arguments():
     assert run.returncode == 2 and "breakdown providers must be eager model providers" in run.stderr
     run = subprocess.run([sys.executable, "-m", "trp", "breakdown", "--repeats", "0"], capture_output=True, text=True)
     assert run.returncode == 2 and "--repeats: must be > 0" in run.stderr
+
+
+BUILD_PY = '''
+import torch.nn as nn
+
+
+def build():
+    return nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+'''
+
+
+def test_summary_of_a_model_named_by_module_and_callable(capsys):
+    assert main(["summary", "trp.models:resnet_cifar", "--input", "1,3,32,32", "--ratio", "0.25"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split()[:4] == ["layer", "kind", "scheme", "rank"]
+    assert "12 of 22 conv/linear layers factored" in out
+    assert "rank_multiple rounded 4 to 16 (rank_multiple=1 would factor it at 4)" in out
+    assert "6 layer(s) stayed dense only because rank_multiple rounded their rank" in out
+    assert "relative output error against the model before compile" in out
+    assert main(["summary", "trp.models:resnet_cifar", "--input", "1,3,32,32", "--ratio", "0.25",
+                 "--rank-multiple", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "18 of 22 conv/linear layers factored" in out and "stayed dense only because" not in out
+
+
+def test_compress_a_file_py_model_with_weights_and_load_it(tmp_path, capsys):
+    import torch
+    from safetensors.torch import save_file
+
+    import trp
+    from trp.cli import load_user_model
+
+    (tmp_path / "net.py").write_text(BUILD_PY)
+    spec = f"{tmp_path / 'net.py'}:build"
+    trained = load_user_model(spec)
+    for p in trained.parameters():
+        p.data.normal_(generator=torch.Generator().manual_seed(1))
+    torch.save(trained.state_dict(), tmp_path / "w.pt")
+    save_file(trained.state_dict(), str(tmp_path / "w.safetensors"))
+    for weights in ("w.pt", "w.safetensors"):
+        loaded = load_user_model(spec, str(tmp_path / weights))
+        assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), trained.state_dict().values()))
+    out = tmp_path / "net.safetensors"
+    assert main(["compress", spec, "--input", "2,3,16,16", "--rank", "8", "--weights", str(tmp_path / "w.pt"),
+                 "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert f"wrote {out} (sha256 " in text and "1 of 3 conv/linear layers factored" in text
+    restored = trp.load(out, load_user_model(spec))
+    expected = trp.compile(load_user_model(spec, str(tmp_path / "w.pt")), rank=8)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(restored(x), expected(x))
+
+
+def test_a_pickled_model_needs_allow_pickle(tmp_path, capsys):
+    import torch
+
+    import trp.models
+
+    path = tmp_path / "whole.pt"
+    torch.save(trp.models.resnet_cifar(8), path)
+    with pytest.raises(SystemExit) as e:
+        main(["summary", str(path), "--input", "1,3,32,32"])
+    assert e.value.code == 2 and "needs --allow-pickle, which runs code from the file" in capsys.readouterr().err
+    assert main(["summary", str(path), "--input", "1,3,32,32", "--allow-pickle", "--rank", "4"]) == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["summary", "trp.models:nope", "--input", "1,3,32,32"], "'trp.models' has no callable 'nope'"),
+    (["summary", "no_such_pkg.mod:build", "--input", "1,3,32,32"], "cannot import 'no_such_pkg.mod'"),
+    (["summary", "missing.py:build", "--input", "1,3,32,32"], "MODEL file 'missing.py' does not exist"),
+    (["summary", "trp.models:resnet_cifar", "--input", "1,5,32,32"], "does not run on an input of shape (1, 5, 32, 32)"),
+    (["summary", "trp.models:resnet_cifar", "--input", "1,3,32,32", "--rank", "4", "--ratio", "0.5"],
+     "give at most one of --energy, --rank, --ratio"),
+    (["summary", "trp.models:resnet_cifar", "--input", "1,3,a"], "--input: must be comma-separated positive ints"),
+    (["summary", "trp.models:resnet_cifar"], "the following arguments are required: --input"),
+    (["compress", "trp.models:resnet_cifar", "--input", "1,3,32,32"], "the following arguments are required: --out"),
+    (["summary", "trp.models:resnet_cifar", "--input", "1,3,32,32", "--weights", "none.pt"],
+     "--weights file 'none.pt' does not exist"),
+])
+def test_bad_model_arguments_are_usage_errors(args, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and "usage: python -m trp" in err
