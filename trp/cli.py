@@ -93,12 +93,25 @@ def demo(args: argparse.Namespace) -> dict:
         result[key] = {"accuracy": trp.evaluate(model, test)["accuracy"], "macs": macs, "params": params,
                        "latency_ms": timed[key]["median_ms"]}
     base = result["dense"]
-    print(f"\n{'model':<34} {'test acc %':>10} {'conv MACs':>12} {'params':>10} {'CPU latency (b1)':>18}")
+    chance = 100.0 / 10  # ten digit classes
+    print(f"\n{'model':<34} {'test acc %':>10} {'conv MACs':>9} {'fewer':>6} {'params':>8} "
+          f"{'latency, batch 1':>16} {'faster':>6}")
     labels = {"dense": "dense baseline", "trp": "TRP + trp.compile (no fine-tune)",
               "svd": "dense + post-hoc SVD, same ranks"}
+    broken = []
     for key, r in result.items():
-        print(f"{labels[key]:<34} {r['accuracy']:>10.2f} {r['macs'] / 1e6:>8.2f}M {base['macs'] / r['macs']:>4.2f}x"
-              f" {r['params'] / 1e3:>8.1f}K {r['latency_ms']:>9.3f} ms {base['latency_ms'] / r['latency_ms']:>4.2f}x")
+        works = r["accuracy"] > 2 * chance
+        if not works:
+            broken.append(labels[key])
+        speed = f"{base['latency_ms'] / r['latency_ms']:>5.2f}x" if works else "   (*)"
+        print(f"{labels[key]:<34} {r['accuracy']:>10.2f} {r['macs'] / 1e6:>8.2f}M {base['macs'] / r['macs']:>5.2f}x"
+              f" {r['params'] / 1e3:>7.1f}K {r['latency_ms']:>13.3f} ms {speed}")
+    print(f"latency: median ms of one CPU forward pass on a batch of 1 image, each model timed in blocks of its own; "
+          f"'fewer' and 'faster' are against the dense baseline")
+    if broken:
+        print(f"(*) {'; '.join(broken)}: at most twice chance ({chance:.0f}% for ten classes), so not a working "
+              "model and its speed is not a result (factoring a normally trained network at low rank destroys it; "
+              "a TRP run too short to converge, as with --quick, is not yet accurate)")
     ranks = ", ".join(f"{k}:{v}" for k, v in list(controller.ranks.items())[:6])
     print(f"TRP ranks (first layers): {ranks}, ...")
     layers = ["layer1.0.conv1", "layer2.1.conv1", "layer3.2.conv2"]
@@ -122,20 +135,26 @@ def bench(args: argparse.Namespace) -> dict:
     command = "python -m trp " + " ".join(args.argv)
     payload = runner.run(args.suite, args.device, args.quick, args.json, args.out, args.threads,
                          args.providers, args.select, args.budget, command)
+    from trp.benchmark.report import markdown
+
     rows = payload["rows"]
+    print(markdown(rows, payload["environment"], command))
     ok = sum(r["status"] == "ok" for r in rows)
     print(f"{len(rows)} rows: {ok} timed, {sum(r['status'] == 'skipped' for r in rows)} skipped, "
           f"{sum(r['status'] == 'failed' for r in rows)} failed")
     for r in rows:
-        if r["status"] != "ok":
-            print(f"  {r['status']}: {r['case']} b{r['batch']} {r['provider']}: {r['reason']}")
+        if r["status"] == "failed":
+            print(f"  failed: {r['case']} b{r['batch']} {r['provider']}: {r['reason']}")
+    skipped: dict[str, set] = {}
+    for r in rows:
+        if r["status"] == "skipped":
+            skipped.setdefault(r["reason"], set()).add(r["provider"])
+    for reason, names in skipped.items():
+        print(f"  skipped ({', '.join(sorted(names))}): {reason}")
     if args.json:
         print(f"wrote {args.json}")
     if args.out:
         print(f"wrote {', '.join(payload['report'].values())}")
-    if not args.json and not args.out:
-        from trp.benchmark.report import markdown
-        print(markdown(rows, payload["environment"], command))
     return payload
 
 
@@ -357,26 +376,33 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--energy", type=_fraction, default=0.95, help="TRP projection energy (default 0.95)")
     d.add_argument("--nuclear-weight", type=_nonnegative, default=3e-4, help="nuclear-norm weight (default 3e-4)")
     d.add_argument("--period", type=_positive(int), default=2, help="TRP projection period (default 2)")
-    d.add_argument("--scheme", choices=("channel", "spatial"), default="channel")
-    d.add_argument("--lr", type=_positive(float), default=0.05)
-    d.add_argument("--batch", type=_positive(int), default=128)
+    d.add_argument("--scheme", choices=("channel", "spatial"), default="channel",
+                   help="factored structure (default channel: k×k to rank r, then 1×1)")
+    d.add_argument("--lr", type=_positive(float), default=0.05, help="SGD learning rate (default 0.05)")
+    d.add_argument("--batch", type=_positive(int), default=128, help="training batch size (default 128)")
     d.add_argument("--repeats", type=_positive(int), default=50, help="latency repeats (default 50)")
-    d.add_argument("--threads", type=_positive(int), default=None)
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--threads", type=_positive(int), default=None, help="CPU threads (default: torch's)")
+    d.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.add_argument("--plot", default="trp_demo_spectra.png", help="PNG of singular-value spectra ('' for none)")
     d.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     d.set_defaults(func=demo)
 
-    b = sub.add_parser("bench", help="benchmark dense vs low-rank layers and models against torch.compile, ONNX Runtime and OpenVINO")
-    b.add_argument("--suite", choices=("layers", "models", "all"), default="all")
-    b.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    from trp.benchmark.providers import PROVIDER_HELP
+
+    b = sub.add_parser("bench", help="benchmark dense vs low-rank layers and models against torch.compile, ONNX "
+                       "Runtime and OpenVINO", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="providers (a model provider is KIND_RUNTIME; docs/benchmarks.md says more):\n"
+                       + "\n".join(f"  {name:<26} {text}" for name, text in PROVIDER_HELP.items()))
+    b.add_argument("--suite", choices=("layers", "models", "all"), default="all",
+                   help="single factored layers, whole models, or both (default)")
+    b.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default cpu)")
     b.add_argument("--quick", action="store_true", help="a few cases, in under 5 minutes on 2 CPU cores")
     b.add_argument("--json", default=None, help="write the rows (and environment) to this JSON file")
     b.add_argument("--out", default=None, help="write report.md and the speed-up plots to this directory")
     b.add_argument("--threads", type=_positive(int), default=None, help="CPU threads for every provider")
-    b.add_argument("--providers", nargs="+", default=None,
-                   help="only these providers (the dense baselines always run)")
+    b.add_argument("--providers", nargs="+", default=None, choices=list(PROVIDER_HELP), metavar="PROVIDER",
+                   help="only these providers (the dense baselines always run); the names are listed below")
     b.add_argument("--select", default=None, help="only cases whose name contains this text")
     b.add_argument("--budget", type=_positive(float), default=None,
                    help="seconds of timed calls per measurement (default 0.3 quick, 1.0 full)")

@@ -45,6 +45,21 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def _epoch_line(record: dict, epochs: int) -> str:
+    """One epoch of fit's history, for people: 'epoch 3/30: train loss 0.7839, val accuracy
+    51.25%, val loss 1.4599, lr 0.05, mean rank 11.2 over 18 layers'."""
+    parts = [f"train loss {record['train_loss']:.4f}"]
+    if "val_accuracy" in record:
+        parts.append(f"val accuracy {record['val_accuracy']:.2f}%")
+    parts += [f"{k.replace('_', ' ')} {v:.4f}" for k, v in record.items()
+              if k.startswith("val_") and k != "val_accuracy" and isinstance(v, float)]
+    parts.append(f"lr {record['lr']:.3g}")
+    if record.get("ranks"):
+        ranks = list(record["ranks"].values())
+        parts.append(f"mean rank {sum(ranks) / len(ranks):.1f} over {len(ranks)} layers")
+    return f"epoch {record['epoch']}/{epochs}: " + ", ".join(parts)
+
+
 class TRP:
     """Trained Rank Pruning controller for any ``nn.Module`` and any optimizer."""
 
@@ -371,8 +386,7 @@ def fit(model: nn.Module, train_loader, val_loader=None, *, epochs: int, optimiz
             record["ranks"] = dict(trp.ranks)
         history.append(record)
         if progress and rank0:
-            shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in record.items() if k != "ranks"}
-            tqdm.write(f"trp.fit {shown}")
+            tqdm.write(_epoch_line(record, epochs))
         if checkpoint_dir is not None and rank0:
             checkpoint.save(checkpoint_dir, {"epoch": epoch + 1, "model": unwrap(model).state_dict(),
                                              "optimizer": optimizer.state_dict(),

@@ -178,3 +178,43 @@ def test_bad_model_arguments_are_usage_errors(args, message, capsys):
         main(args)
     err = capsys.readouterr().err
     assert e.value.code == 2 and message in err and "usage: python -m trp" in err
+
+
+def test_every_flag_has_help_and_bench_lists_every_provider(capsys):
+    import argparse
+
+    from trp.benchmark import providers as P
+    from trp.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    missing = [(name, a.dest) for name, p in sub.choices.items() for a in p._actions if not a.help]
+    assert not missing
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    text = capsys.readouterr().out
+    for name in (*P.LAYER_PROVIDERS, *P.MODEL_PROVIDERS):
+        assert f"\n  {name} " in text
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--providers", "nope"])
+    assert e.value.code == 2 and "invalid choice: 'nope'" in capsys.readouterr().err
+
+
+def test_fit_prints_a_line_per_epoch_for_people():
+    from trp.training import _epoch_line
+
+    line = _epoch_line({"epoch": 3, "train_loss": 0.78391, "lr": 0.0005, "val_accuracy": 51.2535,
+                        "val_loss": 1.45992, "ranks": {"a": 10, "b": 13}}, 30)
+    assert line == ("epoch 3/30: train loss 0.7839, val accuracy 51.25%, val loss 1.4599, lr 0.0005, "
+                    "mean rank 11.5 over 2 layers")
+
+
+def test_bench_prints_its_table_even_with_json(tmp_path, capsys):
+    out = tmp_path / "b.json"
+    main(["bench", "--suite", "layers", "--quick", "--providers", "lowrank_torch", "--budget", "0.02",
+          "--json", str(out)])
+    text = capsys.readouterr().out
+    rows = json.loads(out.read_text())["rows"]
+    assert rows and {r["provider"] for r in rows if r["status"] == "ok"} == {"dense_torch", "lowrank_torch"}
+    assert "| case | batch | rank | provider |" in text and "## layers — cpu — float32" in text
+    assert f"wrote {out}" in text

@@ -38,6 +38,36 @@ MODEL_PROVIDERS = ("dense_eager", "dense_eager_cl", "dense_compile", "dense_comp
 # What each model provider's speed-up is measured against: the dense model in the same runtime.
 MODEL_BASELINE = {p: "dense_" + p.split("_", 1)[1] for p in MODEL_PROVIDERS}
 
+# What each name means, for --help and docs/benchmarks.md: a model provider is KIND_RUNTIME.
+_MODEL_KINDS = {"dense": "the dense model (BatchNorm folded)",
+                "lowrank": "the factored model, each factored conv as two PyTorch convs",
+                "trp": "the factored model under trp.compile's defaults (fused kernels, epilogues, channels_last)",
+                "cpp": "as trp, with the fused C++ kernel asked for by name"}
+_MODEL_RUNTIMES = {"eager": "PyTorch eager, NCHW input", "eager_cl": "PyTorch eager, model and input channels_last",
+                   "compile": "torch.compile (Inductor)",
+                   "compile_frozen": "torch.compile with torch._inductor.config.freezing = True",
+                   "ort": "exported to ONNX, run by ONNX Runtime (CPU)",
+                   "openvino": "exported to ONNX, run by OpenVINO in float32",
+                   "openvino_default": "exported to ONNX, run by OpenVINO in its default precision (bf16 on CPUs "
+                                       "with AVX512-BF16)",
+                   "cudagraph": "PyTorch eager captured in a CUDA graph (GPU only)"}
+_LAYER_HELP = {
+    "dense_torch": "layer: the dense conv, F.conv2d",
+    "lowrank_torch": "layer: the two factor convs, F.conv2d, NCHW",
+    "lowrank_torch_cl": "layer: the two factor convs, F.conv2d, channels_last",
+    "lowrank_compile": "layer: the two factor convs under torch.compile",
+    "lowrank_trp": "layer: trp's dispatch (auto backend), NCHW input",
+    "lowrank_cpp": "layer: the fused C++ kernel, channels_last input",
+    "lowrank_ort": "layer: the two factor convs exported to ONNX, ONNX Runtime",
+    "lowrank_openvino": "layer: the two factor convs exported to ONNX, OpenVINO float32",
+    **{p: f"layer: {p[:-len('_cudagraph')]} captured in a CUDA graph (GPU only)"
+       for p in LAYER_PROVIDERS if p.endswith("_cudagraph")},
+}
+_MODEL_HELP = {p: f"model: {_MODEL_KINDS[p.split('_', 1)[0]]}; {_MODEL_RUNTIMES[p.split('_', 1)[1]]}"
+               for p in MODEL_PROVIDERS}
+PROVIDER_HELP = {p: " | ".join(h[p] for h in (_LAYER_HELP, _MODEL_HELP) if p in h)
+                 for p in dict.fromkeys((*LAYER_PROVIDERS, *MODEL_PROVIDERS))}
+
 Fn = Callable[[], torch.Tensor]
 
 
