@@ -313,7 +313,9 @@ def compile(model: nn.Module, *, energy: Optional[float] = None, rank: Optional[
     """Factor ``model``'s eligible layers into low-rank modules and return the model.
 
     - Rank: at most one of ``energy`` (default 0.9), ``rank``, ``ratio``; ``rank_multiple``
-      rounds energy/ratio ranks up. ``overrides`` maps fqn regexes (``re.fullmatch``, first
+      rounds energy/ratio ranks up (default 16, for the GPU kernels; on narrow layers this
+      can reach full rank and keep the layer dense, which its summary note then says: use 1
+      for CPU-only models). ``overrides`` maps fqn regexes (``re.fullmatch``, first
       match wins) to an int rank, a float energy, None (stay dense) or a dict with keys
       energy/rank/ratio/rank_multiple/scheme. Overrides act on layers the filter admits.
     - ``filter_fn(module, fqn) -> bool`` chooses layers (default :func:`default_filter`:
