@@ -402,7 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default=None, help="write report.md and the speed-up plots to this directory")
     b.add_argument("--threads", type=_positive(int), default=None, help="CPU threads for every provider")
     b.add_argument("--providers", nargs="+", default=None, choices=list(PROVIDER_HELP), metavar="PROVIDER",
-                   help="only these providers (the dense baselines always run); the names are listed below")
+                   help="only these providers, with their dense baselines (and dense_torch / dense_eager, which set the "
+                        "error tolerance); the names are listed below")
     b.add_argument("--select", default=None, help="only cases whose name contains this text")
     b.add_argument("--budget", type=_positive(float), default=None,
                    help="seconds of timed calls per measurement (default 0.3 quick, 1.0 full)")

@@ -10,7 +10,7 @@ import torch
 RANK_FRACTIONS = (1 / 8, 1 / 4, 1 / 2)
 RANK_MULTIPLE = 16
 BATCHES = {"cpu": (1, 8), "cuda": (1, 32, 128)}
-DTYPES = {"cpu": (torch.float32,), "cuda": (torch.float16, torch.bfloat16)}
+DTYPES = {"cpu": (torch.float32,), "cuda": (torch.float16, torch.bfloat16, torch.float32)}
 
 
 @dataclass(frozen=True)

@@ -163,9 +163,12 @@ def _write_json(path: Path, payload: dict) -> None:
 
 def run(suite: str = "all", device: str = "cpu", quick: bool = False, json_path=None, out_dir=None,
         threads: Optional[int] = None, providers: Optional[list[str]] = None, select: Optional[str] = None,
-        budget_s: Optional[float] = None, command: str = "", show_progress: bool = True) -> dict:
+        budget_s: Optional[float] = None, command: str = "", show_progress: bool = True,
+        deadline: Optional[float] = None, dtypes: Optional[tuple] = None) -> dict:
     """Run the suite and return ``{"environment", "command", "rows"}``; the JSON file (if
-    given) is rewritten after every case, so an interrupted run keeps what it measured."""
+    given) is rewritten after every case, so an interrupted run keeps what it measured.
+    ``deadline`` (a ``time.monotonic()`` value): no case starts after it, and the payload's
+    ``"not_run"`` lists the cases left; ``dtypes`` keeps only cases of those dtypes."""
     if suite not in (*SUITES, "all"):
         raise ValueError(f"suite must be one of {(*SUITES, 'all')}, got {suite!r}")
     if device not in ("cpu", "cuda"):
@@ -195,13 +198,23 @@ def run(suite: str = "all", device: str = "cpu", quick: bool = False, json_path=
     try:
         for s in suites:
             names = P.LAYER_PROVIDERS if s == "layers" else P.MODEL_PROVIDERS
-            chosen = [p for p in names if not providers or p in providers or p.startswith("dense_")]
+            # the chosen providers, their baselines, and the dense provider that sets the tolerance
+            base = P.layer_baseline if s == "layers" else P.MODEL_BASELINE.get
+            wanted = {*(providers or ()), *(base(p) for p in providers or () if p in names),
+                      "dense_torch" if s == "layers" else "dense_eager"}
+            chosen = [p for p in names if not providers or p in wanted]
             if s == "layers":
                 todo = [(c, layer_case_rows) for c in C.layer_cases(device, quick)
                         if not select or select in c.shape.name]
             else:
                 todo = [(c, model_case_rows) for c in C.model_cases(device, quick) if not select or select in c.name]
+            if dtypes:
+                todo = [(c, f) for c, f in todo if c.dtype in dtypes]
             for case, case_rows in todo:
+                if deadline is not None and time.monotonic() > deadline:
+                    payload.setdefault("not_run", []).append(
+                        f"{s} {getattr(case, 'name', None) or case.shape.name} b{case.batch} {_dtype_name(case.dtype)}")
+                    continue
                 payload["rows"] += case_rows(case, chosen, budget_s, progress, g)
                 if json_path:
                     _write_json(Path(json_path), payload)
