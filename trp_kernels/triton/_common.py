@@ -107,11 +107,14 @@ def configs(r_pad: int, min_block_m: int = 16) -> list:
         (128, 32, 64, 1, 8, 3), (128, 64, 128, 1, 8, 2), (32, 64, 64, 2, 4, 3), (32, 64, 64, 4, 4, 3),
         (16, 64, 64, 4, 4, 3), (64, 64, 128, 4, 8, 3),
     ]
-    out = []
+    out, seen = [], set()
     for bm, bk, bn, split, warps, stages in space:
         bm = max(bm, min_block_m)
         if bm * (r_pad + bn) > 4096 * warps:  # fp32 values of both tiles: <= 128 per thread
             continue
+        if (bm, bk, bn, split, warps, stages) in seen:  # raising BLOCK_M to min_block_m can repeat one
+            continue
+        seen.add((bm, bk, bn, split, warps, stages))
         out.append(triton.Config(dict(BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bn, SPLIT_N=split),
                                  num_warps=warps, num_stages=stages))
     if not out:  # a very wide tile: the smallest that holds it

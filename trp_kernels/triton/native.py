@@ -171,6 +171,19 @@ def markdown(payload: dict) -> str:
              f"{payload['environment']['date']}, {'full sweep' if payload['environment']['full'] else 'subset'}: "
              f"{len(rows)} configs; {len(found['error'])} failed to compile, {len(found['spills'])} spill registers, "
              f"{len(found['shared'])} need more shared memory than the architecture has.", "",
+             "Per kernel, rank and dtype (both architectures, both epilogues): configs that compile with no spill "
+             "and within shared memory, of those compiled.", "",
+             "| kernel | rank | " + " | ".join(DTYPES) + " |", "|---|---|" + "---|" * len(DTYPES)]
+    groups: dict = {}
+    for r in rows:
+        clean = not r["error"] and not (r["spill_stores"] or r["spill_loads"]) and r["shared"] <= r["shared_limit"]
+        g = groups.setdefault((r["family"], r["rank"]), {}).setdefault(r["dtype"], [0, 0])
+        g[0] += clean
+        g[1] += 1
+    for (family, rank), by_dtype in groups.items():
+        cells = [f"{by_dtype[d][0]}/{by_dtype[d][1]}" if d in by_dtype else "–" for d in DTYPES]
+        lines.append(f"| {family} | {rank} | " + " | ".join(cells) + " |")
+    lines += ["", "Every config:", "",
              "| kernel | sm | dtype | rank | epilogue | SEG | BLOCK_M×K×N, SPLIT_N | warps, stages | registers | "
              "spill stores / loads (bytes) | shared (bytes) | compile s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
