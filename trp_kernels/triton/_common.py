@@ -106,6 +106,10 @@ def configs(r_pad: int, min_block_m: int = 16) -> list:
         (32, 32, 64, 1, 4, 3), (64, 32, 64, 1, 4, 3), (64, 64, 64, 1, 4, 3), (64, 32, 128, 1, 8, 3),
         (128, 32, 64, 1, 8, 3), (128, 64, 128, 1, 8, 2), (32, 64, 64, 2, 4, 3), (32, 64, 64, 4, 4, 3),
         (16, 64, 64, 4, 4, 3), (64, 64, 128, 4, 8, 3),
+        # wide ranks: thin K and N slices, 8 warps, little pipelining; natively compiled for
+        # sm_80/sm_90 these are the configs that neither spill nor overflow shared memory at
+        # rank 256-512 in fp32 (e.g. 16x16x32, 8 warps, 1 stage: 228 registers, 98 KB)
+        (16, 16, 32, 4, 8, 1), (32, 16, 32, 4, 8, 1),
     ]
     out, seen = [], set()
     for bm, bk, bn, split, warps, stages in space:
