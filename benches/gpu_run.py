@@ -26,9 +26,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -46,8 +44,11 @@ SHARES = {"tests": 0.25, "layers": 0.4, "models": 0.35}
 
 
 def _geomean(values):
+    """report.geomean over the positive values, None when there are none (a target not reached)."""
+    from trp.benchmark.report import geomean
+
     values = [v for v in values if v and v > 0]
-    return math.exp(statistics.mean(math.log(v) for v in values)) if values else None
+    return geomean(values) if values else None
 
 
 def environment(dry_run: bool) -> dict:
@@ -78,8 +79,8 @@ def run_tests(dry_run: bool, limit_s: float) -> dict:
     try:
         run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=max(limit_s, 10))
         rc, out = run.returncode, run.stdout + run.stderr
-    except subprocess.TimeoutExpired as e:
-        rc, out = "timeout", (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+    except subprocess.TimeoutExpired as e:  # its output comes back as bytes even in text mode
+        rc, out = "timeout", e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
     lines = [line for line in out.strip().splitlines() if line.strip()]
     return {"command": " ".join(cmd[1:]), "returncode": rc, "seconds": round(time.monotonic() - t0, 1),
             "summary": lines[-1] if lines else "", "failures": [line for line in lines if line.startswith("FAILED")][:50],

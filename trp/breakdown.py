@@ -17,6 +17,7 @@ benchmark suite (``python -m trp breakdown``).
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -166,7 +167,7 @@ def breakdown(model: nn.Module, x: torch.Tensor, *, repeats: int = 30, warmup: i
             s = _stats(per_part[name])
             parts[name] = {"median_ms": s["median_ms"], "p25_ms": s["p25_ms"], "p75_ms": s["p75_ms"],
                            "modules": counts[name]}
-    modules = {fqn: _stats([acc.get(fqn, 0.0) * 1e3 for _, acc in measured])["median_ms"]
+    modules = {fqn: statistics.median(acc.get(fqn, 0.0) * 1e3 for _, acc in measured)
                for fqn, _, _ in members.values()}
-    return Breakdown(parts, stats["plain"]["median_ms"], _stats([w * 1e3 for w, _ in measured])["median_ms"],
+    return Breakdown(parts, stats["plain"]["median_ms"], statistics.median(w * 1e3 for w, _ in measured),
                      repeats, modules)

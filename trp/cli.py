@@ -167,8 +167,7 @@ def breakdown(args: argparse.Namespace) -> dict:
         payload = runner.run_breakdown("cpu", args.quick, args.json, args.out, args.threads, args.providers,
                                        args.select, args.repeats, command)
     except ValueError as e:  # bad arguments: said before anything is built or timed
-        print(f"python -m trp breakdown: error: {e}", file=sys.stderr)
-        return 2
+        raise UsageError(str(e)) from None
     print(breakdown_markdown(payload))
     for path in [args.json, *payload.get("report", {}).values()]:
         if path:

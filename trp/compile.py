@@ -297,8 +297,7 @@ def _decide(fqn: str, m: nn.Module, weight: torch.Tensor, cfg: CompileConfig,
         note = (f"rank {f.rank}/{f.full_rank} ({plan.spec.describe()}) would not cut MACs "
                 f"({low} vs {dense} MACs per output pixel)")
         if plan.spec.rank is None and plan.spec.rank_multiple > 1 and not isinstance(m, nn.Linear):
-            exact = decompose.select_rank(decompose.conv_singular_values(weight, plan.scheme),
-                                          dataclasses.replace(plan.spec, rank_multiple=1))
+            exact = decompose.select_rank(f.singular_values, dataclasses.replace(plan.spec, rank_multiple=1))
             if decompose.conv_macs_per_pixel(*args, rank=exact, scheme=plan.scheme) < dense:
                 note += f"; {ROUNDED} {exact} to {f.rank} (rank_multiple=1 would factor it at {exact})"
         return note, None, None

@@ -1,9 +1,9 @@
 """The memory layout a compiled model computes in: channels_last from entry to exit.
 
 The fused kernels (C++ on CPU, Triton on CUDA) read and write channels_last (NHWC), and so
-do most of PyTorch's fast CPU paths: in ``benches/results/cpu-models.json`` (2-core AMD
-EPYC) the low-rank ResNet-18 run as plain PyTorch takes 9.58 ms at batch 1 in NCHW and
-6.04 ms in channels_last (its 7×7 stem conv and max-pool are the slowest in NCHW;
+do most of PyTorch's fast CPU paths: in ``benches/results/cpu-models.json`` (2-core Intel
+Xeon) the low-rank ResNet-18 run as plain PyTorch takes 15.02 ms at batch 1 in NCHW and
+11.36 ms in channels_last (its 7×7 stem conv and max-pool are the slowest in NCHW;
 PyTorch's 1×1 convs are sometimes slower in channels_last at batch 1, so ResNet-50 gains
 less). So a model
 compiled for a fused backend converts its 4-D inputs to channels_last once, on entry (every

@@ -37,8 +37,8 @@ BACKENDS = ("triton", "cpp", "torch")
 # without an epilogue ran 1.12-1.34x faster than oneDNN's two channels_last convs up to
 # ~800 output pixels a call at batch 1 and 0.92-0.98x above on an AMD EPYC (an Intel Xeon
 # run, benches/results/cpu-layers, has it slower on VGG's 512-channel layers, 0.46-0.68x
-# at batch 1, and at batch 8 on most); in whole models, where the kernel also fuses the residual add and
-# ReLU, it was as fast or faster than switching to the two convs above 1024 pixels in
+# at batch 1, and at batch 8 on most); in whole models, where the kernel also fuses the
+# residual add and ReLU, it was as fast or faster than switching to the two convs above 1024 pixels in
 # every case of a model-suite run made to decide this (e.g. ResNet-56 at batch 8, 12.43
 # against 14.53 ms; that run was superseded by benches/results/cpu-models).
 AUTO_ORDER = {"cuda": ("triton", "torch"), "cpu": ("cpp", "torch")}

@@ -208,6 +208,10 @@ def _table(header, body) -> list[str]:
     return lines
 
 
+def _environment_lines(environment: Mapping) -> list[str]:
+    return [f"- {k}: {DASH if v is None else v}" for k, v in environment.items()] or ["- (none given)"]
+
+
 def markdown(rows, environment, command) -> str:
     """The full report: command, environment, then one table per (suite, device, dtype), each
     followed by the realized-fraction summary."""
@@ -216,7 +220,7 @@ def markdown(rows, environment, command) -> str:
     lines = ["# Benchmark report", "", f"Command: {_code(command)}", "",
              f"Rows: {len(rows)} ({counts['ok']} ok, {counts['skipped']} skipped, {counts['failed']} failed)",
              "", "## Environment", ""]
-    lines += [f"- {k}: {DASH if v is None else v}" for k, v in environment.items()] or ["- (none given)"]
+    lines += _environment_lines(environment)
     lines.append("")
     lines += [("Speed-up is t(baseline) / t; realized fraction is speed-up / (dense MACs / low-rank MACs), "
                "1.0 when the MAC reduction is fully turned into speed."), ""]
@@ -392,7 +396,7 @@ def breakdown_markdown(payload: Mapping) -> str:
         raise TypeError("payload must be a dict with a 'rows' list, as run_breakdown returns")
     env, rows = payload.get("environment") or {}, payload["rows"]
     lines = ["# Time breakdown", "", f"Command: {_code(payload.get('command') or '')}", "", "## Environment", ""]
-    lines += [f"- {k}: {DASH if v is None else v}" for k, v in env.items()] or ["- (none given)"]
+    lines += _environment_lines(env)
     lines += ["", "Median ms of each part over the instrumented calls (share of their sum). \"glue\" is the rest "
               "of each call: residual adds and ReLUs outside the fused kernels, layout conversions, Python "
               "dispatch. The last row compares the sum of the parts with the model's median timed without "

@@ -58,9 +58,12 @@ class Job:
 def _kernel_and_consts(job: Job):
     from trp_kernels.triton import _common, conv_channel, conv_spatial
 
+    import torch
+
     r_pad = _common.rank_pad(job.rank)
     bias, res, relu = job.epilogue
-    precision = "tf32" if job.dtype == "fp32" else "ieee"  # cuDNN's default for fp32 convs: TF32
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[job.dtype]
+    precision = _common.dot_precision(dtype, conv=job.family != "linear")  # what a launch would pass
     consts = dict(R_PAD=r_pad, HAS_BIAS=bias, HAS_RES=res, RELU=relu, PRECISION=precision)
     if job.family == "conv_spatial":
         consts.update(KH=3, KW=3, SEG=job.seg)
