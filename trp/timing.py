@@ -34,7 +34,8 @@ def compare(fns: dict[str, Callable[[], object]], *, warmup: int = 3, repeats: i
     cores, ONNX Runtime's CIFAR ResNet-20 took 1.9x as long interleaved with PyTorch as
     alone). Functions are not timed call by call against each other by default because a
     call then finds the caches full of the other function's data: CIFAR ResNet-20 at batch
-    1 took 1.07-1.40x as long interleaved with seven other PyTorch models as alone.
+    1 took 1.01-1.13x as long interleaved with seven other PyTorch models as alone, 0.99-1.04x
+    in blocks (benches/results/timing-method/interleaving.txt).
 
     ``interleave=True`` times the functions of one pool call by call instead, one call of
     each per round in rotating order: for variants of one computation on one working set
