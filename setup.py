@@ -171,6 +171,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["trp", "trp.*", "trp_kernels", "trp_kernels.*"]),
+    # the Triton kernels' table of natively clean autotune configs (trp_kernels/triton/native.py)
+    package_data={"trp_kernels.triton": ["clean_configs.json"]},
     ext_modules=_ext_modules(),
     cmdclass={"build_ext": CMakeBuild},
     install_requires=[

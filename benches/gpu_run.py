@@ -72,7 +72,10 @@ def environment(dry_run: bool) -> dict:
 def run_tests(dry_run: bool, limit_s: float) -> dict:
     """The kernel tests natively on the GPU (the interpreter off); a dry run collects them only."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/trp_kernels"]
+    # not the ahead-of-time compile check (a CPU-side check of the committed sweep): here the
+    # kernels compile for the GPU itself
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/trp_kernels",
+           "--ignore=tests/trp_kernels/test_triton_native.py"]
     if dry_run:
         cmd.append("--collect-only")
     t0 = time.monotonic()

@@ -93,6 +93,19 @@ def test_conv_other_tilings(scheme, config):
     check_conv(scheme, args, torch.float32, config)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("config", [
+    dict(BLOCK_M=16, BLOCK_K=16, BLOCK_N=16, SPLIT_N=1, R_CHUNK=16),  # 3 rank chunks (the last partial), 4 n blocks
+    dict(BLOCK_M=32, BLOCK_K=16, BLOCK_N=32, SPLIT_N=2, R_CHUNK=32),  # 2 chunks, n blocks split over programs
+])
+def test_spatial_wide_rank_in_chunks(config, dtype):
+    """A rank wider than R_CHUNK: the kernel builds the intermediate R_CHUNK columns at a time
+    and accumulates each chunk's second factor (the path ranks above conv_spatial.RANK_CHUNK take)."""
+    args = conv_case("spatial", 2, 12, 50, (6, 13), (3, 3), 40, (1, 2), (1, 1), 1, "channels_last",
+                     "residual_relu", dtype)
+    check_conv("spatial", args, dtype, config)
+
+
 @pytest.mark.parametrize("wo,stride,kw,dil", [(7, 1, 3, 1), (56, 1, 3, 1), (112, 2, 3, 1), (40, 1, 5, 2),
                                               (3, 1, 7, 4)])
 def test_spatial_tile_covers_halo(wo, stride, kw, dil):
@@ -169,14 +182,18 @@ def test_bad_inputs_are_named():
                None, None, False)
 
 
-def test_rank_padding_and_configs():
+def test_rank_padding_and_candidates():
     assert [_common.rank_pad(r) for r in (1, 16, 17, 64, 65, 256, 300)] == [16, 16, 32, 64, 128, 256, 512]
-    for r_pad in (16, 64, 256, 512):
-        cfgs = _common.configs(r_pad)
-        assert cfgs, r_pad
-        for c in cfgs:  # the two fp32 tiles stay within 128 registers a thread
-            assert c.kwargs["BLOCK_M"] * (r_pad + c.kwargs["BLOCK_N"]) <= 4096 * c.num_warps
-    assert all(c.kwargs["BLOCK_M"] >= 64 for c in _common.configs(64, min_block_m=64))
+    assert [i for i, _ in _common.candidates()] == list(range(len(_common.SPACE)))
+    raised = _common.candidates(64)  # the spatial kernel's 64-wide tile row: BLOCK_M >= 64, no repeats
+    assert all(cfg[0] >= 64 for _, cfg in raised) and len({cfg for _, cfg in raised}) == len(raised)
+    assert _common.FALLBACK in [i for i, _ in raised]
+    for family in ("conv_channel", "conv_spatial", "linear"):
+        for r_pad in (16, 32, 64, 128, 256, 512):  # every padded rank has configs (the table's or the fallback)
+            assert _common.configs(family, r_pad, "fp32", 80, 16)
+    assert _common.precision_class(torch.float32, "tf32") == "tf32"
+    assert _common.precision_class(torch.float32, "ieee") == "fp32"
+    assert _common.precision_class(torch.bfloat16, "upcast") == "bf16"
 
 
 # --- through the op: dispatch, autograd, torch.compile, torch.export ---------------------------

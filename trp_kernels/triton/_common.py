@@ -8,6 +8,7 @@ imported for the kernels to run on CPU tensors.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from typing import Optional
@@ -17,6 +18,23 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# Set by capture_launches(): launches are recorded here instead of run.
+_captured: Optional[list] = None
+
+
+@contextlib.contextmanager
+def capture_launches():
+    """Within this block the launchers accept CPU tensors and, instead of launching, record
+    each launch as ``(kernel, args, consts)``: the exact arguments a GPU launch would pass,
+    from which :mod:`trp_kernels.triton.native` derives the specialisation Triton's JIT
+    would compile (integers equal to 1 as constants, 16-divisible values and pointers)."""
+    global _captured
+    outer, _captured = _captured, []
+    try:
+        yield _captured
+    finally:
+        _captured = outer
 
 # The r-wide intermediate of a tile lives in registers: BLOCK_M x R_PAD fp32 values.
 MAX_RANK = 512
@@ -62,7 +80,7 @@ def check_tensors(op: str, x: torch.Tensor, weight1: torch.Tensor, weight2: torc
             raise TypeError(f"{op}: {name} must have x's dtype {x.dtype}, got {t.dtype}")
         if t.device != x.device:
             raise ValueError(f"{op}: {name} is on {t.device}, x on {x.device}")
-    if x.device.type != "cuda" and not (INTERPRET and x.device.type == "cpu"):
+    if x.device.type != "cuda" and not ((INTERPRET or _captured is not None) and x.device.type == "cpu"):
         raise ValueError(f"{op}: x must be a CUDA tensor (or a CPU tensor with TRITON_INTERPRET=1), "
                          f"got one on {x.device}")
     rank = weight1.shape[0]
@@ -93,38 +111,95 @@ def conv_output(op: str, x: torch.Tensor, weight1: torch.Tensor, weight2: torch.
     return torch.empty(out_shape, dtype=x.dtype, device=x.device, memory_format=reference.output_memory_format(x))
 
 
-@functools.lru_cache(maxsize=None)
-def configs(r_pad: int, min_block_m: int = 16) -> list:
-    """The autotuning space of one kernel family at one padded rank.
+# The autotuning candidates: BLOCK_M, BLOCK_K, BLOCK_N, SPLIT_N, warps, stages. Small blocks
+# with 4 warps and deep pipelining for narrow ranks, thin K and N slices with 8 warps and
+# little pipelining for wide ones; SPLIT_N > 1 spreads a small batch's few pixel tiles over
+# more programs (each recomputing the intermediate for its share of output channels).
+SPACE = (
+    (32, 32, 64, 1, 4, 3), (64, 32, 64, 1, 4, 3), (64, 64, 64, 1, 4, 3), (64, 32, 128, 1, 8, 3),
+    (128, 32, 64, 1, 8, 3), (32, 64, 64, 2, 4, 3), (16, 64, 64, 4, 4, 3), (16, 32, 64, 1, 4, 2),
+    (64, 32, 64, 1, 8, 2), (16, 16, 32, 4, 8, 1), (32, 16, 32, 4, 8, 1),
+)
+# Which candidates compile cleanly (no register spill, shared memory within the limit), from
+# the native sweep: ``python -m trp_kernels.triton.native --full --table``.
+CLEAN_TABLE = os.path.join(os.path.dirname(__file__), "clean_configs.json")
+TABLE_ARCHS = (80, 90)
+FALLBACK = 9  # 16 x 16 x 32, 8 warps, 1 stage: the config that spills least
 
-    Few configs, so that first-call tuning stays short: BLOCK_M x R_PAD (the fp32
-    intermediate) and BLOCK_M x BLOCK_N (the output accumulator) are capped so that a tile
-    fits in registers, and SPLIT_N > 1 variants spread a small batch's few pixel tiles over
-    more programs (each recomputing the intermediate for its share of output channels).
-    """
-    space = [  # BLOCK_M, BLOCK_K, BLOCK_N, SPLIT_N, warps, stages
-        (32, 32, 64, 1, 4, 3), (64, 32, 64, 1, 4, 3), (64, 64, 64, 1, 4, 3), (64, 32, 128, 1, 8, 3),
-        (128, 32, 64, 1, 8, 3), (128, 64, 128, 1, 8, 2), (32, 64, 64, 2, 4, 3), (32, 64, 64, 4, 4, 3),
-        (16, 64, 64, 4, 4, 3), (64, 64, 128, 4, 8, 3),
-        # wide ranks: thin K and N slices, 8 warps, little pipelining; natively compiled for
-        # sm_80/sm_90 these are the configs that neither spill nor overflow shared memory at
-        # rank 256-512 in fp32 (e.g. 16x16x32, 8 warps, 1 stage: 228 registers, 98 KB)
-        (16, 16, 32, 4, 8, 1), (32, 16, 32, 4, 8, 1),
-    ]
+
+def precision_class(dtype: torch.dtype, precision: str) -> str:
+    """What decides a config's register use besides its blocks: the input dtype, and for
+    float32 whether the dots run on tensor cores (``tf32``) or as FMAs (``fp32``)."""
+    if dtype == torch.float32:
+        return "tf32" if precision == "tf32" else "fp32"
+    return {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+
+
+def candidates(min_block_m: int = 16) -> list[tuple]:
+    """SPACE with BLOCK_M raised to ``min_block_m`` (the spatial kernel's tile row), in order;
+    a candidate that raising makes equal to an earlier one is left out (its index stays)."""
     out, seen = [], set()
-    for bm, bk, bn, split, warps, stages in space:
-        bm = max(bm, min_block_m)
-        if bm * (r_pad + bn) > 4096 * warps:  # fp32 values of both tiles: <= 128 per thread
-            continue
-        if (bm, bk, bn, split, warps, stages) in seen:  # raising BLOCK_M to min_block_m can repeat one
-            continue
-        seen.add((bm, bk, bn, split, warps, stages))
-        out.append(triton.Config(dict(BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bn, SPLIT_N=split),
-                                 num_warps=warps, num_stages=stages))
-    if not out:  # a very wide tile: the smallest that holds it
-        out.append(triton.Config(dict(BLOCK_M=min_block_m, BLOCK_K=32, BLOCK_N=64, SPLIT_N=1),
-                                 num_warps=8, num_stages=2))
+    for i, (bm, bk, bn, split, warps, stages) in enumerate(SPACE):
+        cfg = (max(bm, min_block_m), bk, bn, split, warps, stages)
+        if cfg not in seen:
+            seen.add(cfg)
+            out.append((i, cfg))
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def clean_table() -> dict:
+    """The committed table (``{}`` if it is missing or was built for another SPACE)."""
+    import json
+
+    try:
+        with open(CLEAN_TABLE) as f:
+            table = json.load(f)
+    except FileNotFoundError:
+        return {}
+    return table if [tuple(c) for c in table.get("space", [])] == list(SPACE) else {}
+
+
+def table_arch(capability: tuple) -> int:
+    """The swept architecture whose table a GPU uses: sm_90 for Hopper and later, sm_80 below."""
+    return 90 if capability[0] >= 9 else 80
+
+
+def clean_indices(family: str, arch: int, pclass: str, r_pad: int) -> Optional[list[int]]:
+    """Indices into SPACE of the candidates clean for ``family`` on ``arch`` at ``r_pad``; a
+    padded rank between two swept ones takes the candidates clean at both. None without a table."""
+    table = clean_table().get("clean")
+    if not table:
+        return None
+    swept = sorted({int(k.split("/")[3]) for k in table if k.startswith(f"{family}/{arch}/{pclass}/")})
+    if not swept:
+        return None
+    near = [r for r in swept if r == r_pad] or [r for r in (max([r for r in swept if r < r_pad], default=None),
+                                                             min([r for r in swept if r > r_pad], default=None))
+                                                if r is not None]
+    keep = None
+    for r in near:
+        got = set(table[f"{family}/{arch}/{pclass}/{r}"])
+        keep = got if keep is None else keep & got
+    return sorted(keep)
+
+
+@functools.lru_cache(maxsize=None)
+def configs(family: str, r_pad: int, pclass: str, arch: int = 90, min_block_m: int = 16) -> list:
+    """The autotuning configs of one kernel family: the candidates that the native sweep found
+    clean for this architecture, precision class and padded rank (all of SPACE when no table
+    applies; the smallest candidate if none is clean)."""
+    keep = clean_indices(family, arch, pclass, r_pad)
+    chosen = [cfg for i, cfg in candidates(min_block_m) if keep is None or i in keep]
+    if not chosen:
+        chosen = [cfg for i, cfg in candidates(min_block_m) if i == FALLBACK]
+    return [triton.Config(dict(BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bn, SPLIT_N=split), num_warps=warps,
+                          num_stages=stages) for bm, bk, bn, split, warps, stages in chosen]
+
+
+def device_arch(device: torch.device) -> int:
+    """:func:`table_arch` of the GPU ``device``."""
+    return table_arch(torch.cuda.get_device_capability(device))
 
 
 def interpreter_config(min_block_m: int = 16, **override) -> dict:
@@ -177,6 +252,9 @@ def launch(kernel, tuned, grid, args: tuple, consts: dict, config: Optional[dict
 
     if INTERPRET and any(isinstance(a, FakeTensor) for a in args):
         return  # the fake kernel of an interpreted op: output metadata only
+    if _captured is not None:
+        _captured.append((kernel, args, consts))
+        return
     if config is not None or INTERPRET:
         cfg = config if config is not None else interpreter_config(consts.get("SEG", 16))
         wrap_triton(kernel)[grid](*args, **consts, **cfg)
@@ -193,25 +271,37 @@ def dot(a, b, acc, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def accumulate_tap(h, x_ptr, w1_ptr, x_rows, valid, C, sxc, s1c, s1r, w1_tap, R,
-                   R_PAD: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    """One kernel tap of the first factor: ``h += x[rows, :] @ w1[:, :, tap]ᵀ`` over all
-    input channels, BLOCK_K at a time. ``x_rows`` is each tile row's input offset (masked
-    by ``valid``: zero padding), ``w1_tap`` the tap's offset in weight1. The columns of
-    ``h`` past the rank (weights masked to 0) hold x·0, which is NaN where x is inf or NaN:
-    callers clear them with :func:`rank_columns` before the second factor reads them."""
+def first_factor(x_ptr, w1_ptr, base, ih0, iw0, ok, C, H, W, sxc, sxh, sxw, s1c, s1r, s1h, s1w, DIL_H, DIL_W,
+                 R, r0, KH: tl.constexpr, KW: tl.constexpr, R_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """The first factor at a tile's rows, rank columns ``r0 .. r0 + R_CHUNK``: ``h[m, r] =
+    sum over (kh, kw, c) of x[row m's window] * w1[r, c, kh, kw]``, fp32, as one loop over
+    taps x BLOCK_K channel slices (one software-pipelined loop, whatever the kernel size).
+
+    Row m's input offset at tap (kh, kw) is ``base + (ih0 + kh·DIL_H)·sxh + (iw0 + kw·DIL_W)·sxw``,
+    masked by ``ok`` and the image bounds (zero padding). Columns past the rank (weights
+    masked to 0) hold x·0, which is NaN where x is inf or NaN: they are set to exactly 0."""
     offs_k = tl.arange(0, BLOCK_K)
-    offs_r = tl.arange(0, R_PAD)
+    offs_r = r0 + tl.arange(0, R_CHUNK)
     r_mask = offs_r < R
-    for c0 in range(0, C, BLOCK_K):
+    nk = tl.cdiv(C, BLOCK_K)
+    h = tl.zeros((BLOCK_M, R_CHUNK), dtype=tl.float32)
+    for t in range(0, KH * KW * nk):
+        tap = t // nk
+        c0 = (t - tap * nk) * BLOCK_K
+        kh = tap // KW
+        kw = tap - kh * KW
+        ih = ih0 + kh * DIL_H
+        iw = iw0 + kw * DIL_W
+        valid = ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         offs_c = c0 + offs_k
         c_mask = offs_c < C
-        xt = tl.load(x_ptr + x_rows[:, None] + offs_c[None, :] * sxc,
+        xt = tl.load(x_ptr + (base + ih * sxh + iw * sxw)[:, None] + offs_c[None, :] * sxc,
                      mask=valid[:, None] & c_mask[None, :], other=0.0)
-        wt = tl.load(w1_ptr + offs_c[:, None] * s1c + offs_r[None, :] * s1r + w1_tap,
+        wt = tl.load(w1_ptr + offs_c[:, None] * s1c + offs_r[None, :] * s1r + kh * s1h + kw * s1w,
                      mask=c_mask[:, None] & r_mask[None, :], other=0.0)
         h = dot(xt, wt, h, PRECISION)
-    return h
+    return tl.where(r_mask[None, :], h, 0.0)
 
 
 @triton.jit

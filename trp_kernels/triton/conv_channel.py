@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from trp_kernels.triton import _common
-from trp_kernels.triton._common import accumulate_tap, dot, epilogue_store, rank_columns
+from trp_kernels.triton._common import dot, epilogue_store, first_factor
 
 
 @triton.jit
@@ -49,15 +49,9 @@ def _conv_channel_kernel(
     r_mask = offs_r < R
 
     # First factor: h[m, r] = sum over (kh, kw, c) of x[pixel m's window] * w1[r, c, kh, kw].
-    h = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    for kh in tl.static_range(KH):
-        ih = oh * STRIDE_H - PAD_H + kh * DIL_H
-        for kw in tl.static_range(KW):
-            iw = ow * STRIDE_W - PAD_W + kw * DIL_W
-            valid = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            h = accumulate_tap(h, x_ptr, w1_ptr, nb * sxn + ih * sxh + iw * sxw, valid, C, sxc, s1c, s1r,
-                               kh * s1h + kw * s1w, R, R_PAD, BLOCK_K, PRECISION)
-    h_in = rank_columns(h, r_mask).to(x_ptr.dtype.element_ty)
+    h_in = first_factor(x_ptr, w1_ptr, nb * sxn, oh * STRIDE_H - PAD_H, ow * STRIDE_W - PAD_W, m_mask, C, H, W,
+                        sxc, sxh, sxw, s1c, s1r, s1h, s1w, DIL_H, DIL_W, R, 0, KH, KW, R_PAD, BLOCK_M, BLOCK_K,
+                        PRECISION).to(x_ptr.dtype.element_ty)
 
     # Second factor and epilogue, BLOCK_N output channels at a time.
     out_rows = nb * son + oh * soh + ow * sow
@@ -76,17 +70,18 @@ _KEY = ["C", "NOUT", "M_BUCKET", "KH", "KW", "R_PAD", "HAS_BIAS", "HAS_RES", "RE
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned(r_pad: int):
-    return triton.autotune(_common.configs(r_pad), key=_KEY)(_conv_channel_kernel)
+def _tuned(family: str, r_pad: int, pclass: str, arch: int):
+    return triton.autotune(_common.configs(family, r_pad, pclass, arch), key=_KEY)(_conv_channel_kernel)
 
 
 def launch(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor, bias: Optional[torch.Tensor],
            residual: Optional[torch.Tensor], out: torch.Tensor, image: tuple, kernel: tuple,
            x_strides: tuple, w1_strides: tuple, out_strides: tuple, res_strides: tuple,
            stride: tuple, pad: tuple, dilation: tuple, relu: bool, precision: str,
-           config: Optional[dict]) -> None:
+           config: Optional[dict], family: str = "conv_channel") -> None:
     """Launch the kernel over an already-allocated ``out``. Shapes and strides are given
-    in conv terms (N, C, H, W) so that ``linear.py`` can describe a matrix as a 1×1 image."""
+    in conv terms (N, C, H, W) so that ``linear.py`` can describe a matrix as a 1×1 image;
+    ``family`` names whose clean configs the autotuner gets (``"linear"`` from there)."""
     nb, c, h, w = image
     ho, wo = out.shape[-2:] if out.dim() == 4 else (1, 1)
     rank, nout = weight1.shape[0], weight2.shape[0]
@@ -103,7 +98,9 @@ def launch(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor, bias: 
     args = (x, weight1, weight2, bias if bias is not None else out, residual if residual is not None else out, out,
             m, c, h, w, rank, nout, ho, wo, *x_strides, *w1_strides, weight2.stride(0), weight2.stride(1),
             *res_strides, *out_strides, *stride, *pad, *dilation, _common.bucket(m))
-    _common.launch(_conv_channel_kernel, lambda: _tuned(r_pad), grid, args, consts, config)
+    _common.launch(_conv_channel_kernel, lambda: _tuned(family, r_pad, _common.precision_class(x.dtype, precision),
+                                                         _common.device_arch(x.device)),
+                   grid, args, consts, config)
 
 
 def conv_channel(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor, bias: Optional[torch.Tensor],

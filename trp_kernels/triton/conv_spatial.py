@@ -19,10 +19,32 @@ import triton
 import triton.language as tl
 
 from trp_kernels.triton import _common
-from trp_kernels.triton._common import accumulate_tap, dot, epilogue_store, rank_columns
+from trp_kernels.triton._common import dot, epilogue_store, first_factor
 
 # Widest tile row: wider images are split into several tiles along the width.
 MAX_SEG = 64
+# Most rank columns held at once: the second factor gathers shifted copies of the
+# intermediate, so a wider one spills registers (natively compiled for sm_80/sm_90, every
+# config spills at rank 256 without chunks); wider ranks run R_CHUNK columns at a time.
+RANK_CHUNK = 64
+
+
+@triton.jit
+def _second_factor(acc, h_in, w2_ptr, r0, R, offs_n, n_mask, row, col, s2r, s2n, s2w, STRIDE_W, DIL_W,
+                   KW: tl.constexpr, SEG: tl.constexpr, R_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    """``acc`` plus the 1×kw second factor over rank columns ``r0 .. r0 + R_CHUNK`` (held in
+    ``h_in``): output column ``col`` of a tile row reads intermediate columns
+    col·stride + j·dilation of the same row, j < kw."""
+    offs_r = r0 + tl.arange(0, R_CHUNK)
+    r_mask = offs_r < R
+    for j in tl.static_range(KW):
+        src_idx = row * SEG + tl.minimum(col * STRIDE_W + j * DIL_W, SEG - 1)
+        shifted = tl.gather(h_in, tl.broadcast_to(src_idx[:, None], (BLOCK_M, R_CHUNK)), 0)
+        w2t = tl.load(w2_ptr + offs_r[:, None] * s2r + offs_n[None, :] * s2n + j * s2w,
+                      mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = dot(shifted, w2t, acc, PRECISION)
+    return acc
 
 
 @triton.jit
@@ -36,7 +58,7 @@ def _conv_spatial_kernel(
         son, soc, soh, sow,
         STRIDE_H, STRIDE_W, PAD_T, PAD_L, DIL_H, DIL_W,
         M_BUCKET,
-        KH: tl.constexpr, KW: tl.constexpr, R_PAD: tl.constexpr, SEG: tl.constexpr,
+        KH: tl.constexpr, KW: tl.constexpr, R_PAD: tl.constexpr, R_CHUNK: tl.constexpr, SEG: tl.constexpr,
         HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_N: tl.constexpr):
     ROWS: tl.constexpr = BLOCK_M // SEG
@@ -52,45 +74,47 @@ def _conv_spatial_kernel(
     nb = (orow // HO).to(tl.int64)
     ow0 = pid_w * TILE_W
     iw = ow0 * STRIDE_W - PAD_L + col      # the intermediate's (= the input's) column
-    col_ok = row_ok & (iw >= 0) & (iw < W)  # outside: the second factor's zero padding
-    offs_r = tl.arange(0, R_PAD)
-    r_mask = offs_r < R
-
-    # First factor (kh×1, vertical geometry) at every column of the tile, halo included.
-    h = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    for i in tl.static_range(KH):
-        ih = oh * STRIDE_H - PAD_T + i * DIL_H
-        valid = col_ok & (ih >= 0) & (ih < H)
-        h = accumulate_tap(h, x_ptr, w1_ptr, nb * sxn + ih * sxh + iw * sxw, valid, C, sxc, s1c, s1r, i * s1h,
-                           R, R_PAD, BLOCK_K, PRECISION)
-    h_in = rank_columns(h, r_mask).to(x_ptr.dtype.element_ty)
-
-    # Second factor (1×kw, horizontal geometry): output column `col` of a tile row reads
-    # intermediate columns col·stride + j·dilation of the same row, j < kw.
     ow = ow0 + col
     m_mask = row_ok & (col < TILE_W) & (ow < WO)
     out_rows = nb * son + oh * soh + ow * sow
     res_rows = nb * srn + oh * srh + ow * srw
-    for nblk in range(pid_n, tl.cdiv(NOUT, BLOCK_N), SPLIT_N):
-        offs_n = nblk * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < NOUT
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for j in tl.static_range(KW):
-            src_idx = row * SEG + tl.minimum(col * STRIDE_W + j * DIL_W, SEG - 1)
-            shifted = tl.gather(h_in, tl.broadcast_to(src_idx[:, None], (BLOCK_M, R_PAD)), 0)
-            w2t = tl.load(w2_ptr + offs_r[:, None] * s2r + offs_n[None, :] * s2n + j * s2w,
-                          mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-            acc = dot(shifted, w2t, acc, PRECISION)
-        epilogue_store(acc, offs_n, n_mask, m_mask, out_rows, res_rows, bias_ptr, res_ptr, out_ptr,
-                       soc, src, HAS_BIAS, HAS_RES, RELU)
+    ih0 = oh * STRIDE_H - PAD_T
+
+    # First factor (kh×1, vertical geometry) at every column of the tile, halo included;
+    # columns outside the image are the second factor's zero padding.
+    if R_CHUNK == R_PAD:  # the whole intermediate fits: built once, read for every block of outputs
+        h_in = first_factor(x_ptr, w1_ptr, nb * sxn, ih0, iw, row_ok, C, H, W, sxc, sxh, sxw, s1c, s1r, s1h, 0,
+                            DIL_H, 0, R, 0, KH, 1, R_CHUNK, BLOCK_M, BLOCK_K, PRECISION).to(x_ptr.dtype.element_ty)
+        for nblk in range(pid_n, tl.cdiv(NOUT, BLOCK_N), SPLIT_N):
+            offs_n = nblk * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < NOUT
+            acc = _second_factor(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), h_in, w2_ptr, 0, R, offs_n,
+                                 n_mask, row, col, s2r, s2n, s2w, STRIDE_W, DIL_W, KW, SEG, R_CHUNK, BLOCK_M,
+                                 PRECISION)
+            epilogue_store(acc, offs_n, n_mask, m_mask, out_rows, res_rows, bias_ptr, res_ptr, out_ptr,
+                           soc, src, HAS_BIAS, HAS_RES, RELU)
+    else:  # a wide rank, R_CHUNK columns at a time (each block of outputs rebuilds them)
+        for nblk in range(pid_n, tl.cdiv(NOUT, BLOCK_N), SPLIT_N):
+            offs_n = nblk * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < NOUT
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for r0 in range(0, R, R_CHUNK):
+                h_in = first_factor(x_ptr, w1_ptr, nb * sxn, ih0, iw, row_ok, C, H, W, sxc, sxh, sxw, s1c, s1r,
+                                    s1h, 0, DIL_H, 0, R, r0, KH, 1, R_CHUNK, BLOCK_M, BLOCK_K,
+                                    PRECISION).to(x_ptr.dtype.element_ty)
+                acc = _second_factor(acc, h_in, w2_ptr, r0, R, offs_n, n_mask, row, col, s2r, s2n, s2w, STRIDE_W,
+                                     DIL_W, KW, SEG, R_CHUNK, BLOCK_M, PRECISION)
+            epilogue_store(acc, offs_n, n_mask, m_mask, out_rows, res_rows, bias_ptr, res_ptr, out_ptr,
+                           soc, src, HAS_BIAS, HAS_RES, RELU)
 
 
-_KEY = ["C", "NOUT", "M_BUCKET", "KH", "KW", "R_PAD", "SEG", "HAS_BIAS", "HAS_RES", "RELU", "PRECISION"]
+_KEY = ["C", "NOUT", "M_BUCKET", "KH", "KW", "R_PAD", "R_CHUNK", "SEG", "HAS_BIAS", "HAS_RES", "RELU", "PRECISION"]
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned(r_pad: int, seg: int):
-    return triton.autotune(_common.configs(r_pad, min_block_m=seg), key=_KEY)(_conv_spatial_kernel)
+def _tuned(r_pad: int, pclass: str, arch: int, seg: int):
+    return triton.autotune(_common.configs("conv_spatial", r_pad, pclass, arch, min_block_m=seg),
+                           key=_KEY)(_conv_spatial_kernel)
 
 
 def tile_width(wo: int, stride_w: int, kw: int, dil_w: int) -> tuple[int, int]:
@@ -104,7 +128,8 @@ def conv_spatial(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor, 
                  residual: Optional[torch.Tensor], stride: list[int], padding: list[int], dilation: list[int],
                  relu: bool, config: Optional[dict] = None) -> torch.Tensor:
     """``reference.lowrank_conv2d(..., scheme='spatial', residual, relu)`` in one kernel.
-    ``padding`` is (top, bottom, left, right); ``config`` fixes the block sizes (tests)."""
+    ``padding`` is (top, bottom, left, right); ``config`` fixes the block sizes (tests), and
+    its ``R_CHUNK`` (a power of two, at least 16) the rank columns held at once."""
     op = "triton conv_spatial"
     if (x.dim() != 4 or weight1.dim() != 4 or weight2.dim() != 4 or weight1.shape[-1] != 1
             or weight2.shape[-2] != 1):
@@ -120,7 +145,12 @@ def conv_spatial(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor, 
         return out
     seg, tile_w = tile_width(wo, stride[1], kw, dilation[1])
     r_pad = _common.rank_pad(rank)
-    consts = dict(KH=kh, KW=kw, R_PAD=r_pad, SEG=seg, HAS_BIAS=bias is not None,
+    if config is not None and "R_CHUNK" in config:  # tests: the chunked path at a small rank
+        config = dict(config)
+        r_chunk = config.pop("R_CHUNK")
+    else:
+        r_chunk = min(r_pad, RANK_CHUNK)
+    consts = dict(KH=kh, KW=kw, R_PAD=r_pad, R_CHUNK=r_chunk, SEG=seg, HAS_BIAS=bias is not None,
                   HAS_RES=residual is not None, RELU=bool(relu),
                   PRECISION=_common.dot_precision(x.dtype, conv=True))
 
@@ -133,7 +163,9 @@ def conv_spatial(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor, 
             weight2.stride(0), weight2.stride(1), weight2.stride(3), *res.stride(), *out.stride(),
             stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
             _common.bucket(nb * ho * wo))
-    _common.launch(_conv_spatial_kernel, lambda: _tuned(r_pad, seg), grid, args, consts, config)
+    pclass = _common.precision_class(x.dtype, consts["PRECISION"])
+    _common.launch(_conv_spatial_kernel, lambda: _tuned(r_pad, pclass, _common.device_arch(x.device), seg), grid,
+                   args, consts, config)
     return out
 
 

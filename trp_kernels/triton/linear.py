@@ -38,7 +38,7 @@ def linear(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor, bias: 
         x_strides=(x2.stride(0), x2.stride(1), 0, 0), w1_strides=(weight1.stride(0), weight1.stride(1), 0, 0),
         out_strides=(weight2.shape[0], 1, 0, 0), res_strides=(res2.stride(0), res2.stride(1), 0, 0),
         stride=(1, 1), pad=(0, 0), dilation=(1, 1), relu=relu,
-        precision=_common.dot_precision(x.dtype, conv=False), config=config)
+        precision=_common.dot_precision(x.dtype, conv=False), config=config, family="linear")
     return out
 
 

@@ -36,7 +36,10 @@ from typing import Optional
 SHARED_LIMIT = {80: 166_912, 90: 232_448}
 ARCHS = tuple(SHARED_LIMIT)
 RANKS = (16, 64, 256, 512)
-DTYPES = ("fp16", "bf16", "fp32")
+# Precision classes (``_common.precision_class``): 16-bit inputs, and float32 with TF32 or
+# with IEEE (FMA) dots; the conv kernels' default for float32 is TF32, the linear one's IEEE.
+PCLASSES = ("fp16", "bf16", "tf32", "fp32")
+DEFAULT_FP32 = {"conv_channel": "tf32", "conv_spatial": "tf32", "linear": "fp32"}
 FAMILIES = ("conv_channel", "conv_spatial", "linear")
 EPILOGUES = ((False, False, False), (True, True, True))  # (HAS_BIAS, HAS_RES, RELU)
 SPATIAL_SEGS = (16, 64)  # tile-row widths: a 7-wide and a 56-wide output
@@ -46,52 +49,135 @@ SPATIAL_SEGS = (16, 64)  # tile-row widths: a 7-wide and a 56-wide output
 class Job:
     family: str
     arch: int
-    dtype: str
+    pclass: str
     rank: int
     epilogue: tuple
     seg: Optional[int]
+    candidate: int    # index into _common.SPACE
     config: dict      # BLOCK_M, BLOCK_K, BLOCK_N, SPLIT_N
     num_warps: int
     num_stages: int
 
+    @property
+    def dtype(self) -> str:
+        return "fp32" if self.pclass in ("tf32", "fp32") else self.pclass
 
-def _kernel_and_consts(job: Job):
-    from trp_kernels.triton import _common, conv_channel, conv_spatial
 
+# The layer each family is compiled for (channels_last, as trp.compile runs them): a launch
+# specialises on its integer arguments (those equal to 1 become constants, 16-divisible ones
+# are marked so), so the native compile starts from a real launch's arguments.
+LAYERS = {  # family, SEG: (input shape, output channels, weight1's kernel, weight2's kernel, padding)
+    ("conv_channel", None): ((8, 256, 14, 14), 256, (3, 3), (1, 1), [1, 1, 1, 1]),
+    ("conv_spatial", 16): ((8, 512, 7, 7), 512, (3, 1), (1, 3), [1, 1, 1, 1]),
+    ("conv_spatial", 64): ((8, 64, 56, 56), 64, (3, 1), (1, 3), [1, 1, 1, 1]),
+    ("linear", None): ((32, 2048), 1000, (), (), None),
+}
+
+
+def launch_arguments(job: Job):
+    """``(kernel, args, consts)`` of the launch the job's layer makes, captured from the
+    public launcher (``_common.capture_launches``) with CPU tensors standing in."""
     import torch
 
-    r_pad = _common.rank_pad(job.rank)
-    bias, res, relu = job.epilogue
+    from trp_kernels.triton import _common, conv_channel, conv_spatial, linear
+
+    shape, nout, k1, k2, padding = LAYERS[(job.family, job.seg)]
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[job.dtype]
-    precision = _common.dot_precision(dtype, conv=job.family != "linear")  # what a launch would pass
-    consts = dict(R_PAD=r_pad, HAS_BIAS=bias, HAS_RES=res, RELU=relu, PRECISION=precision)
-    if job.family == "conv_spatial":
-        consts.update(KH=3, KW=3, SEG=job.seg)
-        return conv_spatial._conv_spatial_kernel, consts
-    kh = 1 if job.family == "linear" else 3
-    consts.update(KH=kh, KW=kh)
-    return conv_channel._conv_channel_kernel, consts
+    x = torch.empty(shape, dtype=dtype)
+    if x.dim() == 4:
+        x = x.to(memory_format=torch.channels_last)
+    w1 = torch.empty((job.rank, shape[1], *k1), dtype=dtype)
+    w2 = torch.empty((nout, job.rank, *k2), dtype=dtype)
+    has_bias, has_res, relu = job.epilogue
+    bias = torch.empty(nout, dtype=dtype) if has_bias else None
+    with _common.capture_launches() as launches:
+        if job.family == "linear":
+            res = torch.empty((shape[0], nout), dtype=dtype) if has_res else None
+            linear.linear(x, w1, w2, bias, res, relu, config=job.config)
+        else:
+            fn = conv_channel.conv_channel if job.family == "conv_channel" else conv_spatial.conv_spatial
+            out = fn(x, w1, w2, None, None, [1, 1], padding, [1, 1], False, config=job.config)
+            res = torch.empty_like(out) if has_res else None
+            launches.clear()
+            fn(x, w1, w2, bias, res, [1, 1], padding, [1, 1], relu, config=job.config)
+    (kernel, args, consts), = launches
+    if consts.get("SEG", job.seg) != job.seg:
+        raise AssertionError(f"{job.family}: the layer for SEG {job.seg} launches with SEG {consts['SEG']}")
+    return kernel, args, consts
+
+
+def source(job: Job):
+    """The ``ASTSource`` Triton's JIT would compile for the job's launch: its signature,
+    constants (constexprs, the config, integers equal to 1) and 16-divisibility attributes."""
+    from triton.backends.nvidia.compiler import CUDABackend
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import native_specialize_impl
+
+    kernel, args, consts = launch_arguments(job)
+    consts = consts | job.config | {"PRECISION": "tf32" if job.pclass == "tf32" else "ieee"}
+    signature, constexprs, attrs = {}, {}, {}
+    values = iter(args)
+    for i, p in enumerate(kernel.params):
+        if p.is_constexpr:
+            signature[p.name], constexprs[(i,)] = "constexpr", consts[p.name]
+            continue
+        kind, key = native_specialize_impl(CUDABackend, next(values), False, True, True)
+        signature[p.name] = kind
+        if kind == "constexpr":
+            constexprs[(i,)] = key
+        elif isinstance(key, str) and key:
+            attrs[(i,)] = CUDABackend.parse_attr(key)
+    return ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
 
 
 def jobs(full: bool) -> list[Job]:
-    """The configs to compile: those the kernels' own pruning keeps (``_common.configs``)."""
+    """The configs to compile. Full: every candidate (``_common.SPACE``) for every family ×
+    architecture × rank × precision class × epilogue (× tile-row width): what the committed
+    table of clean configs is built from. Otherwise a subset that runs in CI: per family,
+    architecture and tile-row width, every config the table keeps at the largest rank in
+    float32 (the family's default precision) with the full epilogue, and at the smallest
+    rank in fp16 with none."""
     from trp_kernels.triton import _common
 
     out = []
     for family, arch in itertools.product(FAMILIES, ARCHS):
         segs = SPATIAL_SEGS if family == "conv_spatial" else (None,)
         if full:
-            cases = itertools.product(RANKS, DTYPES, EPILOGUES, segs)
-        else:  # the smallest rank in fp16 without an epilogue, the largest in fp32 with all of it
-            cases = [(RANKS[0], "fp16", EPILOGUES[0], segs[-1]), (RANKS[-1], "fp32", EPILOGUES[-1], segs[-1])]
-        for rank, dtype, epilogue, seg in cases:
-            kept = _common.configs(_common.rank_pad(rank), seg or 16)
-            for i, cfg in enumerate(kept):
-                if not full and rank == RANKS[0] and i > 0:
-                    continue  # the small rank: its first config only
-                out.append(Job(family, arch, dtype, rank, epilogue, seg, dict(cfg.kwargs), cfg.num_warps,
-                               cfg.num_stages))
+            cases = itertools.product(RANKS, PCLASSES, EPILOGUES, segs)
+        else:
+            cases = [(r, p, e, seg) for seg in segs for r, p, e in
+                     ((RANKS[0], "fp16", EPILOGUES[0]), (RANKS[-1], DEFAULT_FP32[family], EPILOGUES[-1]))]
+        for rank, pclass, epilogue, seg in cases:
+            r_pad = _common.rank_pad(rank)
+            keep = None if full else _common.clean_indices(family, arch, pclass, r_pad)
+            for i, (bm, bk, bn, split, warps, stages) in _common.candidates(seg or 16):
+                if keep is None or i in keep:
+                    out.append(Job(family, arch, pclass, rank, epilogue, seg, i,
+                                   dict(BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bn, SPLIT_N=split), warps, stages))
     return out
+
+
+def clean(row: dict) -> bool:
+    return not row["error"] and not (row["spill_stores"] or row["spill_loads"]) and row["shared"] <= row["shared_limit"]
+
+
+def table(payload: dict) -> dict:
+    """The table ``_common.configs`` reads, from a full sweep: per family, architecture,
+    precision class and padded rank, the candidates clean with and without the epilogue and
+    (spatial) at every tile-row width swept."""
+    from trp_kernels.triton import _common
+
+    if not payload["environment"].get("full"):
+        raise ValueError("the table is built from a full sweep (--full)")
+    ok: dict = {}
+    for r in payload["rows"]:
+        key = f"{r['family']}/{r['arch']}/{r['pclass']}/{_common.rank_pad(r['rank'])}"
+        ok.setdefault(key, {}).setdefault(r["candidate"], []).append(clean(r))
+    return {"command": payload.get("command"), "triton": payload["environment"]["triton"],
+            "date": payload["environment"]["date"],
+            "kernels": payload["environment"]["kernels"],
+            "space": [list(c) for c in _common.SPACE],
+            "clean": {key: sorted(i for i, flags in by.items() if all(flags)) for key, by in sorted(ok.items())}}
 
 
 _PTXAS = re.compile(r"Used (\d+) registers")
@@ -102,21 +188,15 @@ def compile_one(job: Job) -> dict:
     """Compile one config; its row: registers, spill bytes, shared bytes, seconds, error."""
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
-    row = asdict(job) | {"registers": None, "spill_stores": None, "spill_loads": None, "shared": None,
+    row = asdict(job) | {"dtype": job.dtype, "registers": None, "spill_stores": None, "spill_loads": None, "shared": None,
                          "shared_limit": SHARED_LIMIT[job.arch], "seconds": None, "error": None}
-    kernel, consts = _kernel_and_consts(job)
-    consts = consts | job.config
-    signature = {p.name: ("constexpr" if p.is_constexpr else f"*{job.dtype}" if p.name.endswith("_ptr") else "i32")
-                 for p in kernel.params}
-    source = ASTSource(fn=kernel, signature=signature,
-                       constexprs={(kernel.arg_names.index(k),): v for k, v in consts.items()})
+    src = source(job)
     log = io.StringIO()
     t0 = time.perf_counter()
     try:
         with contextlib.redirect_stdout(log):  # TRITON_DUMP_PTXAS_LOG=1: ptxas -v's report
-            compiled = triton.compile(source, target=GPUTarget("cuda", job.arch, 32),
+            compiled = triton.compile(src, target=GPUTarget("cuda", job.arch, 32),
                                       options=dict(num_warps=job.num_warps, num_stages=job.num_stages))
     except Exception as e:  # noqa: BLE001 - a compile failure is this config's result
         row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"[:400]
@@ -131,6 +211,14 @@ def compile_one(job: Job) -> dict:
     row["registers"] = int(regs.group(1))
     row["spill_stores"], row["spill_loads"] = int(spills.group(1)), int(spills.group(2))
     return row
+
+
+def kernel_keys() -> dict:
+    """Each kernel's Triton cache key (a hash of its source and the functions it calls): the
+    table records them, so that CI notices a kernel edited after the sweep."""
+    from trp_kernels.triton import conv_channel, conv_spatial
+
+    return {k.fn.__name__: k.cache_key for k in (conv_channel._conv_channel_kernel, conv_spatial._conv_spatial_kernel)}
 
 
 def _worker_env(cache_dir: str) -> None:
@@ -155,7 +243,7 @@ def run(full: bool = False, jobs_n: int = 2, progress: bool = True) -> dict:
             rows = list(tqdm(pool.map(compile_one, todo), total=len(todo), desc="native compile", unit="config",
                              disable=not progress))
     env = {"triton": triton.__version__, "torch": torch.__version__, "python": sys.version.split()[0],
-           "full": full, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+           "full": full, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "kernels": kernel_keys()}
     return {"environment": env, "rows": rows}
 
 
@@ -169,27 +257,28 @@ def problems(rows: list[dict]) -> dict[str, list[dict]]:
 def markdown(payload: dict) -> str:
     rows = payload["rows"]
     found = problems(rows)
+    env = payload["environment"]
     lines = ["# Triton kernels compiled natively (no GPU)", "",
-             f"Triton {payload['environment']['triton']}, torch {payload['environment']['torch']}, "
-             f"{payload['environment']['date']}, {'full sweep' if payload['environment']['full'] else 'subset'}: "
+             f"Triton {env['triton']}, torch {env['torch']}, {env['date']}, "
+             f"{'full sweep' if env['full'] else 'subset'}: "
              f"{len(rows)} configs; {len(found['error'])} failed to compile, {len(found['spills'])} spill registers, "
              f"{len(found['shared'])} need more shared memory than the architecture has.", "",
-             "Per kernel, rank and dtype (both architectures, both epilogues): configs that compile with no spill "
-             "and within shared memory, of those compiled.", "",
-             "| kernel | rank | " + " | ".join(DTYPES) + " |", "|---|---|" + "---|" * len(DTYPES)]
+             "Per kernel and rank, for each precision class (both architectures, both epilogues, both tile-row "
+             "widths of the spatial kernel): configs that compile with no spill and within shared memory, of "
+             "those compiled.", "",
+             "| kernel | rank | " + " | ".join(PCLASSES) + " |", "|---|---|" + "---|" * len(PCLASSES)]
     groups: dict = {}
     for r in rows:
-        clean = not r["error"] and not (r["spill_stores"] or r["spill_loads"]) and r["shared"] <= r["shared_limit"]
-        g = groups.setdefault((r["family"], r["rank"]), {}).setdefault(r["dtype"], [0, 0])
-        g[0] += clean
+        g = groups.setdefault((r["family"], r["rank"]), {}).setdefault(r["pclass"], [0, 0])
+        g[0] += clean(r)
         g[1] += 1
-    for (family, rank), by_dtype in groups.items():
-        cells = [f"{by_dtype[d][0]}/{by_dtype[d][1]}" if d in by_dtype else "–" for d in DTYPES]
+    for (family, rank), by_class in groups.items():
+        cells = [f"{by_class[d][0]}/{by_class[d][1]}" if d in by_class else "–" for d in PCLASSES]
         lines.append(f"| {family} | {rank} | " + " | ".join(cells) + " |")
     lines += ["", "Every config:", "",
-             "| kernel | sm | dtype | rank | epilogue | SEG | BLOCK_M×K×N, SPLIT_N | warps, stages | registers | "
-             "spill stores / loads (bytes) | shared (bytes) | compile s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| kernel | sm | precision | rank | epilogue | SEG | BLOCK_M×K×N, SPLIT_N | warps, stages | registers | "
+              "spill stores / loads (bytes) | shared (bytes) | compile s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         c = r["config"]
         epi = "bias+res+relu" if all(r["epilogue"]) else "none" if not any(r["epilogue"]) else str(r["epilogue"])
@@ -200,7 +289,7 @@ def markdown(payload: dict) -> str:
             over = " (over)" if r["shared"] > r["shared_limit"] else ""
             tail = (f"{r['registers']} | {r['spill_stores']} / {r['spill_loads']} | {r['shared']}{over} | "
                     f"{r['seconds']} |")
-        lines.append(f"| {r['family']} | {r['arch']} | {r['dtype']} | {r['rank']} | {epi} | {r['seg'] or '–'} | "
+        lines.append(f"| {r['family']} | {r['arch']} | {r['pclass']} | {r['rank']} | {epi} | {r['seg'] or '–'} | "
                      f"{shape} | {r['num_warps']}, {r['num_stages']} | {tail}")
     return "\n".join(lines) + "\n"
 
@@ -211,10 +300,15 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=2, help="compiler processes (default 2)")
     p.add_argument("--json", default=None, help="write the rows to this JSON file")
     p.add_argument("--out", default=None, help="write report.md to this directory")
+    p.add_argument("--table", action="store_true",
+                   help="with --full: write the clean-config table the kernels' autotuning reads "
+                        "(trp_kernels/triton/clean_configs.json)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if args.jobs < 1:
         p.error(f"--jobs must be >= 1, got {args.jobs}")
+    if args.table and not args.full:
+        p.error("--table needs --full (the table is built from every candidate)")
     try:
         payload = run(args.full, args.jobs, not args.quiet)
     except RuntimeError as e:
@@ -224,6 +318,11 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(payload, f, indent=1)
+    if args.table:
+        from trp_kernels.triton import _common
+
+        with open(_common.CLEAN_TABLE, "w") as f:
+            json.dump(table(payload), f, indent=1)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "report.md"), "w") as f:
