@@ -305,12 +305,6 @@ def first_factor(x_ptr, w1_ptr, base, ih0, iw0, ok, C, H, W, sxc, sxh, sxw, s1c,
 
 
 @triton.jit
-def rank_columns(h, r_mask):
-    """``h`` with its columns past the rank set to exactly 0 (see :func:`accumulate_tap`)."""
-    return tl.where(r_mask[None, :], h, 0.0)
-
-
-@triton.jit
 def epilogue_store(acc, offs_n, n_mask, m_mask, out_rows, res_rows, bias_ptr, res_ptr, out_ptr,
                    soc, src, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr):
     """acc (BLOCK_M x BLOCK_N, fp32) + bias[n] + residual, ReLU, stored in out's dtype.

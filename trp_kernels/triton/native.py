@@ -214,11 +214,19 @@ def compile_one(job: Job) -> dict:
 
 
 def kernel_keys() -> dict:
-    """Each kernel's Triton cache key (a hash of its source and the functions it calls): the
-    table records them, so that CI notices a kernel edited after the sweep."""
-    from trp_kernels.triton import conv_channel, conv_spatial
+    """A hash of each ``triton.jit`` function's source in the kernel modules (the kernels and
+    the helpers they call): the table records them, so that CI notices a kernel edited after
+    the sweep. (Triton's own cache key also hashes line numbers, which any edit above a
+    kernel shifts without changing its code.)"""
+    import hashlib
 
-    return {k.fn.__name__: k.cache_key for k in (conv_channel._conv_channel_kernel, conv_spatial._conv_spatial_kernel)}
+    from triton.runtime.jit import JITFunction
+
+    from trp_kernels.triton import _common, conv_channel, conv_spatial
+
+    return {name: hashlib.sha256(fn.src.encode()).hexdigest()[:16]
+            for module in (_common, conv_channel, conv_spatial)
+            for name, fn in sorted(vars(module).items()) if isinstance(fn, JITFunction)}
 
 
 def _worker_env(cache_dir: str) -> None:
