@@ -239,3 +239,72 @@ def refusal(module: nn.Module) -> Optional[str]:
 def is_layer(module: nn.Module) -> bool:
     """Whether ``module`` is a conv or linear layer that trp reports on."""
     return isinstance(module, (nn.modules.conv._ConvNd, nn.Linear))
+
+
+@dataclass
+class Tucker2:
+    """A conv weight (n, c, kh, kw) as three stages: ``first`` a 1×1 conv c→r_in,
+    ``core`` the kh×kw conv r_in→r_out (stride, padding and dilation go here), ``last`` a
+    1×1 conv r_out→n. ``errors``: the relative Frobenius error after HOSVD and after each
+    HOOI sweep (what the sweeps buy)."""
+    first: torch.Tensor
+    core: torch.Tensor
+    last: torch.Tensor
+    ranks: tuple          # (r_out, r_in)
+    errors: list
+
+
+def _mode_basis(m: torch.Tensor, spec: RankSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top left singular vectors of ``m`` (rank from ``spec``) and all its singular values."""
+    s, basis = _gram_eigh(m)
+    if m.shape[0] > m.shape[1]:  # the basis is of the right side: project to the left
+        left = m @ basis
+        basis = left / left.norm(dim=0).clamp_min(1e-300)
+    return basis[:, :select_rank(s, spec)], s
+
+
+def tucker2_conv2d_weight(weight: torch.Tensor, out_spec: RankSpec, in_spec: RankSpec,
+                          sweeps: int = 2) -> Tucker2:
+    """Tucker-2 of a conv weight over its (out, in) modes: HOSVD (the top singular vectors of
+    each mode's unfolding, ranks from ``out_spec`` / ``in_spec``), then ``sweeps`` HOOI
+    sweeps (each mode's basis recomputed with the other projected out)."""
+    if weight.dim() != 4:
+        raise ValueError(f"weight must be a conv weight (n, c, kh, kw), got shape {tuple(weight.shape)}")
+    if isinstance(sweeps, bool) or not isinstance(sweeps, int) or sweeps < 0:
+        raise ValueError(f"sweeps must be an int >= 0, got {sweeps!r}")
+    w = weight.detach().double()
+    if not torch.isfinite(w).all():
+        raise ValueError("weight has non-finite values (nan or inf); cannot factor it")
+    n, c, kh, kw = w.shape
+    norm = w.norm().clamp_min(1e-300)
+
+    def unfold_out(t):  # (n, c', kh, kw) -> n x (c' kh kw)
+        return t.reshape(t.shape[0], -1)
+
+    def unfold_in(t):   # (n', c, kh, kw) -> c x (n' kh kw)
+        return t.transpose(0, 1).reshape(t.shape[1], -1)
+
+    u_out, _ = _mode_basis(unfold_out(w), out_spec)
+    u_in, _ = _mode_basis(unfold_in(w), in_spec)
+
+    def core_of(u_out, u_in):
+        return torch.einsum("ockl,or,cs->rskl", w, u_out, u_in)
+
+    def error(u_out, u_in):
+        return float((torch.einsum("rskl,or,cs->ockl", core_of(u_out, u_in), u_out, u_in) - w).norm() / norm)
+
+    errors = [error(u_out, u_in)]
+    for _ in range(sweeps):
+        u_out, _ = _mode_basis(unfold_out(torch.einsum("ockl,cs->oskl", w, u_in)), RankSpec(rank=u_out.shape[1]))
+        u_in, _ = _mode_basis(unfold_in(torch.einsum("ockl,or->rckl", w, u_out)), RankSpec(rank=u_in.shape[1]))
+        errors.append(error(u_out, u_in))
+    dtype = weight.dtype
+    return Tucker2(first=u_in.T.reshape(u_in.shape[1], c, 1, 1).to(dtype),
+                   core=core_of(u_out, u_in).to(dtype),
+                   last=u_out.reshape(n, u_out.shape[1], 1, 1).to(dtype),
+                   ranks=(u_out.shape[1], u_in.shape[1]), errors=errors)
+
+
+def compose_tucker2(first: torch.Tensor, core: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """The dense (n, c, kh, kw) weight of the three stages."""
+    return torch.einsum("or,rskl,sc->ockl", last[:, :, 0, 0], core, first[:, :, 0, 0])
