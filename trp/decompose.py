@@ -254,15 +254,6 @@ class Tucker2:
     errors: list
 
 
-def _mode_basis(m: torch.Tensor, spec: RankSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """The top left singular vectors of ``m`` (rank from ``spec``) and all its singular values."""
-    s, basis = _gram_eigh(m)
-    if m.shape[0] > m.shape[1]:  # the basis is of the right side: project to the left
-        left = m @ basis
-        basis = left / left.norm(dim=0).clamp_min(1e-300)
-    return basis[:, :select_rank(s, spec)], s
-
-
 def tucker2_conv2d_weight(weight: torch.Tensor, out_spec: RankSpec, in_spec: RankSpec,
                           sweeps: int = 2) -> Tucker2:
     """Tucker-2 of a conv weight over its (out, in) modes: HOSVD (the top singular vectors of
@@ -284,8 +275,10 @@ def tucker2_conv2d_weight(weight: torch.Tensor, out_spec: RankSpec, in_spec: Ran
     def unfold_in(t):   # (n', c, kh, kw) -> c x (n' kh kw)
         return t.transpose(0, 1).reshape(t.shape[1], -1)
 
-    u_out, _ = _mode_basis(unfold_out(w), out_spec)
-    u_in, _ = _mode_basis(unfold_in(w), in_spec)
+    def basis(m, spec):  # the top left singular vectors of a mode's unfolding
+        return truncated_svd(m, spec)[0]
+
+    u_out, u_in = basis(unfold_out(w), out_spec), basis(unfold_in(w), in_spec)
 
     def core_of(u_out, u_in):
         return torch.einsum("ockl,or,cs->rskl", w, u_out, u_in)
@@ -295,8 +288,8 @@ def tucker2_conv2d_weight(weight: torch.Tensor, out_spec: RankSpec, in_spec: Ran
 
     errors = [error(u_out, u_in)]
     for _ in range(sweeps):
-        u_out, _ = _mode_basis(unfold_out(torch.einsum("ockl,cs->oskl", w, u_in)), RankSpec(rank=u_out.shape[1]))
-        u_in, _ = _mode_basis(unfold_in(torch.einsum("ockl,or->rckl", w, u_out)), RankSpec(rank=u_in.shape[1]))
+        u_out = basis(unfold_out(torch.einsum("ockl,cs->oskl", w, u_in)), RankSpec(rank=u_out.shape[1]))
+        u_in = basis(unfold_in(torch.einsum("ockl,or->rckl", w, u_out)), RankSpec(rank=u_in.shape[1]))
         errors.append(error(u_out, u_in))
     dtype = weight.dtype
     return Tucker2(first=u_in.T.reshape(u_in.shape[1], c, 1, 1).to(dtype),
