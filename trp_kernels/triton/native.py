@@ -42,7 +42,6 @@ PCLASSES = ("fp16", "bf16", "tf32", "fp32")
 DEFAULT_FP32 = {"conv_channel": "tf32", "conv_spatial": "tf32", "linear": "fp32"}
 FAMILIES = ("conv_channel", "conv_spatial", "linear")
 EPILOGUES = ((False, False, False), (True, True, True))  # (HAS_BIAS, HAS_RES, RELU)
-SPATIAL_SEGS = (16, 64)  # tile-row widths: a 7-wide and a 56-wide output
 
 
 @dataclass(frozen=True)
@@ -72,6 +71,9 @@ LAYERS = {  # family, SEG: (input shape, output channels, weight1's kernel, weig
     ("conv_spatial", 64): ((8, 64, 56, 56), 64, (3, 1), (1, 3), [1, 1, 1, 1]),
     ("linear", None): ((32, 2048), 1000, (), (), None),
 }
+
+
+SPATIAL_SEGS = tuple(seg for family, seg in LAYERS if family == "conv_spatial")  # tile-row widths swept
 
 
 def launch_arguments(job: Job):
