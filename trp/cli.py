@@ -31,20 +31,24 @@ def _spectra_plot(dense, trained, layers, path, scheme) -> None:
     matplotlib.use("Agg", force=False)
     from matplotlib.figure import Figure
 
-    from trp.decompose import conv_singular_values
+    from trp import families
 
     fig = Figure(figsize=(4 * len(layers), 3.4))
     for i, name in enumerate(layers):
         ax = fig.add_subplot(1, len(layers), i + 1)
         for model, label, style in ((dense, "dense", "-"), (trained, "TRP", "--")):
-            s = conv_singular_values(dict(model.named_modules())[name].weight, scheme)
-            ax.semilogy(range(1, len(s) + 1), (s / s[0]).clamp_min(1e-8).numpy(), style, label=label)
+            layer = dict(model.named_modules())[name]
+            family = families.family_for(layer, families.parse_scheme(scheme))
+            spectra = family.spectra(layer.weight)
+            for m, s in enumerate(spectra):
+                mode = f" (mode {m + 1})" if len(spectra) > 1 else ""
+                ax.semilogy(range(1, len(s) + 1), (s / s[0]).clamp_min(1e-8).numpy(), style, label=label + mode)
         ax.set_title(name)
         ax.set_xlabel("index i")
         ax.set_ylabel("sigma_i / sigma_1")
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(f"singular values of the {scheme} unfolding, dense vs TRP-trained")
+    fig.suptitle(f"singular values of the {scheme} unfoldings, dense vs TRP-trained")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -366,6 +370,19 @@ def _fraction(text):
     return value
 
 
+def _scheme(text):
+    """``--scheme``: one family name, or several separated by commas (tried in order per layer)."""
+    from trp import families
+
+    names = tuple(n.strip() for n in text.split(","))
+    try:
+        families.parse_scheme(names)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(families.NAMES)} or a comma-separated "
+                                         f"list of them, got {text!r}") from None
+    return names[0] if len(names) == 1 else names
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m trp", description="Trained Rank Pruning for CNNs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -375,8 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--energy", type=_fraction, default=0.95, help="TRP projection energy (default 0.95)")
     d.add_argument("--nuclear-weight", type=_nonnegative, default=3e-4, help="nuclear-norm weight (default 3e-4)")
     d.add_argument("--period", type=_positive(int), default=2, help="TRP projection period (default 2)")
-    d.add_argument("--scheme", choices=("channel", "spatial"), default="channel",
-                   help="factored structure (default channel: k×k to rank r, then 1×1)")
+    d.add_argument("--scheme", type=_scheme, default="channel",
+                   help="factored structure: channel (default: k×k to rank r, then 1×1), spatial (k×1 then 1×k) "
+                        "or tucker (1×1, k×k core, 1×1)")
     d.add_argument("--lr", type=_positive(float), default=0.05, help="SGD learning rate (default 0.05)")
     d.add_argument("--batch", type=_positive(int), default=128, help="training batch size (default 128)")
     d.add_argument("--repeats", type=_positive(int), default=50, help="latency repeats (default 50)")
@@ -440,8 +458,10 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--rank-multiple", type=_positive(int), default=16,
                        help="round energy/ratio ranks up to a multiple of this (default 16; a layer whose rounded "
                             "rank reaches full rank stays dense)")
-        c.add_argument("--scheme", choices=("channel", "spatial"), default="channel",
-                       help="factored structure: channel (k×k to rank r, then 1×1) or spatial (k×1 then 1×k)")
+        c.add_argument("--scheme", type=_scheme, default="channel",
+                       help="factored structure, or a comma-separated list tried in order per layer: channel "
+                            "(default: k×k to rank r, then 1×1), spatial (k×1 then 1×k), tucker (1×1, k×k core, "
+                            "1×1), pointwise (a 1×1 conv or linear layer as two thin ones), e.g. tucker,pointwise")
         c.add_argument("--backend", choices=("auto", "cpp", "triton", "torch"), default="auto",
                        help="kernels the layers run on (default auto: the fused kernel the device has)")
         c.add_argument("--threads", type=_positive(int), default=None, help="CPU threads")

@@ -17,12 +17,12 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from trp import decompose, epilogue, layout
+from trp import decompose, epilogue, families, layout
 from trp.modules import LOWRANK_TYPES, NAME_ATTR, LowRankConv2d, check_backend, from_factors
 from trp_kernels import ops
 
 FilterFn = Callable[[nn.Module, str], bool]
-OverrideValue = Union[None, int, float, dict]
+OverrideValue = Union[None, int, tuple, float, dict]
 
 # Attributes that compile leaves on layers, read by summary() and save().
 NOTE_ATTR = "_trp_note"          # why a layer stayed dense
@@ -32,10 +32,11 @@ ROUNDED = "rank_multiple rounded"  # in the note of a layer kept dense only by r
 
 @dataclass
 class LayerPlan:
-    """What an override asks for one layer: a rank spec and a scheme (or stay dense)."""
+    """What an override asks for one layer: a rank spec and the families to try, in order
+    (a parsed ``scheme``), or stay dense (``spec`` None)."""
 
     spec: Optional[decompose.RankSpec]
-    scheme: str
+    scheme: tuple
 
 
 @dataclass
@@ -46,7 +47,7 @@ class CompileConfig:
     rank: Optional[int] = None
     ratio: Optional[float] = None
     overrides: Optional[dict] = None
-    scheme: str = "channel"
+    scheme: Union[str, tuple] = "channel"
     rank_multiple: int = 16
     backend: str = "auto"
     filter_fn: Optional[FilterFn] = None
@@ -55,11 +56,12 @@ class CompileConfig:
     fuse_epilogue: bool = True
     spec: decompose.RankSpec = field(init=False)
     patterns: list = field(init=False)
+    schemes: tuple = field(init=False)
 
     def __post_init__(self):
         self.spec = decompose.RankSpec(energy=self.energy, rank=self.rank, ratio=self.ratio,
                                        rank_multiple=self.rank_multiple)
-        decompose.check_scheme(self.scheme)
+        self.schemes = families.parse_scheme(self.scheme)
         check_backend(self.backend)
         if self.filter_fn is not None and not callable(self.filter_fn):
             raise TypeError(f"filter_fn must be callable (module, fqn) -> bool, got {self.filter_fn!r}")
@@ -75,10 +77,10 @@ class CompileConfig:
     def _override_plan(self, pattern: str, value: OverrideValue) -> LayerPlan:
         what = f"overrides[{pattern!r}]"
         if value is None:
-            return LayerPlan(None, self.scheme)
+            return LayerPlan(None, self.schemes)
         if isinstance(value, bool):
             raise ValueError(f"{what} must be an int rank, a float energy, None or a dict, got {value!r}")
-        if isinstance(value, int):
+        if isinstance(value, (int, tuple)):
             value = {"rank": value}
         elif isinstance(value, float):
             value = {"energy": value}
@@ -88,9 +90,8 @@ class CompileConfig:
         unknown = set(value) - allowed
         if unknown:
             raise ValueError(f"{what} has unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}")
-        scheme = value.get("scheme", self.scheme)
         try:
-            decompose.check_scheme(scheme)
+            scheme = families.parse_scheme(value["scheme"]) if "scheme" in value else self.schemes
             spec = decompose.RankSpec(energy=value.get("energy"), rank=value.get("rank"),
                                       ratio=value.get("ratio"),
                                       rank_multiple=value.get("rank_multiple", self.rank_multiple))
@@ -106,7 +107,7 @@ class CompileConfig:
         for pattern, regex, plan in self.patterns:
             if regex.fullmatch(fqn):
                 return pattern, plan
-        return None, LayerPlan(self.spec, self.scheme)
+        return None, LayerPlan(self.spec, self.schemes)
 
 
 def _compile_pattern(pattern) -> re.Pattern:
@@ -165,28 +166,38 @@ def find_stem(model: nn.Module, graph: Optional[torch.fx.Graph] = None) -> Optio
 
 
 class DefaultFilter:
-    """The default choice of layers: every k×k Conv2d but the stem; no 1×1 conv, no Linear."""
+    """The default choice of layers: every layer of a kind that a family of ``scheme``
+    takes (k×k convs for channel/spatial/tucker, 1×1 convs and Linear for pointwise), but
+    the stem. Whether factoring a layer cuts its MACs is decided after (the layer stays
+    dense, with the reason in its summary note, where it would not)."""
 
-    def __init__(self, stem: Optional[str]):
+    def __init__(self, stem: Optional[str], scheme="channel"):
         self.stem = stem
+        self.schemes = families.parse_scheme(scheme)
 
     def why_not(self, module: nn.Module, fqn: str) -> Optional[str]:
-        if isinstance(module, nn.Linear):
-            return "linear layers are not factored by default (admit them with filter_fn)"
         if fqn == self.stem:
             return "stem (the first conv the input meets) stays dense by default"
-        if isinstance(module, nn.Conv2d) and tuple(module.kernel_size) == (1, 1):
-            return "1x1 conv: only kxk convs are factored by default"
+        if families.family_for(module, self.schemes) is None:
+            kind = families.layer_kind(module)
+            what = {"linear": "linear layers are", "1x1": "1x1 conv:", "kxk": "kxk conv:"}[kind]
+            takers = [f.name for f in families.REGISTRY.values() if kind in f.kinds]
+            return (f"{what} not factored by default with scheme {_scheme_text(self.schemes)} (add "
+                    f"{' or '.join(repr(t) for t in takers)} to scheme, or admit them with filter_fn)")
         return None
 
     def __call__(self, module: nn.Module, fqn: str) -> bool:
         return self.why_not(module, fqn) is None
 
 
-def default_filter(model: nn.Module) -> DefaultFilter:
+def _scheme_text(schemes: tuple) -> str:
+    return repr(schemes[0]) if len(schemes) == 1 else repr(list(schemes))
+
+
+def default_filter(model: nn.Module, scheme="channel") -> DefaultFilter:
     """The filter :func:`compile` uses when ``filter_fn`` is None; combine it with your own,
     e.g. ``f = trp.default_filter(m); filter_fn=lambda mod, q: isinstance(mod, nn.Linear) or f(mod, q)``."""
-    return DefaultFilter(find_stem(model))
+    return DefaultFilter(find_stem(model), scheme)
 
 
 @dataclass
@@ -263,45 +274,60 @@ def plan_bn_folds(model: nn.Module, graph: Optional[torch.fx.Graph]) -> tuple[li
 
 # --- compile -------------------------------------------------------------------------
 
-def eligibility(fqn: str, m: nn.Module, cfg: CompileConfig, filt: FilterFn) -> tuple[Optional[str], LayerPlan]:
-    """(note, plan): why the layer stays dense (None: it is a target) and its rank plan.
-    The one rule for which layers are low rank, shared by compile and TRP training."""
+def eligibility(fqn: str, m: nn.Module, cfg: CompileConfig,
+                filt: FilterFn) -> tuple[Optional[str], LayerPlan, Optional[families.Family]]:
+    """(note, plan, family): why the layer stays dense (None: it is a target), its rank plan
+    and the family that factors it. The one rule for which layers are low rank, and in which
+    form, shared by compile and TRP training."""
     reason = decompose.refusal(m)
     if reason:
-        return reason, LayerPlan(None, cfg.scheme)
+        return reason, LayerPlan(None, cfg.schemes), None
     if not filt(m, fqn):
         why = filt.why_not(m, fqn) if isinstance(filt, DefaultFilter) else None
-        return why or "excluded by filter_fn", LayerPlan(None, cfg.scheme)
+        return why or "excluded by filter_fn", LayerPlan(None, cfg.schemes), None
     pattern, plan = cfg.plan_for(fqn)
     if plan.spec is None:
-        return f"kept dense by override {pattern!r}", plan
-    return None, plan
+        return f"kept dense by override {pattern!r}", plan, None
+    family = families.family_for(m, plan.scheme)
+    if family is None:  # a layer the filter admits that no named family takes by kind
+        family = next((families.REGISTRY[n] for n in plan.scheme if families.REGISTRY[n].accepts(m) is None),
+                      families.REGISTRY["pointwise"] if isinstance(m, nn.Linear) else None)
+    if family is None or family.accepts(m) is not None:
+        why = families.get(plan.scheme[0]).accepts(m) if family is None else family.accepts(m)
+        return f"{why} (scheme {_scheme_text(plan.scheme)})", plan, None
+    return None, plan, family
+
+
+def _shape(m: nn.Module) -> tuple:
+    return tuple(m.weight.shape)
+
+
+def _stride(m: nn.Module) -> tuple:
+    return (1, 1) if isinstance(m, nn.Linear) else tuple(m.stride)
 
 
 def _decide(fqn: str, m: nn.Module, weight: torch.Tensor, cfg: CompileConfig,
-            filt: FilterFn) -> tuple[Optional[str], Optional[decompose.Factors], Optional[LayerPlan]]:
-    """(note, factors, plan): a note when the layer stays dense, else its factors."""
-    note, plan = eligibility(fqn, m, cfg, filt)
+            filt: FilterFn) -> tuple[Optional[str], Optional[families.Factored], Optional[families.Family]]:
+    """(note, factors, family): a note when the layer stays dense, else its factors."""
+    note, plan, family = eligibility(fqn, m, cfg, filt)
     if note is not None:
         return note, None, None
-    what = f"weight of {fqn!r}"
-    if isinstance(m, nn.Linear):
-        f = decompose.factor_linear_weight(weight, plan.spec, what)
-        dense, low = m.in_features * m.out_features, f.rank * (m.in_features + m.out_features)
-    else:
-        f = decompose.factor_conv2d_weight(weight, plan.spec, plan.scheme, what)
-        args = (m.out_channels, m.in_channels, m.kernel_size, m.stride)
-        dense = decompose.conv_macs_per_pixel(*args, rank=None)
-        low = decompose.conv_macs_per_pixel(*args, rank=f.rank, scheme=plan.scheme)
+    f = family.factor(weight, plan.spec, f"weight of {fqn!r}")
+    shape, stride = _shape(m), _stride(m)
+    dense = family.macs_per_pixel(shape, stride, None)
+    low = family.macs_per_pixel(shape, stride, f.ranks)
     if low >= dense:
-        note = (f"rank {f.rank}/{f.full_rank} ({plan.spec.describe()}) would not cut MACs "
+        ranks = ",".join(f"{r}/{full}" for r, full in zip(f.ranks, f.full_ranks))
+        note = (f"{family.name} rank {ranks} ({plan.spec.describe()}) would not cut MACs "
                 f"({low} vs {dense} MACs per output pixel)")
-        if plan.spec.rank is None and plan.spec.rank_multiple > 1 and not isinstance(m, nn.Linear):
-            exact = decompose.select_rank(f.singular_values, dataclasses.replace(plan.spec, rank_multiple=1))
-            if decompose.conv_macs_per_pixel(*args, rank=exact, scheme=plan.scheme) < dense:
-                note += f"; {ROUNDED} {exact} to {f.rank} (rank_multiple=1 would factor it at {exact})"
+        if plan.spec.rank is None and plan.spec.rank_multiple > 1:
+            exact = family.select(f.spectra, dataclasses.replace(plan.spec, rank_multiple=1))
+            if family.macs_per_pixel(shape, stride, exact) < dense:
+                shown = exact[0] if len(exact) == 1 else exact
+                note += f"; {ROUNDED} {shown} to {f.ranks[0] if len(exact) == 1 else f.ranks} " \
+                        f"(rank_multiple=1 would factor it at {shown})"
         return note, None, None
-    return None, f, plan
+    return None, f, family
 
 
 def compile(model: nn.Module, *, energy: Optional[float] = None, rank: Optional[int] = None,
@@ -368,7 +394,7 @@ def compile(model: nn.Module, *, energy: Optional[float] = None, rank: Optional[
         warnings.warn("trp.compile: the model is in training mode, so BatchNorm layers were not folded; "
                       "call model.eval() before trp.compile to fold them", stacklevel=2)
     folded = {f.conv: f for f in folds}
-    filt = cfg.filter_fn or DefaultFilter(find_stem(model, graph))
+    filt = cfg.filter_fn or DefaultFilter(find_stem(model, graph), cfg.schemes)
 
     replaced: dict[int, nn.Module] = {}
     swaps, notes = [], {}
@@ -380,12 +406,12 @@ def compile(model: nn.Module, *, energy: Optional[float] = None, rank: Optional[
             continue
         fold = folded.get(fqn)
         weight = fold.weight if fold else m.weight
-        note, factors, plan = _decide(fqn, m, weight, cfg, filt)
+        note, factors, family = _decide(fqn, m, weight, cfg, filt)
         if note is not None:
             notes[id(m)] = (m, note)
             continue
         bias = fold.bias if fold else m.bias
-        new = from_factors(m, factors, bias, plan.scheme, cfg.backend)
+        new = from_factors(m, factors, bias, family.name, cfg.backend)
         replaced[id(m)] = new
         swaps.append((parent, name, new, m))
 

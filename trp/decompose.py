@@ -18,7 +18,6 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from trp_kernels.reference import SCHEMES
 
 DEFAULT_ENERGY = 0.9
 
@@ -30,7 +29,9 @@ class RankSpec:
     ``energy`` e picks the smallest r with Σ_{i≤r} σ_i² ≥ e·Σσ²; ``ratio`` takes
     ⌈ratio·full_rank⌉. Both are then rounded up to a multiple of ``rank_multiple`` (what
     suits the kernels), never above full rank. An explicit integer ``rank`` is used as
-    given (capped at full rank).
+    given (capped at full rank). A family with several rank modes (``tucker``) applies
+    energy and ratio to each mode; its ranks can also be given as a tuple of ints, one per
+    mode in stage order (see :mod:`trp.families`).
     """
 
     energy: Optional[float] = None
@@ -47,8 +48,11 @@ class RankSpec:
         if self.energy is not None and (isinstance(self.energy, bool) or not isinstance(self.energy, (int, float))
                                         or not 0.0 < self.energy <= 1.0):
             raise ValueError(f"energy must be a number in (0, 1], got {self.energy!r}")
-        if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1):
-            raise ValueError(f"rank must be an int >= 1, got {self.rank!r}")
+        if isinstance(self.rank, list):
+            object.__setattr__(self, "rank", tuple(self.rank))
+        ranks = self.rank if isinstance(self.rank, tuple) and self.rank else (self.rank,)
+        if self.rank is not None and any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in ranks):
+            raise ValueError(f"rank must be an int >= 1 or a tuple of them (one per rank mode), got {self.rank!r}")
         if self.ratio is not None and (isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float))
                                        or not 0.0 < self.ratio <= 1.0):
             raise ValueError(f"ratio must be a number in (0, 1], got {self.ratio!r}")
@@ -57,7 +61,7 @@ class RankSpec:
 
     def describe(self) -> str:
         if self.rank is not None:
-            return f"rank={self.rank}"
+            return f"rank={self.rank}" if isinstance(self.rank, int) else f"ranks={self.rank}"
         if self.ratio is not None:
             return f"ratio={self.ratio:g}"
         return f"energy={self.energy:g}"
@@ -68,6 +72,9 @@ def select_rank(singular_values: torch.Tensor, spec: RankSpec) -> int:
     full = int(singular_values.numel())
     if full == 0:
         raise ValueError("singular_values is empty")
+    if isinstance(spec.rank, tuple):
+        raise ValueError(f"select_rank takes one mode's spec; rank {spec.rank} gives several "
+                         f"(trp.families splits it per mode)")
     if spec.rank is not None:
         return min(spec.rank, full)
     if spec.ratio is not None:
@@ -87,22 +94,29 @@ def select_rank(singular_values: torch.Tensor, spec: RankSpec) -> int:
 
 
 def check_scheme(scheme: str) -> str:
-    if scheme not in SCHEMES:
-        raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
-    return scheme
+    """``scheme`` if it names a family of :mod:`trp.families`, else a ValueError."""
+    from trp import families
+    return families.get(scheme).name
+
+
+def _family(scheme: str):
+    from trp import families
+    return families.get(scheme)
 
 
 def unfold_conv_weight(weight: torch.Tensor, scheme: str) -> torch.Tensor:
-    """The matrix whose rank is the conv's rank under ``scheme``."""
-    n, c, kh, kw = weight.shape
-    if check_scheme(scheme) == "channel":
-        return weight.reshape(n, c * kh * kw)
-    return weight.permute(1, 2, 0, 3).reshape(c * kh, n * kw)
+    """The matrix whose rank is the conv's rank under ``scheme`` (a one-mode family)."""
+    return _family(scheme).modes()[0].unfold(weight)
+
+
+def singular_values(matrix: torch.Tensor) -> torch.Tensor:
+    """Singular values (descending, float64) of ``matrix``."""
+    return _gram_eigh(matrix.detach().double())[0]
 
 
 def conv_singular_values(weight: torch.Tensor, scheme: str) -> torch.Tensor:
     """Singular values (descending, float64) of the conv weight's ``scheme`` unfolding."""
-    return _gram_eigh(unfold_conv_weight(weight.detach().double(), scheme))[0]
+    return singular_values(unfold_conv_weight(weight, scheme))
 
 
 def _gram_eigh(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,74 +158,43 @@ def truncated_svd(matrix: torch.Tensor, spec: RankSpec, what: str = "weight"):
     return (m @ basis) * inv, s_r, basis.T, s
 
 
-def _truncated_svd(matrix: torch.Tensor, spec: RankSpec, what: str):
-    """(left, right, r, singular values) with ``left @ right`` the best rank-r
-    approximation of ``matrix`` and √σ on each side."""
-    u, s_r, vh, s = truncated_svd(matrix, spec, what)
-    root = s_r.sqrt()
-    return u * root, root[:, None] * vh, int(s_r.numel()), s
-
-
 def fold_conv_matrix(matrix: torch.Tensor, shape, scheme: str) -> torch.Tensor:
     """Inverse of :func:`unfold_conv_weight`: the (n, c, kh, kw) tensor of an unfolding."""
-    n, c, kh, kw = shape
-    if check_scheme(scheme) == "channel":
-        return matrix.reshape(n, c, kh, kw)
-    return matrix.reshape(c, kh, n, kw).permute(2, 0, 1, 3)
+    return _family(scheme).modes()[0].fold(matrix, tuple(shape))
+
+
+def _factors(f, weight_dtype=None) -> "Factors":
+    return Factors(f.weights[0], f.weights[1], f.ranks[0], f.full_ranks[0], f.spectra[0])
 
 
 def factor_conv2d_weight(weight: torch.Tensor, spec: RankSpec, scheme: str = "channel",
-                         what: str = "conv weight") -> Factors:
+                         what: str = "conv weight") -> "Factors":
     """Factor a (n, c, kh, kw) weight into ``weight1`` (r, c, kh, kw | kh, 1) and
-    ``weight2`` (n, r, 1, 1 | 1, kw), in the weight's dtype and device."""
-    n, c, kh, kw = weight.shape
-    left, right, r, s = _truncated_svd(unfold_conv_weight(weight, scheme), spec, what)
-    if scheme == "channel":
-        w1 = right.reshape(r, c, kh, kw)
-        w2 = left.reshape(n, r, 1, 1)
-    else:
-        w1 = left.reshape(c, kh, r).permute(2, 0, 1).unsqueeze(-1)
-        w2 = right.reshape(r, n, kw).permute(1, 0, 2).unsqueeze(2)
-    cast = dict(dtype=weight.dtype, device=weight.device, memory_format=torch.contiguous_format)
-    return Factors(w1.to(**cast), w2.to(**cast), r, int(s.numel()), s)
+    ``weight2`` (n, r, 1, 1 | 1, kw), in the weight's dtype and device (a two-stage
+    family of :mod:`trp.families`)."""
+    return _factors(_family(scheme).factor(weight, spec, what))
 
 
 def compose_conv2d_weight(weight1: torch.Tensor, weight2: torch.Tensor, scheme: str) -> torch.Tensor:
     """The dense (n, c, kh, kw) weight of two conv factors (inverse of the factorisation)."""
-    n, r = weight2.shape[:2]
-    if check_scheme(scheme) == "channel":
-        c, kh, kw = weight1.shape[1:]
-        return (weight2.reshape(n, r) @ weight1.reshape(r, c * kh * kw)).reshape(n, c, kh, kw)
-    return torch.einsum("rci,nrj->ncij", weight1[..., 0], weight2[:, :, 0, :])
+    return _family(scheme).compose((weight1, weight2))
 
 
-def factor_linear_weight(weight: torch.Tensor, spec: RankSpec, what: str = "linear weight") -> Factors:
+def factor_linear_weight(weight: torch.Tensor, spec: RankSpec, what: str = "linear weight") -> "Factors":
     """Factor an (out, in) weight into ``weight1`` (r, in) and ``weight2`` (out, r)."""
-    left, right, r, s = _truncated_svd(weight, spec, what)
-    cast = dict(dtype=weight.dtype, device=weight.device)
-    return Factors(right.to(**cast).contiguous(), left.to(**cast).contiguous(), r, int(s.numel()), s)
+    return _factors(_family("pointwise").factor(weight, spec, what))
 
 
 def conv_full_rank(out_channels: int, in_channels: int, kernel_size, scheme: str) -> int:
-    kh, kw = kernel_size
-    if check_scheme(scheme) == "channel":
-        return min(out_channels, in_channels * kh * kw)
-    return min(in_channels * kh, out_channels * kw)
+    return _family(scheme).full_ranks((out_channels, in_channels, *kernel_size))[0]
 
 
 def conv_macs_per_pixel(out_channels: int, in_channels: int, kernel_size, stride, rank: Optional[int],
                         scheme: str = "channel") -> int:
-    """MACs per output pixel of a conv, dense (``rank=None``) or factored.
-
-    The spatial scheme's first factor runs at the input width, about ``stride_w`` times
-    the output width, which is what makes it a poor fit for strided convs.
-    """
-    kh, kw = kernel_size
-    if rank is None:
-        return out_channels * in_channels * kh * kw
-    if check_scheme(scheme) == "channel":
-        return rank * in_channels * kh * kw + out_channels * rank
-    return rank * in_channels * kh * stride[1] + out_channels * rank * kw
+    """MACs per output pixel of a conv, dense (``rank=None``) or factored (see
+    :meth:`trp.families.Family.macs_per_pixel`)."""
+    ranks = None if rank is None else (rank,) * len(_family(scheme).modes())
+    return _family(scheme).macs_per_pixel((out_channels, in_channels, *kernel_size), stride, ranks)
 
 
 def refusal(module: nn.Module) -> Optional[str]:
@@ -239,65 +222,3 @@ def refusal(module: nn.Module) -> Optional[str]:
 def is_layer(module: nn.Module) -> bool:
     """Whether ``module`` is a conv or linear layer that trp reports on."""
     return isinstance(module, (nn.modules.conv._ConvNd, nn.Linear))
-
-
-@dataclass
-class Tucker2:
-    """A conv weight (n, c, kh, kw) as three stages: ``first`` a 1×1 conv c→r_in,
-    ``core`` the kh×kw conv r_in→r_out (stride, padding and dilation go here), ``last`` a
-    1×1 conv r_out→n. ``errors``: the relative Frobenius error after HOSVD and after each
-    HOOI sweep (what the sweeps buy)."""
-    first: torch.Tensor
-    core: torch.Tensor
-    last: torch.Tensor
-    ranks: tuple          # (r_out, r_in)
-    errors: list
-
-
-def tucker2_conv2d_weight(weight: torch.Tensor, out_spec: RankSpec, in_spec: RankSpec,
-                          sweeps: int = 2) -> Tucker2:
-    """Tucker-2 of a conv weight over its (out, in) modes: HOSVD (the top singular vectors of
-    each mode's unfolding, ranks from ``out_spec`` / ``in_spec``), then ``sweeps`` HOOI
-    sweeps (each mode's basis recomputed with the other projected out)."""
-    if weight.dim() != 4:
-        raise ValueError(f"weight must be a conv weight (n, c, kh, kw), got shape {tuple(weight.shape)}")
-    if isinstance(sweeps, bool) or not isinstance(sweeps, int) or sweeps < 0:
-        raise ValueError(f"sweeps must be an int >= 0, got {sweeps!r}")
-    w = weight.detach().double()
-    if not torch.isfinite(w).all():
-        raise ValueError("weight has non-finite values (nan or inf); cannot factor it")
-    n, c, kh, kw = w.shape
-    norm = w.norm().clamp_min(1e-300)
-
-    def unfold_out(t):  # (n, c', kh, kw) -> n x (c' kh kw)
-        return t.reshape(t.shape[0], -1)
-
-    def unfold_in(t):   # (n', c, kh, kw) -> c x (n' kh kw)
-        return t.transpose(0, 1).reshape(t.shape[1], -1)
-
-    def basis(m, spec):  # the top left singular vectors of a mode's unfolding
-        return truncated_svd(m, spec)[0]
-
-    u_out, u_in = basis(unfold_out(w), out_spec), basis(unfold_in(w), in_spec)
-
-    def core_of(u_out, u_in):
-        return torch.einsum("ockl,or,cs->rskl", w, u_out, u_in)
-
-    def error(u_out, u_in):
-        return float((torch.einsum("rskl,or,cs->ockl", core_of(u_out, u_in), u_out, u_in) - w).norm() / norm)
-
-    errors = [error(u_out, u_in)]
-    for _ in range(sweeps):
-        u_out = basis(unfold_out(torch.einsum("ockl,cs->oskl", w, u_in)), RankSpec(rank=u_out.shape[1]))
-        u_in = basis(unfold_in(torch.einsum("ockl,or->rckl", w, u_out)), RankSpec(rank=u_in.shape[1]))
-        errors.append(error(u_out, u_in))
-    dtype = weight.dtype
-    return Tucker2(first=u_in.T.reshape(u_in.shape[1], c, 1, 1).to(dtype),
-                   core=core_of(u_out, u_in).to(dtype),
-                   last=u_out.reshape(n, u_out.shape[1], 1, 1).to(dtype),
-                   ranks=(u_out.shape[1], u_in.shape[1]), errors=errors)
-
-
-def compose_tucker2(first: torch.Tensor, core: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-    """The dense (n, c, kh, kw) weight of the three stages."""
-    return torch.einsum("or,rskl,sc->ockl", last[:, :, 0, 0], core, first[:, :, 0, 0])

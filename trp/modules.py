@@ -22,9 +22,10 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from trp import decompose
+from trp import decompose, families
 from trp_kernels import ops
-from trp_kernels.reference import _pair, conv_output_hw, epilogue, input_too_small, min_input_hw, resolve_padding
+from trp_kernels.reference import (_pair, chain_min_input_hw, check_chain, conv_output_hw, epilogue, input_too_small,
+                                  resolve_padding, stage_geometry)
 
 BACKEND_CHOICES = ("auto", *ops.BACKENDS)
 # The fqn under which trp.compile / trp.load put a layer in its model, named in its errors.
@@ -66,6 +67,10 @@ class _LowRank(nn.Module):
     full_rank: int
     relu: bool = False
 
+    def stage_weights(self) -> list:
+        """The factors, stage by stage (``weight1``, ``weight2``, ...)."""
+        return [self._parameters[f"weight{i + 1}"] for i in range(self._n_stages)]
+
     @property
     def backend(self) -> str:
         """Requested backend: 'auto' (chosen per call from the input) or a backend name."""
@@ -80,7 +85,7 @@ class _LowRank(nn.Module):
         parameters'); raises :class:`trp_kernels.ops.BackendError` if an explicit backend
         cannot run them."""
         p = self.weight1
-        return ops.resolve_backend(self._backend, device or p.device, dtype or p.dtype, self.rank,
+        return ops.resolve_backend(self._backend, device or p.device, dtype or p.dtype, max(self.ranks),
                                    getattr(self, "kernel_size", (1, 1)))
 
     def _describe(self) -> str:
@@ -90,8 +95,7 @@ class _LowRank(nn.Module):
     def lay_out(self) -> None:
         """Put the factors (and their gradients, so that an optimizer sees one layout) in the
         memory layout the backend's kernel reads in place; see the module docstring."""
-        for name in ("weight1", "weight2"):
-            p = self._parameters[name]
+        for p in self.stage_weights():
             data = p.data
             laid = ops.kernel_layout(data, self._backend, getattr(self, "kernel_size", None))
             if laid is data:
@@ -102,7 +106,7 @@ class _LowRank(nn.Module):
 
     def _apply(self, fn, recurse=True):
         def tags():
-            return [(p.device, p.dtype, p.stride()) for p in (self.weight1, self.weight2)]
+            return [(p.device, p.dtype, p.stride()) for p in self.stage_weights()]
 
         before = tags()
         result = super()._apply(fn, recurse)
@@ -115,21 +119,34 @@ class _LowRank(nn.Module):
         if local_metadata.get("assign_to_params_buffers", False):  # the file's tensors became the factors
             self.lay_out()
 
-    def _check_rank(self) -> None:
-        _positive_int(self.rank, "rank")
-        if self.rank > self.full_rank:
-            raise ValueError(f"rank must be <= full rank {self.full_rank} of this layer, got {self.rank}")
+    def _check_ranks(self, rank, full_ranks: tuple) -> tuple:
+        """The layer's ranks (stage order) from the ``rank`` argument, checked."""
+        ranks = tuple(rank) if isinstance(rank, (list, tuple)) else (rank,)
+        if len(ranks) != len(full_ranks):
+            raise ValueError(f"rank must give {len(full_ranks)} rank(s) for this layer (one per stage but the "
+                             f"last), got {rank!r}")
+        for r, full in zip(ranks, full_ranks):
+            _positive_int(r, "rank")
+            if r > full:
+                raise ValueError(f"rank must be <= full rank {full if len(ranks) == 1 else full_ranks} of this "
+                                 f"layer, got {rank!r}")
+        self.ranks, self.full_ranks = ranks, tuple(full_ranks)
+        self.rank = ranks[0] if len(ranks) == 1 else ranks
+        self.full_rank = full_ranks[0] if len(ranks) == 1 else tuple(full_ranks)
+        return ranks
 
 
 class LowRankConv2d(_LowRank):
-    """A k×k ``nn.Conv2d`` as two thin convolutions, ``weight1`` then ``weight2`` (+ bias).
+    """A k×k ``nn.Conv2d`` as a chain of thin convolutions, ``weight1``, ``weight2``, ...
+    (+ bias on the last), in the form of the family ``scheme`` (see :mod:`trp.families`:
+    'channel' and 'spatial' are two stages, 'tucker' three, 'pointwise' two 1×1s).
 
-    Same constructor arguments as ``nn.Conv2d`` (zero padding, groups=1) plus ``rank``,
-    ``scheme`` ('channel' or 'spatial', see :mod:`trp.decompose`) and ``backend``.
+    Same constructor arguments as ``nn.Conv2d`` (zero padding, groups=1) plus ``rank``
+    (an int, or one per stage but the last for 'tucker'), ``scheme`` and ``backend``.
     Usually built with :meth:`from_conv` or by :func:`trp.compile`.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, rank: int, stride=1,
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, rank, stride=1,
                  padding=0, dilation=1, bias: bool = True, scheme: str = "channel",
                  backend: str = "auto", device=None, dtype=None):
         super().__init__()
@@ -145,18 +162,24 @@ class LowRankConv2d(_LowRank):
             raise ValueError("padding='same' is not supported for strided convolutions")
         self.padding = tuple(padding) if isinstance(padding, (list, tuple)) else padding
         self._padding4 = resolve_padding(padding, self.kernel_size, self.dilation)
-        self.scheme = decompose.check_scheme(scheme)
-        self.rank = rank
-        self.full_rank = decompose.conv_full_rank(out_channels, in_channels, self.kernel_size, scheme)
-        self._check_rank()
+        family = families.get(scheme)
+        shape = (out_channels, in_channels, *self.kernel_size)
+        if family.name == "pointwise" and self.kernel_size != (1, 1):
+            raise ValueError(f"scheme 'pointwise' factors 1x1 convs, got kernel_size={self.kernel_size}")
+        self.scheme = family.name
+        ranks = self._check_ranks(rank, family.full_ranks(shape))
         self.backend = backend
-        kh, kw = self.kernel_size
-        shape1, shape2 = ((rank, in_channels, kh, kw), (out_channels, rank, 1, 1)) if scheme == "channel" \
-            else ((rank, in_channels, kh, 1), (out_channels, rank, 1, kw))
-        self._min_hw = min_input_hw(self.kernel_size, self._padding4, self.dilation)
+        shapes = family.stage_shapes(shape, ranks)
+        self._n_stages = len(shapes)
+        geometry = family.geometry(self.stride, self._padding4, self.dilation)
+        self._strides = [v for g in geometry for v in g[0]]
+        self._paddings = [v for g in geometry for v in g[1]]
+        self._dilations = [v for g in geometry for v in g[2]]
+        check_chain(type(self).__name__, shapes, self._strides, self._paddings, self._dilations)  # once, here
+        self._min_hw = chain_min_input_hw(shapes, self._strides, self._paddings, self._dilations)
         factory = dict(device=device, dtype=dtype)
-        self.weight1 = nn.Parameter(torch.empty(shape1, **factory))
-        self.weight2 = nn.Parameter(torch.empty(shape2, **factory))
+        for i, s in enumerate(shapes):
+            self.register_parameter(f"weight{i + 1}", nn.Parameter(torch.empty(s, **factory)))
         if bias:
             self.bias = nn.Parameter(torch.empty(out_channels, **factory))
         else:
@@ -164,8 +187,16 @@ class LowRankConv2d(_LowRank):
         self.lay_out()
         self.reset_parameters()
 
+    @property
+    def family(self) -> "families.Family":
+        return families.get(self.scheme)
+
+    def stages(self) -> list:
+        """``(weight, (stride, padding4, dilation))`` per stage."""
+        return list(zip(self.stage_weights(), stage_geometry(self._strides, self._paddings, self._dilations)))
+
     def reset_parameters(self) -> None:
-        for w in (self.weight1, self.weight2):
+        for w in self.stage_weights():
             nn.init.kaiming_uniform_(w, a=math.sqrt(5))
         if self.bias is not None:
             fan_in = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
@@ -173,23 +204,22 @@ class LowRankConv2d(_LowRank):
             nn.init.uniform_(self.bias, -bound, bound)
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, *, energy: Optional[float] = None, rank: Optional[int] = None,
+    def from_conv(cls, conv: nn.Conv2d, *, energy: Optional[float] = None, rank=None,
                   ratio: Optional[float] = None, rank_multiple: int = 16, scheme: str = "channel",
                   backend: str = "auto") -> "LowRankConv2d":
-        """Factor ``conv`` by truncated SVD; the rank comes from at most one of ``energy``
-        (default 0.9), ``rank`` or ``ratio`` (see :class:`trp.decompose.RankSpec`)."""
+        """Factor ``conv`` in the form of ``scheme``; the rank comes from at most one of
+        ``energy`` (default 0.9), ``rank`` or ``ratio`` (see :class:`trp.decompose.RankSpec`)."""
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
-        reason = decompose.refusal(conv)
+        reason = decompose.refusal(conv) or families.get(scheme).accepts(conv)
         if reason:
             raise ValueError(f"cannot factor this conv: {reason}")
         spec = decompose.RankSpec(energy=energy, rank=rank, ratio=ratio, rank_multiple=rank_multiple)
-        return from_factors(conv, decompose.factor_conv2d_weight(conv.weight, spec, scheme), conv.bias,
-                            scheme, backend)
+        return from_factors(conv, families.get(scheme).factor(conv.weight, spec), conv.bias, scheme, backend)
 
     def dense_weight(self) -> torch.Tensor:
-        """The (n, c, kh, kw) weight that the two factors multiply out to."""
-        return decompose.compose_conv2d_weight(self.weight1, self.weight2, self.scheme)
+        """The (n, c, kh, kw) weight that the factors multiply out to."""
+        return self.family.compose(self.stage_weights())
 
     def to_dense(self) -> nn.Conv2d:
         """An ``nn.Conv2d`` computing the same function (up to rounding)."""
@@ -214,13 +244,12 @@ class LowRankConv2d(_LowRank):
                              f"got shape {tuple(x.shape)}")
         if x.shape[2] < self._min_hw[0] or x.shape[3] < self._min_hw[1]:
             raise input_too_small(self._describe(), x.shape[2:], self.kernel_size, self._padding4, self.dilation)
-        geometry = (self.stride, self._padding4, self.dilation, self.scheme, self._backend)
+        chain = (self.stage_weights(), self._strides, self._paddings, self._dilations, self.bias)
         if residual is not None and residual.shape != self._out_shape(x):  # broadcasting: not fused
             _check_broadcast(residual, self._out_shape(x))
-            out = epilogue(ops.lowrank_conv2d(x, self.weight1, self.weight2, self.bias, *geometry), residual,
-                           self.relu)
+            out = epilogue(ops.conv_chain(x, *chain, backend=self._backend), residual, self.relu)
         else:
-            out = ops.lowrank_conv2d(x, self.weight1, self.weight2, self.bias, *geometry, residual, self.relu)
+            out = ops.conv_chain(x, *chain, residual, self.relu, self._backend)
         return out.squeeze(0) if unbatched else out
 
     def _out_shape(self, x: torch.Tensor) -> torch.Size:
@@ -230,7 +259,8 @@ class LowRankConv2d(_LowRank):
     def config(self) -> dict:
         """JSON-ready constructor arguments (no weights)."""
         return dict(in_channels=self.in_channels, out_channels=self.out_channels,
-                    kernel_size=list(self.kernel_size), rank=self.rank, stride=list(self.stride),
+                    kernel_size=list(self.kernel_size), rank=self.rank if len(self.ranks) == 1 else list(self.ranks),
+                    stride=list(self.stride),
                     padding=self.padding if isinstance(self.padding, (str, int)) else list(self.padding),
                     dilation=list(self.dilation), bias=self.bias is not None, scheme=self.scheme,
                     backend=self._backend)
@@ -242,21 +272,24 @@ class LowRankConv2d(_LowRank):
             s += f", dilation={self.dilation}"
         if self.bias is None:
             s += ", bias=False"
-        s += f", rank={self.rank}/{self.full_rank}, scheme={self.scheme}, backend={self._backend}"
+        ranks = ",".join(f"{r}/{f}" for r, f in zip(self.ranks, self.full_ranks))
+        s += f", rank={ranks}, scheme={self.scheme}, backend={self._backend}"
         return s + (", relu=True" if self.relu else "")
 
 
 class LowRankLinear(_LowRank):
-    """An ``nn.Linear`` as two thin ones: ``x @ weight1.T @ weight2.T + bias``."""
+    """An ``nn.Linear`` as two thin ones: ``x @ weight1.T @ weight2.T + bias`` (the
+    ``pointwise`` family)."""
+
+    scheme = "pointwise"
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
                  backend: str = "auto", device=None, dtype=None):
         super().__init__()
         self.in_features = _positive_int(in_features, "in_features")
         self.out_features = _positive_int(out_features, "out_features")
-        self.rank = rank
-        self.full_rank = min(in_features, out_features)
-        self._check_rank()
+        self._check_ranks(rank, (min(in_features, out_features),))
+        self._n_stages = 2
         self.backend = backend
         factory = dict(device=device, dtype=dtype)
         self.weight1 = nn.Parameter(torch.empty(rank, in_features, **factory))
@@ -286,8 +319,8 @@ class LowRankLinear(_LowRank):
         if reason:
             raise ValueError(f"cannot factor this linear layer: {reason}")
         spec = decompose.RankSpec(energy=energy, rank=rank, ratio=ratio, rank_multiple=rank_multiple)
-        return from_factors(linear, decompose.factor_linear_weight(linear.weight, spec), linear.bias,
-                            backend=backend)
+        return from_factors(linear, families.get("pointwise").factor(linear.weight, spec), linear.bias,
+                            "pointwise", backend)
 
     def dense_weight(self) -> torch.Tensor:
         return self.weight2 @ self.weight1
@@ -328,21 +361,22 @@ LOWRANK_TYPES = (LowRankConv2d, LowRankLinear)
 
 
 
-def from_factors(layer: nn.Module, factors: decompose.Factors, bias: Optional[torch.Tensor],
+def from_factors(layer: nn.Module, factors: "families.Factored", bias: Optional[torch.Tensor],
                  scheme: str = "channel", backend: str = "auto") -> _LowRank:
     """The low-rank module replacing ``layer`` (an nn.Conv2d or nn.Linear), holding
-    ``factors`` and ``bias`` (which may differ from ``layer.bias``, e.g. after BN folding)."""
+    ``factors`` (a :class:`trp.families.Factored` of family ``scheme``) and ``bias`` (which
+    may differ from ``layer.bias``, e.g. after BN folding)."""
     factory = dict(device=layer.weight.device, dtype=layer.weight.dtype)
+    rank = factors.ranks if len(factors.ranks) > 1 else factors.ranks[0]
     if isinstance(layer, nn.Linear):
-        new = LowRankLinear(layer.in_features, layer.out_features, factors.rank, bias is not None, backend,
-                            **factory)
+        new = LowRankLinear(layer.in_features, layer.out_features, rank, bias is not None, backend, **factory)
     else:
-        new = LowRankConv2d(layer.in_channels, layer.out_channels, layer.kernel_size, factors.rank,
+        new = LowRankConv2d(layer.in_channels, layer.out_channels, layer.kernel_size, rank,
                             layer.stride, layer.padding, layer.dilation, bias is not None, scheme, backend,
                             **factory)
     with torch.no_grad():
-        new.weight1.copy_(factors.weight1)
-        new.weight2.copy_(factors.weight2)
+        for p, w in zip(new.stage_weights(), factors.weights):
+            p.copy_(w)
         if bias is not None:
             new.bias.copy_(bias)
     new.train(layer.training)

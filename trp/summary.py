@@ -12,7 +12,7 @@ from trp.compile import FOLDED_ATTR, NOTE_ATTR, ROUNDED
 from trp.epilogue import EPILOGUE_ATTR
 from trp.modules import LOWRANK_TYPES, LowRankConv2d, LowRankLinear
 from trp_kernels import ops
-from trp_kernels.reference import conv_output_hw, factor_conv_params
+from trp_kernels.reference import conv_output_hw
 
 COLUMNS = ("name", "kind", "scheme", "rank", "full_rank", "macs_dense", "macs", "params_dense",
            "params", "backend", "note")
@@ -48,7 +48,7 @@ class Summary:
         head = ("layer", "kind", "scheme", "rank", "MACs dense", "MACs", "params dense", "params",
                 "backend", "note")
         body = [(r["name"], r["kind"], r["scheme"] or "-",
-                 f"{r['rank']}/{r['full_rank']}" if r["rank"] is not None else "-",
+                 _ranks(r["rank"], r["full_rank"]),
                  _human(r["macs_dense"]), _human(r["macs"]), _human(r["params_dense"]),
                  _human(r["params"]), r["backend"], r["note"]) for r in self.rows]
         total = ("total", "", "", "", _human(self.macs_dense), _human(self.macs),
@@ -76,6 +76,15 @@ class Summary:
         p.text(str(self))
 
 
+def _ranks(rank, full_rank) -> str:
+    """'16/64', or one 'rank/full' per stage ('16/64,32/128') for a family of several modes."""
+    if rank is None:
+        return "-"
+    if isinstance(rank, (list, tuple)):
+        return ",".join(f"{r}/{f}" for r, f in zip(rank, full_rank))
+    return f"{rank}/{full_rank}"
+
+
 def _human(n: int) -> str:
     for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(n) >= scale:
@@ -88,15 +97,13 @@ def _call_macs(m: nn.Module, x_shape, y: torch.Size) -> tuple[int, int]:
     out = y.numel()
     if isinstance(m, LowRankLinear):
         return out // m.out_features * m.rank * (m.in_features + m.out_features), out * m.in_features
-    if isinstance(m, LowRankConv2d):
-        first, _ = factor_conv_params(m.scheme, m.stride, m._padding4, m.dilation)
-        mid = conv_output_hw(x_shape[-2:], m.weight1.shape[-2:], *first)
-        pixels = out // m.out_channels  # batch x Ho x Wo
-        batch = pixels // (y[-2] * y[-1]) if y[-2] * y[-1] else 0
-        k1 = m.in_channels * m.weight1.shape[2] * m.weight1.shape[3]
-        k2 = m.weight2.shape[2] * m.weight2.shape[3]
-        dense = out * m.in_channels * m.kernel_size[0] * m.kernel_size[1]
-        return batch * m.rank * mid[0] * mid[1] * k1 + out * m.rank * k2, dense
+    if isinstance(m, LowRankConv2d):  # each stage at its own output resolution
+        batch = out // (m.out_channels * y[-2] * y[-1]) if y[-2] * y[-1] else 0
+        hw, macs = x_shape[-2:], 0
+        for w, geometry in m.stages():
+            hw = conv_output_hw(hw, w.shape[-2:], *geometry)
+            macs += batch * hw[0] * hw[1] * w[0].numel() * w.shape[0]
+        return macs, out * m.in_channels * m.kernel_size[0] * m.kernel_size[1]
     if isinstance(m, nn.Linear):
         macs = out * m.in_features
     elif isinstance(m, nn.modules.conv._ConvTransposeNd):

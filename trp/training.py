@@ -11,8 +11,9 @@
         optimizer.step()
 
 Every ``period`` iterations ``project()`` replaces each target weight by its truncated SVD
-at ``energy`` (the unfolding of the scheme ``trp.compile`` will use), and ``regularize()``
-adds the nuclear-norm sub-gradient ``nuclear_weight · U_r V_rᵀ`` of that SVD to the
+at ``energy`` in the form of the family ``trp.compile`` will use (its unfolding; for
+``tucker`` each channel mode's in turn), and ``regularize()`` adds the nuclear-norm
+sub-gradient ``nuclear_weight · U_r V_rᵀ`` of that SVD (summed over the modes) to the
 weight's gradient (every iteration with ``nuclear_every_step=True``). Targets are the layers
 ``trp.compile`` would factor with the same ``filter_fn``/``overrides``, so training and
 compilation agree on what is low rank.
@@ -27,7 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from trp import checkpoint, decompose, files
+from trp import checkpoint, decompose, families, files
 from trp.compile import CompileConfig, DefaultFilter, eligibility, find_stem, walk
 
 # Measured on ResNet-20, batch 128, 2 CPU cores: projecting all 18 target convs (and the
@@ -55,7 +56,8 @@ def _epoch_line(record: dict, epochs: int) -> str:
               if k.startswith("val_") and k != "val_accuracy" and isinstance(v, float)]
     parts.append(f"lr {record['lr']:.3g}")
     if record.get("ranks"):
-        ranks = list(record["ranks"].values())
+        # a several-mode family's layer (tucker) counts with the mean of its ranks
+        ranks = [r if isinstance(r, (int, float)) else sum(r) / len(r) for r in record["ranks"].values()]
         parts.append(f"mean rank {sum(ranks) / len(ranks):.1f} over {len(ranks)} layers")
     return f"epoch {record['epoch']}/{epochs}: " + ", ".join(parts)
 
@@ -84,12 +86,12 @@ class TRP:
         self.step_count = 0
         inner = unwrap(model)
         filt = self.config.filter_fn or DefaultFilter(find_stem(inner))
-        self.targets: dict[str, tuple[nn.Module, decompose.RankSpec, str]] = {}
+        self.targets: dict[str, tuple[nn.Module, decompose.RankSpec, families.Family]] = {}
         for fqn, m, _, _ in walk(inner):
             if decompose.is_layer(m):
-                note, plan = eligibility(fqn, m, self.config, filt)
+                note, plan, family = eligibility(fqn, m, self.config, filt)
                 if note is None:
-                    self.targets[fqn] = (m, plan.spec, plan.scheme)
+                    self.targets[fqn] = (m, plan.spec, family)
         if not self.targets:
             raise ValueError("TRP found no target layer (no k×k Conv2d passes the filter); "
                              "pass filter_fn to choose layers")
@@ -99,29 +101,18 @@ class TRP:
     def _due(self) -> bool:
         return self.step_count % self.period == 0
 
-    @staticmethod
-    def _unfold(m: nn.Module, scheme: str) -> torch.Tensor:
-        return m.weight if isinstance(m, nn.Linear) else decompose.unfold_conv_weight(m.weight, scheme)
-
-    @staticmethod
-    def _fold(matrix: torch.Tensor, m: nn.Module, scheme: str) -> torch.Tensor:
-        if isinstance(m, nn.Linear):
-            return matrix
-        return decompose.fold_conv_matrix(matrix, m.weight.shape, scheme)
-
     @torch.no_grad()
     def _svds(self, fqn: str, project: bool) -> None:
-        m, spec, scheme = self.targets[fqn]
+        m, spec, family = self.targets[fqn]
         w = m.weight
+        modes = len(family.modes())
         if not _distributed() or dist.get_rank() == 0:
-            u, s_r, vh, _ = decompose.truncated_svd(self._unfold(m, scheme), spec, f"weight of {fqn!r}")
-            sub = self._fold(u @ vh, m, scheme).to(w.dtype)
-            low = self._fold((u * s_r) @ vh, m, scheme).to(w.dtype) if project else None
-            rank = torch.tensor([s_r.numel()], device=w.device)
+            low, sub, ranks = family.project(w, spec, f"weight of {fqn!r}", project)
+            rank = torch.tensor(ranks, device=w.device)
         else:
             sub = torch.empty_like(w)
             low = torch.empty_like(w) if project else None
-            rank = torch.zeros(1, dtype=torch.long, device=w.device)
+            rank = torch.zeros(modes, dtype=torch.long, device=w.device)
         if _distributed():  # one process decides, every process gets the same bits
             dist.broadcast(sub, 0)
             dist.broadcast(rank, 0)
@@ -130,7 +121,8 @@ class TRP:
         if project:
             w.copy_(low)
         self._subgradients[fqn] = sub
-        self.ranks[fqn] = int(rank.item())
+        ranks = tuple(int(r) for r in rank.tolist())
+        self.ranks[fqn] = ranks[0] if modes == 1 else ranks
 
     def project(self) -> None:
         """Call before each forward pass: on every ``period``-th iteration, replace each

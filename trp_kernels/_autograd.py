@@ -1,46 +1,80 @@
 """Autograd for every trp op, whichever backend ran the forward pass.
 
-All ops share one backward: :mod:`trp_kernels.reference`'s, which recomputes the r-channel
-intermediate (no forward kernel ever writes it to memory). The ops differ only in their
-argument lists; arguments are found by name in the op's schema, and an op that fixes one
-(a Triton op per conv scheme) passes it in ``fixed``.
+All conv ops share one backward, :func:`trp_kernels.reference.conv_chain_backward` (the
+reference, F.conv2d per stage, recomputing the intermediates that no forward kernel
+writes to memory); the linear op has its own. The ops differ only in their argument
+lists; arguments are found by name in the op's schema:
+
+- ``chain``: ``trp::conv_chain`` (x, weights, strides, paddings, dilations, bias,
+  residual, relu, ...);
+- ``conv``: a two-stage kernel's op (x, weight1, weight2, bias, residual, stride,
+  padding, dilation, relu), whose chain is :func:`reference.kernel_stages` of the
+  ``kernel`` it is registered with;
+- ``linear``: (x, weight1, weight2, bias, residual, relu).
 """
 
 from __future__ import annotations
 
 from trp_kernels import reference
 
-_GRAD_ARGS = ("x", "weight1", "weight2", "bias", "residual")
+_NEEDED = {
+    "chain": ("x", "weights", "strides", "paddings", "dilations", "bias", "residual", "relu"),
+    "conv": ("x", "weight1", "weight2", "bias", "residual", "stride", "padding", "dilation", "relu"),
+    "linear": ("x", "weight1", "weight2", "bias", "residual", "relu"),
+}
 
 
-def register(op, kind: str, **fixed) -> None:
-    """Register autograd on ``op`` (a ``torch.library`` CustomOpDef) of ``kind`` 'conv' or
-    'linear'. Gradients flow to x, weight1, weight2, bias and residual."""
+def register(op, kind: str, kernel: str = "") -> None:
+    """Register autograd on ``op`` (a ``torch.library`` CustomOpDef) of ``kind`` 'chain',
+    'conv' (with its two-stage ``kernel``) or 'linear'. Gradients flow to x, the weights,
+    bias and residual."""
     names = [a.name for a in op._opoverload._schema.arguments]
-    needed = _GRAD_ARGS + ("relu",) + (("stride", "padding", "dilation", "scheme") if kind == "conv" else ())
-    missing = [n for n in needed if n not in names and n not in fixed]
+    missing = [n for n in _NEEDED[kind] if n not in names]
     if missing:
         raise TypeError(f"op {op._name} lacks argument(s) {missing}; its schema has {names}")
-    slots = [names.index(n) for n in _GRAD_ARGS]
+    weight_names = ["weights"] if kind == "chain" else ["weight1", "weight2"]
 
     def setup_context(ctx, inputs, output):
-        a = {**fixed, **dict(zip(names, inputs))}
-        ctx.save_for_backward(a["x"], a["weight1"], a["weight2"], output if a["relu"] else None)
-        ctx.geometry = tuple(a[k] for k in ("stride", "padding", "dilation", "scheme")) if kind == "conv" else ()
+        a = dict(zip(names, inputs))
+        weights = list(a["weights"]) if kind == "chain" else [a["weight1"], a["weight2"]]
+        ctx.n_weights = len(weights)
+        ctx.save_for_backward(a["x"], *weights, output if a["relu"] else None)
+        if kind == "chain":
+            ctx.geometry = (a["strides"], a["paddings"], a["dilations"])
+        elif kind == "conv":
+            ctx.geometry = reference.kernel_stages(kernel, a["stride"], a["padding"], a["dilation"])
         ctx.has_bias, ctx.has_residual, ctx.relu = a["bias"] is not None, a["residual"] is not None, a["relu"]
 
     def backward(ctx, grad_out):
-        x, weight1, weight2, out = ctx.saved_tensors
-        needs = [ctx.needs_input_grad[i] for i in slots]
+        x, *weights, out = ctx.saved_tensors
+        # a Tensor[] argument's entry is a list of one flag per tensor (flattened in some
+        # torch versions: then it spans one entry per tensor)
+        given = list(ctx.needs_input_grad)
+        nested = len(given) == len(names)
+        needs, pos = {}, 0
+        for n in names:
+            if nested:
+                v = given[pos]
+                needs[n] = list(v) if isinstance(v, (list, tuple)) else [v] * (ctx.n_weights if n == "weights" else 1)
+                pos += 1
+            else:
+                width = ctx.n_weights if n == "weights" else 1
+                needs[n] = given[pos:pos + width]
+                pos += width
         g = reference.epilogue_backward(grad_out, out, ctx.relu)
-        if kind == "conv":
-            grads = reference.lowrank_conv2d_backward(g, x, weight1, weight2, ctx.has_bias, *ctx.geometry,
-                                                      needs[:4])
+        need_w = [b for n in weight_names for b in needs[n]]
+        if kind == "linear":
+            gx, gw1, gw2, gb = reference.lowrank_linear_backward(
+                g, x, *weights, ctx.has_bias, [needs["x"][0], *need_w, needs["bias"][0]])
+            grads_w = [gw1, gw2]
         else:
-            grads = reference.lowrank_linear_backward(g, x, weight1, weight2, ctx.has_bias, needs[:4])
-        result = [None] * len(names)
-        for i, grad in zip(slots, (*grads, g if ctx.has_residual and needs[4] else None)):
-            result[i] = grad
-        return tuple(result)
+            gx, grads_w, gb = reference.conv_chain_backward(
+                g, x, weights, ctx.has_bias, *ctx.geometry, [needs["x"][0], *need_w, needs["bias"][0]])
+        result = {"x": gx, "bias": gb, "residual": g if ctx.has_residual and needs["residual"][0] else None}
+        if kind == "chain":
+            result["weights"] = list(grads_w)
+        else:
+            result["weight1"], result["weight2"] = grads_w
+        return tuple(result.get(n) for n in names)
 
     op.register_autograd(backward, setup_context=setup_context)

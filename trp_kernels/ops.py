@@ -1,11 +1,12 @@
 """The one dispatch point between trp's modules and the kernels.
 
-``lowrank_conv2d`` / ``lowrank_linear`` choose a backend for the input's device, dtype and
+``conv_chain`` / ``lowrank_linear`` choose a backend for the input's device, dtype and
 rank and call its torch.library op: the Triton ops ``trp::triton_conv_channel``,
 ``trp::triton_conv_spatial``, ``trp::triton_linear`` (``torch.library.triton_op``, so that
-``torch.compile`` sees the kernels and ``torch.export`` keeps the ops), or
-``trp::lowrank_conv2d`` / ``trp::lowrank_linear`` (custom ops with fake kernels) for the
-others; or the plain reference for the "torch" backend and during ONNX export, so that an
+``torch.compile`` sees the kernels and ``torch.export`` keeps the ops) for the chains a
+Triton kernel fuses, or ``trp::conv_chain`` / ``trp::lowrank_linear`` (custom ops with
+fake kernels, running the fused C++ kernel for the chains it has, else the reference) for
+the others; or the plain reference for the "torch" backend and during ONNX export, so that an
 exported model is made of ordinary Conv/Gemm nodes. Every op takes the fused epilogue
 (``residual`` to add, ``relu``) and shares one autograd formula (:mod:`trp_kernels._autograd`).
 
@@ -186,15 +187,15 @@ def _names(dtypes) -> str:
 # without it runs the reference arithmetic through the same op, so that dispatch,
 # torch.compile and autograd treat every non-torch backend alike.
 
-@torch.library.custom_op("trp::lowrank_conv2d", mutates_args=(), device_types=("cpu", "cuda"))
-def _lowrank_conv2d_op(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor,
-                       bias: Optional[torch.Tensor], residual: Optional[torch.Tensor], stride: list[int],
-                       padding: list[int], dilation: list[int], scheme: str, relu: bool,
-                       backend: str) -> torch.Tensor:
-    if _runs_cpp_kernel(x, backend):
-        out = cpp.lowrank_conv2d(x, weight1, weight2, bias, stride, padding, dilation, scheme, residual, relu)
+@torch.library.custom_op("trp::conv_chain", mutates_args=(), device_types=("cpu", "cuda"))
+def _conv_chain_op(x: torch.Tensor, weights: list[torch.Tensor], strides: list[int], paddings: list[int],
+                   dilations: list[int], bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
+                   relu: bool, backend: str) -> torch.Tensor:
+    kernel = _cpp_kernel(x, backend, weights, strides, paddings, dilations)
+    if kernel is not None:
+        out = cpp.lowrank_conv2d(x, weights[0], weights[1], bias, *kernel[1:], kernel[0], residual, relu)
     else:
-        out = reference.lowrank_conv2d(x, weight1, weight2, bias, stride, padding, dilation, scheme, residual, relu)
+        out = reference.conv_chain(x, weights, strides, paddings, dilations, bias, residual, relu)
     return out.contiguous(memory_format=reference.output_memory_format(x))
 
 
@@ -202,15 +203,22 @@ def _runs_cpp_kernel(x: torch.Tensor, backend: str) -> bool:
     return backend == "cpp" and "cpp" in _FUSED and x.device.type == "cpu" and x.dtype == torch.float32
 
 
-@_lowrank_conv2d_op.register_fake
-def _(x, weight1, weight2, bias, residual, stride, padding, dilation, scheme, relu, backend):
-    hw = reference.checked_output_hw("trp::lowrank_conv2d", x.shape[-2:], conv_kernel(weight1, weight2, scheme),
-                                     stride, padding, dilation)
-    return torch.empty((x.shape[0], weight2.shape[0], *hw), dtype=x.dtype, device=x.device,
+def _cpp_kernel(x, backend, weights, strides, paddings, dilations) -> Optional[tuple]:
+    """The fused C++ kernel's (kernel, stride, padding, dilation) for this call, or None."""
+    if not _runs_cpp_kernel(x, backend):
+        return None
+    return match_kernel(weights, strides, paddings, dilations)
+
+
+@_conv_chain_op.register_fake
+def _(x, weights, strides, paddings, dilations, bias, residual, relu, backend):
+    shapes = [w.shape for w in weights]
+    hw = reference.chain_output_hw("trp::conv_chain", x.shape[-2:], shapes, strides, paddings, dilations)
+    return torch.empty((x.shape[0], shapes[-1][0], *hw), dtype=x.dtype, device=x.device,
                        memory_format=reference.output_memory_format(x))
 
 
-_autograd.register(_lowrank_conv2d_op, "conv")
+_autograd.register(_conv_chain_op, "chain")
 
 
 @torch.library.custom_op("trp::lowrank_linear", mutates_args=(), device_types=("cpu", "cuda"))
@@ -232,9 +240,44 @@ _autograd.register(_lowrank_linear_op, "linear")
 
 # --- what trp calls ------------------------------------------------------------------
 
-def conv_kernel(weight1: torch.Tensor, weight2: torch.Tensor, scheme: str) -> tuple[int, int]:
-    """The (kh, kw) of the conv that a factored conv's ``weight1``/``weight2`` compute."""
-    return (weight1.shape[2], weight1.shape[3] if scheme == "channel" else weight2.shape[3])
+# The fused kernel (if any) of each chain, per (shapes, geometry): asked on every call.
+_KERNELS: dict[tuple, Optional[tuple]] = {}
+
+
+def match_kernel(weights: Sequence[torch.Tensor], strides: Sequence[int], paddings: Sequence[int],
+                 dilations: Sequence[int]) -> Optional[tuple]:
+    """:func:`trp_kernels.reference.match_kernel` of a chain's weights, remembered."""
+    key = (tuple(tuple(w.shape) for w in weights), tuple(strides), tuple(paddings), tuple(dilations))
+    if torch.compiler.is_compiling():
+        return reference.match_kernel(*key)
+    if key not in _KERNELS:
+        _KERNELS[key] = reference.match_kernel(*key)
+    return _KERNELS[key]
+
+
+def chain_kernel(shapes: Sequence[Sequence[int]]) -> tuple[int, int]:
+    """The largest (kh, kw) among a chain's stages (what the backends' limits are about)."""
+    kh = kw = 1
+    for s in shapes:
+        kh, kw = max(kh, s[2]), max(kw, s[3])
+    return (kh, kw)
+
+
+def chain_rank(shapes: Sequence[Sequence[int]]) -> Optional[int]:
+    """The widest intermediate of a chain (None for one stage)."""
+    rank = None
+    for s in shapes[:-1]:
+        rank = s[0] if rank is None else max(rank, s[0])
+    return rank
+
+
+def runs_fused(backend: str, shapes: Sequence[Sequence[int]], strides: Sequence[int], paddings: Sequence[int],
+               dilations: Sequence[int]) -> bool:
+    """Whether ``backend`` (a resolved name) runs this chain in a fused kernel (else the
+    reference arithmetic, through the op)."""
+    if backend == "torch" or not is_fused(backend):
+        return False
+    return reference.match_kernel(shapes, strides, paddings, dilations) is not None
 
 
 def _plain_eager(*tensors: Optional[torch.Tensor]) -> bool:
@@ -253,39 +296,48 @@ def _plain_eager(*tensors: Optional[torch.Tensor]) -> bool:
     return True
 
 
-def lowrank_conv2d(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor,
-                   bias: Optional[torch.Tensor], stride: Sequence[int], padding: Sequence[int],
-                   dilation: Sequence[int], scheme: str, backend: str = "auto",
-                   residual: Optional[torch.Tensor] = None, relu: bool = False) -> torch.Tensor:
-    """A factored conv: ``weight1`` (r, c, kh1, kw1) then ``weight2`` (n, r, kh2, kw2) + bias,
-    then ``+ residual`` and ReLU when given (the fused epilogue).
-
-    ``padding`` is ``(top, bottom, left, right)`` of the original conv; ``scheme`` says how
-    stride, padding and dilation split between the factors (see
-    :func:`trp_kernels.reference.factor_conv_params`).
-    """
+def conv_chain(x: torch.Tensor, weights: Sequence[torch.Tensor], strides: Sequence[int],
+               paddings: Sequence[int], dilations: Sequence[int], bias: Optional[torch.Tensor] = None,
+               residual: Optional[torch.Tensor] = None, relu: bool = False, backend: str = "auto") -> torch.Tensor:
+    """A factored conv as a chain of convs: ``weights[i]`` with stage i's geometry
+    (``strides[2i:2i+2]``, ``paddings[4i:4i+4]`` as top, bottom, left, right,
+    ``dilations[2i:2i+2]``), the bias on the last stage, then ``+ residual`` and ReLU when
+    given (the fused epilogue). The geometry is trusted: it is checked once, when the layer
+    is built (:func:`trp_kernels.reference.check_chain`)."""
     if torch.onnx.is_in_onnx_export():
-        return reference.lowrank_conv2d(x, weight1, weight2, bias, stride, padding, dilation, scheme,
-                                        residual, relu)
-    name = _backend_for(backend, x.device.type, x.dtype, weight1.shape[0], conv_kernel(weight1, weight2, scheme))
+        return reference.conv_chain(x, weights, strides, paddings, dilations, bias, residual, relu)
+    shapes = [w.shape for w in weights]
+    name = _backend_for(backend, x.device.type, x.dtype, chain_rank(shapes), chain_kernel(shapes))
     if name == "torch":
-        return reference.lowrank_conv2d(x, weight1, weight2, bias, stride, padding, dilation, scheme,
-                                        residual, relu)
+        return reference.conv_chain(x, weights, strides, paddings, dilations, bias, residual, relu)
     if name == "cpp" and x.dim() == 4:
         # The C++ kernel computes in channels_last: converting here (a no-op once the model
         # is channels_last) makes the output channels_last too, so an NCHW model converts
         # once, at its first low-rank layer, and PyTorch's own ops keep the layout after.
         x = x.contiguous(memory_format=torch.channels_last)
-    direct = _plain_eager(x, weight1, weight2, bias, residual)
-    if direct and _runs_cpp_kernel(x, name):
-        return cpp.lowrank_conv2d(x, weight1, weight2, bias, stride, padding, dilation, scheme, residual, relu)
-    args = (x, weight1, weight2, bias, residual, list(stride), list(padding), list(dilation))
-    if name == "triton":
+    direct = _plain_eager(x, *weights, bias, residual)
+    kernel = match_kernel(weights, strides, paddings, dilations) if name != "torch" else None
+    if name == "triton" and kernel is not None:
+        args = (x, weights[0], weights[1], bias, residual, list(kernel[1]), list(kernel[2]), list(kernel[3]), relu)
         if direct:
-            return (_triton_conv_channel if scheme == "channel" else _triton_conv_spatial)(*args, relu)
-        op = torch.ops.trp.triton_conv_channel if scheme == "channel" else torch.ops.trp.triton_conv_spatial
-        return op(*args, relu)
-    return torch.ops.trp.lowrank_conv2d(*args, scheme, relu, name)
+            return (_triton_conv_channel if kernel[0] == "channel" else _triton_conv_spatial)(*args)
+        op = torch.ops.trp.triton_conv_channel if kernel[0] == "channel" else torch.ops.trp.triton_conv_spatial
+        return op(*args)
+    if direct and kernel is not None and _runs_cpp_kernel(x, name):
+        return cpp.lowrank_conv2d(x, weights[0], weights[1], bias, *kernel[1:], kernel[0], residual, relu)
+    return torch.ops.trp.conv_chain(x, list(weights), list(strides), list(paddings), list(dilations), bias,
+                                    residual, relu, name)
+
+
+def lowrank_conv2d(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor,
+                   bias: Optional[torch.Tensor], stride: Sequence[int], padding: Sequence[int],
+                   dilation: Sequence[int], kernel: str, backend: str = "auto",
+                   residual: Optional[torch.Tensor] = None, relu: bool = False) -> torch.Tensor:
+    """The two-stage kernel ``kernel`` ('channel' or 'spatial') for a conv of the given
+    geometry (``padding`` top, bottom, left, right): :func:`conv_chain` of its
+    :func:`trp_kernels.reference.kernel_stages`."""
+    return conv_chain(x, (weight1, weight2), *reference.kernel_stages(kernel, stride, padding, dilation), bias,
+                      residual, relu, backend)
 
 
 def lowrank_linear(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor,

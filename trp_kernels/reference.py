@@ -4,6 +4,14 @@ This is the oracle the kernel tests compare against, the "torch" backend, and th
 that ONNX export and autograd see. Padding is carried as an explicit 4-tuple
 ``(top, bottom, left, right)`` so that ``padding='same'`` with an even kernel (which
 PyTorch pads asymmetrically) survives factorisation exactly.
+
+Every factored conv is a *chain* of convs: ``weights[i]`` with the geometry
+``strides[2i:2i+2]``, ``paddings[4i:4i+4]``, ``dilations[2i:2i+2]``, the bias on the
+last stage, then the epilogue (residual, ReLU). That is the one argument order of
+:func:`conv_chain`, of ``trp::conv_chain`` and of :func:`trp_kernels.ops.conv_chain`.
+Which chains a fused kernel runs is said here too (:func:`match_kernel`): the two-stage
+kernels ``channel`` (a k×k conv, then a plain 1×1) and ``spatial`` (kh×1 with the
+vertical geometry, then 1×kw with the horizontal one).
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ import torch.nn.functional as F
 Pair = tuple[int, int]
 Pad4 = tuple[int, int, int, int]
 
-SCHEMES = ("channel", "spatial")
+TWO_STAGE_KERNELS = ("channel", "spatial")
 
 
 def _pair(value, name: str) -> Pair:
@@ -52,21 +60,90 @@ def resolve_padding(padding, kernel_size, dilation) -> Pad4:
     return pad  # type: ignore[return-value]
 
 
-def factor_conv_params(scheme: str, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]):
-    """Per-factor ``(stride, padding4, dilation)`` of a factored k×k conv.
+def kernel_stages(kernel: str, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]):
+    """The chain ``(strides, paddings, dilations)`` (flat lists) that the two-stage kernel
+    ``kernel`` computes for a conv of geometry ``stride``/``padding`` (4)/``dilation``.
 
-    channel: the first factor keeps the original k×k geometry, the second is a plain 1×1.
-    spatial: the first (kh×1) factor takes the vertical geometry, the second (1×kw) the
+    channel: the first stage keeps the k×k geometry, the second is a plain 1×1.
+    spatial: the first (kh×1) stage takes the vertical geometry, the second (1×kw) the
     horizontal one; zero padding commutes with a width-1 conv, so this is exact.
     """
     sh, sw = stride
     t, b, l, r = padding
     dh, dw = dilation
-    if scheme == "channel":
-        return ((sh, sw), (t, b, l, r), (dh, dw)), ((1, 1), (0, 0, 0, 0), (1, 1))
-    if scheme == "spatial":
-        return ((sh, 1), (t, b, 0, 0), (dh, 1)), ((1, sw), (0, 0, l, r), (1, dw))
-    raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+    if kernel == "channel":
+        return [sh, sw, 1, 1], [t, b, l, r, 0, 0, 0, 0], [dh, dw, 1, 1]
+    if kernel == "spatial":
+        return [sh, 1, 1, sw], [t, b, 0, 0, 0, 0, l, r], [dh, 1, 1, dw]
+    raise ValueError(f"kernel must be one of {TWO_STAGE_KERNELS}, got {kernel!r}")
+
+
+def match_kernel(shapes: Sequence[Sequence[int]], strides: Sequence[int], paddings: Sequence[int],
+                 dilations: Sequence[int]) -> Optional[tuple]:
+    """``(kernel, stride, padding4, dilation)`` when a fused two-stage kernel computes the
+    chain of weight ``shapes`` and geometry (the conv it is, in that kernel's arguments),
+    else None."""
+    if len(shapes) != 2:
+        return None
+    (_, _, kh1, kw1), (_, _, kh2, kw2) = shapes
+    g = (tuple(strides), tuple(paddings), tuple(dilations))
+    if (kh2, kw2) == (1, 1) and g[0][2:] == (1, 1) and g[1][4:] == (0, 0, 0, 0) and g[2][2:] == (1, 1):
+        return "channel", g[0][:2], g[1][:4], g[2][:2]
+    if kw1 == 1 and kh2 == 1:
+        stride, pad, dil = (g[0][0], g[0][3]), (*g[1][:2], *g[1][6:]), (g[2][0], g[2][3])
+        if [list(x) for x in kernel_stages("spatial", stride, pad, dil)] == [list(x) for x in g]:
+            return "spatial", stride, pad, dil
+    return None
+
+
+def stage_geometry(strides: Sequence[int], paddings: Sequence[int], dilations: Sequence[int]) -> list:
+    """The chain's geometry as one ``(stride, padding4, dilation)`` per stage."""
+    return [(tuple(strides[2 * i:2 * i + 2]), tuple(paddings[4 * i:4 * i + 4]), tuple(dilations[2 * i:2 * i + 2]))
+            for i in range(len(strides) // 2)]
+
+
+def check_chain(fn: str, shapes: Sequence[Sequence[int]], strides: Sequence[int], paddings: Sequence[int],
+                dilations: Sequence[int], in_channels: Optional[int] = None) -> None:
+    """Raise a ValueError naming the argument unless ``shapes`` are 4-D conv weights whose
+    channels chain (stage i's outputs are stage i+1's inputs) and the geometry has 2
+    strides >= 1, 4 paddings >= 0 and 2 dilations >= 1 per stage. Checked once, when a
+    layer or a plan is built; the kernels trust it."""
+    k = len(shapes)
+    if k < 1:
+        raise ValueError(f"{fn}: weights must hold at least one stage, got none")
+    for i, s in enumerate(shapes):
+        if len(s) != 4:
+            raise ValueError(f"{fn}: weights[{i}] must be a 4-D conv weight, got shape {tuple(s)}")
+        if i and s[1] != shapes[i - 1][0]:
+            raise ValueError(f"{fn}: weights[{i}] takes {s[1]} input channels but weights[{i - 1}] gives "
+                             f"{shapes[i - 1][0]}")
+    if in_channels is not None and shapes[0][1] != in_channels:
+        raise ValueError(f"{fn}: weights[0] takes {shapes[0][1]} input channels, the input has {in_channels}")
+    for name, value, n, lo in (("strides", strides, 2, 1), ("paddings", paddings, 4, 0),
+                               ("dilations", dilations, 2, 1)):
+        if (not isinstance(value, (list, tuple)) or len(value) != n * k
+                or any(isinstance(v, bool) or not isinstance(v, (int, torch.SymInt)) or v < lo for v in value)):
+            raise ValueError(f"{fn}: {name} must be {n} ints >= {lo} per stage ({n * k} for {k} stages), "
+                             f"got {value!r}")
+
+
+def chain_output_hw(what: str, hw: Sequence[int], shapes: Sequence[Sequence[int]], strides: Sequence[int],
+                    paddings: Sequence[int], dilations: Sequence[int]) -> Pair:
+    """The output height and width of a chain on an ``hw`` input (:func:`checked_output_hw`
+    stage by stage)."""
+    for s, g in zip(shapes, stage_geometry(strides, paddings, dilations)):
+        hw = checked_output_hw(what, hw, s[2:], *g)
+    return tuple(hw)
+
+
+def chain_min_input_hw(shapes: Sequence[Sequence[int]], strides: Sequence[int], paddings: Sequence[int],
+                       dilations: Sequence[int]) -> Pair:
+    """The smallest input height and width that give a chain at least one output pixel."""
+    need = [1, 1]
+    for s, (st, pad, dil) in reversed(list(zip(shapes, stage_geometry(strides, paddings, dilations)))):
+        lo = min_input_hw(s[2:], pad, dil)
+        need = [max(lo[d], (need[d] - 1) * st[d] + lo[d]) for d in range(2)]
+    return (max(need[0], 1), max(need[1], 1))
 
 
 def check_geometry(fn: str, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]) -> None:
@@ -149,14 +226,24 @@ def epilogue(out: torch.Tensor, residual: Optional[torch.Tensor], relu: bool) ->
     return torch.relu(out) if relu else out
 
 
+def conv_chain(x: torch.Tensor, weights: Sequence[torch.Tensor], strides: Sequence[int],
+               paddings: Sequence[int], dilations: Sequence[int], bias: Optional[torch.Tensor] = None,
+               residual: Optional[torch.Tensor] = None, relu: bool = False) -> torch.Tensor:
+    """A chain of convs: ``F.conv2d`` per stage (the bias on the last), then the :func:`epilogue`."""
+    geometry = stage_geometry(strides, paddings, dilations)
+    last = len(weights) - 1
+    for i, (w, g) in enumerate(zip(weights, geometry)):
+        x = conv2d(x, w, bias if i == last else None, *g)
+    return epilogue(x, residual, relu)
+
+
 def lowrank_conv2d(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor,
                    bias: Optional[torch.Tensor], stride: Sequence[int], padding: Sequence[int],
-                   dilation: Sequence[int], scheme: str, residual: Optional[torch.Tensor] = None,
+                   dilation: Sequence[int], kernel: str, residual: Optional[torch.Tensor] = None,
                    relu: bool = False) -> torch.Tensor:
-    """Both factors of a low-rank conv as two convolutions (bias on the second), then the
-    :func:`epilogue`."""
-    first, second = factor_conv_params(scheme, stride, padding, dilation)
-    return epilogue(conv2d(conv2d(x, weight1, None, *first), weight2, bias, *second), residual, relu)
+    """What the two-stage kernel ``kernel`` ('channel' or 'spatial') computes for a conv of
+    the given geometry: :func:`conv_chain` of its :func:`kernel_stages`."""
+    return conv_chain(x, (weight1, weight2), *kernel_stages(kernel, stride, padding, dilation), bias, residual, relu)
 
 
 def lowrank_linear(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor,
@@ -185,22 +272,33 @@ def _conv2d_backward(grad_out, x, weight, has_bias, stride, padding, dilation, m
     return gx, gw, gb
 
 
-def lowrank_conv2d_backward(grad_out, x, weight1, weight2, has_bias, stride, padding, dilation,
-                            scheme, needs):
-    """Gradients of :func:`lowrank_conv2d` wrt (x, weight1, weight2, bias).
+def conv_chain_backward(grad_out, x, weights, has_bias, strides, paddings, dilations, needs):
+    """Gradients of :func:`conv_chain` (before its epilogue) wrt ``(x, [weights], bias)``;
+    ``needs``: which of x, each weight and bias want one.
 
-    The r-channel intermediate is recomputed rather than saved: forward kernels never
-    write it to memory, so the backward pays one extra thin conv instead.
+    The intermediates are recomputed rather than saved: forward kernels never write them
+    to memory, so the backward pays the thin convs once more instead.
     """
-    first, second = factor_conv_params(scheme, stride, padding, dilation)
-    h = conv2d(x, weight1, None, *first)
-    need_h = needs[0] or needs[1]
-    gh, gw2, gb = _conv2d_backward(grad_out, h, weight2, has_bias, *second,
-                                   (need_h, needs[2], needs[3]))
-    gx = gw1 = None
-    if need_h:
-        gx, gw1, _ = _conv2d_backward(gh, x, weight1, False, *first, (needs[0], needs[1], False))
-    return gx, gw1, gw2, gb
+    geometry = stage_geometry(strides, paddings, dilations)
+    inputs = [x]
+    for w, g in zip(weights[:-1], geometry):
+        inputs.append(conv2d(inputs[-1], w, None, *g))
+    k = len(weights)
+    need_w = list(needs[1:1 + k])
+    # stage i needs the gradient of its input when anything before it wants a gradient
+    upstream = [needs[0] or any(need_w[:i]) for i in range(k)]
+    g, grads_w, gb = grad_out, [None] * k, None
+    for i in reversed(range(k)):
+        bias_here = has_bias and i == k - 1
+        gx, gw, gbi = _conv2d_backward(g, inputs[i], weights[i], bias_here, *geometry[i],
+                                       (upstream[i], need_w[i], bias_here and needs[1 + k]))
+        grads_w[i] = gw
+        if bias_here:
+            gb = gbi
+        if not upstream[i]:
+            break
+        g = gx
+    return (g if needs[0] else None), grads_w, gb
 
 
 def lowrank_linear_backward(grad_out, x, weight1, weight2, has_bias, needs):

@@ -255,7 +255,7 @@ def test_nothing_changes_when_a_layer_cannot_be_factored():
     (dict(ratio=2.0), ValueError, "ratio must be"),
     (dict(energy=0.9, ratio=0.5), ValueError, "at most one of energy, rank, ratio"),
     (dict(rank_multiple=0), ValueError, "rank_multiple must be an int >= 1"),
-    (dict(scheme="tucker"), ValueError, "scheme must be one of"),
+    (dict(scheme="tensor-train"), ValueError, "scheme must be one of"),
     (dict(backend="cudnn"), ValueError, "backend must be one of"),
     (dict(filter_fn="all"), TypeError, "filter_fn must be callable"),
     (dict(fold_bn="yes"), TypeError, "fold_bn must be a bool"),
@@ -298,7 +298,7 @@ def test_dynamo_sees_no_graph_break(backend):
     assert explanation.graph_count == 1
     ops_in_graph = {str(n.target) for g in explanation.graphs for n in g.graph.nodes}
     if backend == "cpp":
-        assert any("trp.lowrank_conv2d" in t for t in ops_in_graph), ops_in_graph
+        assert any("trp.conv_chain" in t for t in ops_in_graph), ops_in_graph
 
 
 @pytest.mark.parametrize("backend", _backends_here())
@@ -335,7 +335,7 @@ def test_torch_export_keeps_the_op():
     x = torch.randn(1, 3, 32, 32)
     ep = torch.export.export(model, (x,))
     targets = {str(n.target) for n in ep.graph.nodes}
-    assert any("trp.lowrank_conv2d" in t for t in targets)
+    assert any("trp.conv_chain" in t for t in targets)
     with torch.no_grad():
         assert rel_err(ep.module()(x), model(x)) < 1e-6
 

@@ -123,7 +123,7 @@ def test_explicit_backend_that_cannot_run_says_why():
 @pytest.mark.parametrize("kwargs,match", [
     (dict(rank=0), "rank must be an int >= 1"),
     (dict(rank=100), "rank must be <= full rank 8"),
-    (dict(rank=2, scheme="tucker"), "scheme must be one of"),
+    (dict(rank=2, scheme="tensor-train"), "scheme must be one of"),
     (dict(rank=2, backend="cudnn"), "backend must be one of"),
     (dict(rank=2, stride=0), "stride must be an int >= 1"),
     (dict(rank=2, stride=2, padding="same"), "padding='same' is not supported for strided"),

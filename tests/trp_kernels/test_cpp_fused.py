@@ -259,8 +259,9 @@ def test_op_dispatch_runs_the_fused_kernel(monkeypatch):
     out = ops.lowrank_conv2d(x, w1, w2, b, stride, pad4, dil, scheme, "cpp", res, relu)
     ref = ops.lowrank_conv2d(x, w1, w2, b, stride, pad4, dil, scheme, "torch", res, relu)
     assert calls and (out - ref).abs().max() < 1e-5
-    torch.library.opcheck(torch.ops.trp.lowrank_conv2d.default,
-                          (x.contiguous(), w1, w2, b, res, list(stride), list(pad4), list(dil), scheme, relu, "cpp"),
+    torch.library.opcheck(torch.ops.trp.conv_chain.default,
+                          (x.contiguous(), [w1, w2], *reference.kernel_stages(scheme, stride, pad4, dil), b, res,
+                           relu, "cpp"),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     g = torch.randn_like(out)
     for a, r in zip(torch.autograd.grad(out, tensors, g), torch.autograd.grad(ref, tensors, g)):

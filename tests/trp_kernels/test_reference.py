@@ -42,57 +42,90 @@ def test_lowrank_conv_matches_composed_dense(scheme, kernel, padding):
     assert rel_err(out, expected) < 1e-12
 
 
-def _conv_args(scheme, channels_last, requires_grad=True, dtype=torch.float64):
+def _chain_args(kind, channels_last=False, requires_grad=True, dtype=torch.float64,
+                padding=(1, 1, 1, 1)):
+    """x and the ``trp::conv_chain`` arguments of a conv of stride (2, 1), dilation (1, 2)
+    and ``padding`` computed as ``kind``: a fused two-stage kernel's chain ('channel',
+    'spatial'), a Tucker-2 chain of three stages, or one dense stage."""
     x = torch.randn(2, 3, 7, 6, dtype=dtype)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
-    w1 = torch.randn((2, 3, 3, 3) if scheme == "channel" else (2, 3, 3, 1), dtype=dtype)
-    w2 = torch.randn((4, 2, 1, 1) if scheme == "channel" else (4, 2, 1, 3), dtype=dtype)
+    stride, dil = [2, 1], [1, 2]
+    if kind in reference.TWO_STAGE_KERNELS:
+        shapes = [(2, 3, 3, 3), (4, 2, 1, 1)] if kind == "channel" else [(2, 3, 3, 1), (4, 2, 1, 3)]
+        strides, paddings, dilations = reference.kernel_stages(kind, stride, padding, dil)
+    elif kind == "tucker":
+        shapes = [(2, 3, 1, 1), (3, 2, 3, 3), (4, 3, 1, 1)]
+        strides, paddings, dilations = [1, 1, *stride, 1, 1], [0] * 4 + list(padding) + [0] * 4, [1, 1, *dil, 1, 1]
+    else:
+        shapes = [(4, 3, 3, 3)]
+        strides, paddings, dilations = stride, list(padding), dil
+    weights = [torch.randn(s, dtype=dtype) for s in shapes]
     b = torch.randn(4, dtype=dtype)
-    for t in (x, w1, w2, b):
+    for t in (x, *weights, b):
         t.requires_grad_(requires_grad)
-    return x, w1, w2, b
+    return x, weights, b, (strides, paddings, dilations)
 
 
-@pytest.mark.parametrize("scheme", ["channel", "spatial"])
+def _dense(weights):
+    """The chain as one dense conv (its composed weight, the geometry of the k×k stage)."""
+    dense = weights[0].detach()
+    for w in weights[1:]:
+        dense = F.conv2d(dense.permute(1, 0, 2, 3), w.detach().flip(-2, -1),
+                         padding=(w.shape[2] - 1, w.shape[3] - 1)).permute(1, 0, 2, 3)
+    return dense
+
+
+CHAINS = ["channel", "spatial", "tucker", "dense"]
+
+
+@pytest.mark.parametrize("kind", CHAINS)
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("padding", [[1, 1, 1, 1], [0, 1, 2, 1]])
-def test_conv_op_registration(scheme, channels_last, padding):
+def test_conv_op_registration(kind, channels_last, padding):
     """Schema, fake kernel, autograd registration and AOT dispatch agree with the real op."""
-    x, w1, w2, b = _conv_args(scheme, channels_last)
-    args = (x, w1, w2, b, None, [2, 1], padding, [1, 2], scheme, False, "cpp")
-    torch.library.opcheck(torch.ops.trp.lowrank_conv2d.default, args)
+    x, weights, b, geometry = _chain_args(kind, channels_last, padding=padding)
+    args = (x, weights, *geometry, b, None, False, "cpp")
+    torch.library.opcheck(torch.ops.trp.conv_chain.default, args)
 
 
-@pytest.mark.parametrize("scheme", ["channel", "spatial"])
+@pytest.mark.parametrize("kind", CHAINS)
 @pytest.mark.parametrize("padding", [[1, 1, 1, 1], [0, 1, 2, 1]])
-def test_conv_op_gradients(scheme, padding):
-    x, w1, w2, b = _conv_args(scheme, False)
-    fn = lambda x, w1, w2, b: torch.ops.trp.lowrank_conv2d(  # noqa: E731
-        x, w1, w2, b, None, [2, 1], padding, [1, 2], scheme, False, "cpp")
-    assert torch.autograd.gradcheck(fn, (x, w1, w2, b))
-    assert torch.autograd.gradcheck(fn, (x, w1, w2, None))
+def test_conv_op_gradients(kind, padding):
+    x, weights, b, geometry = _chain_args(kind, padding=padding)
+    fn = lambda x, b, *ws: torch.ops.trp.conv_chain(  # noqa: E731
+        x, list(ws), *geometry, b, None, False, "cpp")
+    assert torch.autograd.gradcheck(fn, (x, b, *weights))
+    assert torch.autograd.gradcheck(fn, (x, None, *weights))
 
 
-@pytest.mark.parametrize("scheme", ["channel", "spatial"])
-def test_conv_op_epilogue_gradients(scheme):
-    """Residual and ReLU: gradients wrt all five tensor inputs, and opcheck."""
-    x, w1, w2, b = _conv_args(scheme, False)
-    out_shape = reference.lowrank_conv2d(x, w1, w2, b, [2, 1], [1, 1, 1, 1], [1, 2], scheme).shape
+@pytest.mark.parametrize("kind", CHAINS)
+def test_conv_op_epilogue_gradients(kind):
+    """Residual and ReLU: gradients wrt every tensor input, opcheck, and the value."""
+    x, weights, b, geometry = _chain_args(kind)
+    out_shape = reference.conv_chain(x, weights, *geometry, b).shape
     res = torch.randn(out_shape, dtype=torch.float64, requires_grad=True)
-    fn = lambda x, w1, w2, b, res: torch.ops.trp.lowrank_conv2d(  # noqa: E731
-        x, w1, w2, b, res, [2, 1], [1, 1, 1, 1], [1, 2], scheme, True, "cpp")
-    assert torch.autograd.gradcheck(fn, (x, w1, w2, b, res))
-    torch.library.opcheck(torch.ops.trp.lowrank_conv2d.default,
-                          (x, w1, w2, b, res, [2, 1], [1, 1, 1, 1], [1, 2], scheme, True, "cpp"))
-    expected = torch.relu(reference.lowrank_conv2d(x, w1, w2, b, [2, 1], [1, 1, 1, 1], [1, 2], scheme) + res)
-    assert rel_err(fn(x, w1, w2, b, res), expected) < 1e-12
+    fn = lambda x, b, res, *ws: torch.ops.trp.conv_chain(  # noqa: E731
+        x, list(ws), *geometry, b, res, True, "cpp")
+    assert torch.autograd.gradcheck(fn, (x, b, res, *weights))
+    torch.library.opcheck(torch.ops.trp.conv_chain.default, (x, weights, *geometry, b, res, True, "cpp"))
+    expected = torch.relu(reference.conv_chain(x, weights, *geometry, b) + res)
+    assert rel_err(fn(x, b, res, *weights), expected) < 1e-12
+
+
+@pytest.mark.parametrize("kind", CHAINS)
+def test_conv_chain_is_the_composed_dense_conv(kind):
+    """Every chain equals one conv with the composed weight and the k×k stage's geometry
+    (zero padding commutes with the 1×1 / width-1 stages), bias added once at the end."""
+    x, weights, b, geometry = _chain_args(kind, requires_grad=False, padding=[0, 1, 2, 1])
+    out = reference.conv_chain(x, weights, *geometry, b)
+    want = F.conv2d(F.pad(x, (2, 1, 0, 1)), _dense(weights), b, (2, 1), 0, (1, 2))
+    assert out.shape == want.shape and rel_err(out, want) < 1e-12
 
 
 def test_conv_op_output_layout_follows_input():
-    x, w1, w2, b = _conv_args("channel", True, requires_grad=False, dtype=torch.float32)
-    out = torch.ops.trp.lowrank_conv2d(x, w1, w2, b, None, [1, 1], [1, 1, 1, 1], [1, 1], "channel", False,
-                                       "cpp")
+    x, weights, b, geometry = _chain_args("channel", True, requires_grad=False, dtype=torch.float32)
+    out = torch.ops.trp.conv_chain(x, weights, *geometry, b, None, False, "cpp")
     assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
 
 

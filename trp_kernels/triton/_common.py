@@ -228,9 +228,9 @@ def register_op(name: str):
     return dec
 
 
-def register_conv_op(name: str, launcher, scheme: str):
+def register_conv_op(name: str, launcher, kernel: str):
     """Register ``launcher`` (``conv_channel`` or ``conv_spatial``) as the conv op ``name``,
-    with the shared autograd; both schemes' ops have this one signature."""
+    with the shared autograd; both two-stage kernels' ops have this one signature."""
     from trp_kernels import _autograd
 
     def op(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor, bias: Optional[torch.Tensor],
@@ -240,7 +240,7 @@ def register_conv_op(name: str, launcher, scheme: str):
 
     op.__name__ = name.split("::")[1]
     registered = register_op(name)(op)
-    _autograd.register(registered, "conv", scheme=scheme)
+    _autograd.register(registered, "conv", kernel=kernel)
     return registered
 
 

@@ -106,7 +106,7 @@ def launch(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor, bias: 
 def conv_channel(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor, bias: Optional[torch.Tensor],
                  residual: Optional[torch.Tensor], stride: list[int], padding: list[int], dilation: list[int],
                  relu: bool, config: Optional[dict] = None) -> torch.Tensor:
-    """``reference.lowrank_conv2d(..., scheme='channel', residual, relu)`` in one kernel.
+    """``reference.lowrank_conv2d(..., 'channel', residual, relu)`` in one kernel.
     ``padding`` is (top, bottom, left, right); ``config`` fixes the block sizes (tests)."""
     op = "triton conv_channel"
     if x.dim() != 4 or weight1.dim() != 4 or weight2.dim() != 4 or weight2.shape[-2:] != (1, 1):

@@ -127,7 +127,7 @@ def tile_width(wo: int, stride_w: int, kw: int, dil_w: int) -> tuple[int, int]:
 def conv_spatial(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor, bias: Optional[torch.Tensor],
                  residual: Optional[torch.Tensor], stride: list[int], padding: list[int], dilation: list[int],
                  relu: bool, config: Optional[dict] = None) -> torch.Tensor:
-    """``reference.lowrank_conv2d(..., scheme='spatial', residual, relu)`` in one kernel.
+    """``reference.lowrank_conv2d(..., 'spatial', residual, relu)`` in one kernel.
     ``padding`` is (top, bottom, left, right); ``config`` fixes the block sizes (tests), and
     its ``R_CHUNK`` (a power of two, at least 16) the rank columns held at once."""
     op = "triton conv_spatial"
