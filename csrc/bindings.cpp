@@ -228,26 +228,44 @@ void check_dim(const py::array& a, const char* name, py::ssize_t d, int64_t want
     }
 }
 
+// The fused kernels: the two-stage schemes, Tucker-2's three stages, one dense stage.
+enum class Kernel { kChannel, kSpatial, kTucker, kDense };
+
 // A fused low-rank conv call, checked: the kernel arguments and the arrays they point
 // into (kept referenced, so that their buffers outlive the call or plan).
 struct CheckedCall {
     trp::LowRankConvArgs a{};
-    bool channel = true;
-    py::array x, w1, w2, bias, res, out;
+    Kernel kernel = Kernel::kChannel;
+    py::array x, w1, w2, w3, bias, res, out;
 };
 
 // Fused low-rank conv, NHWC. Everything the kernel reads is checked here first.
 CheckedCall check_lowrank_conv(py::handle x_obj, py::handle w1_obj, py::handle w2_obj, py::handle bias_obj,
                                py::handle residual_obj, py::handle out_obj, const std::string& scheme, int64_t kh,
                                int64_t kw, py::handle stride_obj, py::handle pad_obj, py::handle dilation_obj,
-                               bool relu, int threads) {
-    if (scheme != "channel" && scheme != "spatial") {
-        value_error("scheme must be 'channel' or 'spatial', got '" + scheme + "'");
-    }
-    const bool channel = scheme == "channel";
+                               bool relu, int threads, py::handle w3_obj) {
+    Kernel kernel;
+    if (scheme == "channel") kernel = Kernel::kChannel;
+    else if (scheme == "spatial") kernel = Kernel::kSpatial;
+    else if (scheme == "tucker") kernel = Kernel::kTucker;
+    else if (scheme == "dense") kernel = Kernel::kDense;
+    else value_error("scheme must be 'channel', 'spatial', 'tucker' or 'dense', got '" + scheme + "'");
+    const bool dense = kernel == Kernel::kDense, tucker = kernel == Kernel::kTucker;
     py::array x = require_f32(x_obj, "x", 4, "(batch, height, width, channels) NHWC");
-    py::array w1 = require_f32(w1_obj, "w1", 2, "(taps * in_channels, rank)");
-    py::array w2 = require_f32(w2_obj, "w2", 2, "(taps * rank, out_channels)");
+    py::array w1 = require_f32(w1_obj, "w1", 2, dense ? "(taps * in_channels, out_channels)"
+                                                       : "(taps * in_channels, rank)");
+    py::array w2, w3;
+    if (dense) {
+        if (!w2_obj.is_none()) value_error("the dense kernel takes one weight: w2 must be None");
+    } else {
+        w2 = require_f32(w2_obj, "w2", 2, tucker ? "(taps * rank, rank2)" : "(taps * rank, out_channels)");
+    }
+    if (tucker) {
+        if (w3_obj.is_none()) value_error("the tucker kernel takes three weights: w3 is missing");
+        w3 = require_f32(w3_obj, "w3", 2, "(rank2, out_channels)");
+    } else if (!w3_obj.is_none()) {
+        value_error("w3 must be None for scheme '" + scheme + "' (only tucker has a third weight)");
+    }
     py::array out = require_f32(out_obj, "out", 4, "(batch, out_h, out_w, out_channels) NHWC");
     if (!out.writeable()) value_error("out must be writeable");
     const bool has_bias = !bias_obj.is_none(), has_res = !residual_obj.is_none();
@@ -269,12 +287,25 @@ CheckedCall check_lowrank_conv(py::handle x_obj, py::handle w1_obj, py::handle w
     a.stride_h = stride[0]; a.stride_w = stride[1]; a.pad_top = pad[0]; a.pad_left = pad[1];
     a.dil_h = dil[0]; a.dil_w = dil[1];
     a.out_h = out.shape(1); a.out_w = out.shape(2); a.out_c = out.shape(3);
-    a.rank = w1.shape(1);
-    const int64_t taps1 = channel ? kh * kw : kh, taps2 = channel ? 1 : kw;
-    if (a.rank < 1) value_error("w1.shape[1] (the rank) must be >= 1, got " + std::to_string(a.rank));
-    check_dim(w1, "w1", 0, taps1 * a.in_c, "taps x in_channels");
-    check_dim(w2, "w2", 0, taps2 * a.rank, "taps x rank");
-    check_dim(w2, "w2", 1, a.out_c, "out's channels");
+    if (dense) {
+        check_dim(w1, "w1", 0, kh * kw * a.in_c, "taps x in_channels");
+        check_dim(w1, "w1", 1, a.out_c, "out's channels");
+    } else {
+        a.rank = w1.shape(1);
+        const int64_t taps1 = kernel == Kernel::kChannel ? kh * kw : kernel == Kernel::kSpatial ? kh : 1;
+        const int64_t taps2 = kernel == Kernel::kChannel ? 1 : kernel == Kernel::kSpatial ? kw : kh * kw;
+        if (a.rank < 1) value_error("w1.shape[1] (the rank) must be >= 1, got " + std::to_string(a.rank));
+        check_dim(w1, "w1", 0, taps1 * a.in_c, "taps x in_channels");
+        check_dim(w2, "w2", 0, taps2 * a.rank, "taps x rank");
+        if (tucker) {
+            a.rank2 = w2.shape(1);
+            if (a.rank2 < 1) value_error("w2.shape[1] (the core's rank) must be >= 1, got " + std::to_string(a.rank2));
+            check_dim(w3, "w3", 0, a.rank2, "the core's rank");
+            check_dim(w3, "w3", 1, a.out_c, "out's channels");
+        } else {
+            check_dim(w2, "w2", 1, a.out_c, "out's channels");
+        }
+    }
     check_dim(out, "out", 0, a.batch, "x's batch");
     // out's size fixes the bottom/right padding; any size is memory-safe, since every input
     // read outside x is replaced by a zero row.
@@ -284,20 +315,26 @@ CheckedCall check_lowrank_conv(py::handle x_obj, py::handle w1_obj, py::handle w
     }
     a.x = static_cast<const float*>(x.data());
     a.w1 = static_cast<const float*>(w1.data());
-    a.w2 = static_cast<const float*>(w2.data());
+    a.w2 = dense ? nullptr : static_cast<const float*>(w2.data());
+    a.w3 = tucker ? static_cast<const float*>(w3.data()) : nullptr;
     a.bias = has_bias ? static_cast<const float*>(bias.data()) : nullptr;
     a.residual = has_res ? static_cast<const float*>(res.data()) : nullptr;
     a.out = static_cast<float*>(out.mutable_data());
     a.relu = relu;
     a.threads = threads;
-    return CheckedCall{a, channel, x, w1, w2, bias, res, out};
+    return CheckedCall{a, kernel, x, w1, w2, w3, bias, res, out};
 }
 
-void run_lowrank_conv(const trp::LowRankConvArgs& a, bool channel) {
+void run_lowrank_conv(const trp::LowRankConvArgs& a, Kernel kernel) {
     bool ok;
     {
         py::gil_scoped_release nogil;
-        ok = channel ? trp::lowrank_conv_channel(a) : trp::lowrank_conv_spatial(a);
+        switch (kernel) {
+            case Kernel::kChannel: ok = trp::lowrank_conv_channel(a); break;
+            case Kernel::kSpatial: ok = trp::lowrank_conv_spatial(a); break;
+            case Kernel::kTucker: ok = trp::lowrank_conv_tucker(a); break;
+            default: ok = trp::lowrank_conv_dense(a); break;
+        }
     }
     if (!ok) throw std::bad_alloc();
 }
@@ -305,11 +342,11 @@ void run_lowrank_conv(const trp::LowRankConvArgs& a, bool channel) {
 void lowrank_conv(py::handle x_obj, py::handle w1_obj, py::handle w2_obj, py::handle bias_obj,
                   py::handle residual_obj, py::handle out_obj, const std::string& scheme, int64_t kh,
                   int64_t kw, py::handle stride_obj, py::handle pad_obj, py::handle dilation_obj, bool relu,
-                  int threads) {
+                  int threads, py::handle w3_obj) {
     Checking checking("lowrank_conv");
     const CheckedCall call = check_lowrank_conv(x_obj, w1_obj, w2_obj, bias_obj, residual_obj, out_obj, scheme, kh,
-                                                kw, stride_obj, pad_obj, dilation_obj, relu, threads);
-    run_lowrank_conv(call.a, call.channel);
+                                                kw, stride_obj, pad_obj, dilation_obj, relu, threads, w3_obj);
+    run_lowrank_conv(call.a, call.kernel);
 }
 
 // lowrank_conv, checked once on sample buffers and then run on others of the same shapes:
@@ -320,10 +357,10 @@ class LowRankPlan {
 public:
     LowRankPlan(py::handle x_obj, py::handle w1_obj, py::handle w2_obj, py::handle bias_obj,
                 py::handle residual_obj, py::handle out_obj, const std::string& scheme, int64_t kh, int64_t kw,
-                py::handle stride_obj, py::handle pad_obj, py::handle dilation_obj, bool relu) {
+                py::handle stride_obj, py::handle pad_obj, py::handle dilation_obj, bool relu, py::handle w3_obj) {
         Checking checking("lowrank_conv");  // the same checks, the same messages
         call_ = check_lowrank_conv(x_obj, w1_obj, w2_obj, bias_obj, residual_obj, out_obj, scheme, kh, kw,
-                                   stride_obj, pad_obj, dilation_obj, relu, 1);
+                                   stride_obj, pad_obj, dilation_obj, relu, 1, w3_obj);
         call_.x = py::array();  // the samples themselves are not kept
         call_.res = py::array();
         call_.out = py::array();
@@ -346,7 +383,7 @@ public:
         a.out = reinterpret_cast<float*>(out);
         a.residual = has_residual_ ? reinterpret_cast<const float*>(residual) : nullptr;
         a.threads = threads;
-        run_lowrank_conv(a, call_.channel);
+        run_lowrank_conv(a, call_.kernel);
     }
 
 private:
@@ -383,20 +420,24 @@ PYBIND11_MODULE(_C, m) {
 
     m.def("build_info", &build_info_dict,
           "How the extension was built (compiler, flags, OpenMP) and what this CPU supports.");
-    m.def("lowrank_conv", &lowrank_conv, py::arg("x"), py::arg("w1"), py::arg("w2"), py::arg("bias").none(true),
-          py::arg("residual").none(true), py::arg("out"), py::arg("scheme"), py::arg("kh"), py::arg("kw"),
-          py::arg("stride"), py::arg("padding"), py::arg("dilation"), py::arg("relu"), py::arg("threads"),
-          "Fused low-rank conv (both factors + bias/residual/ReLU) into `out`, all NHWC float32.\n\n"
-          "w1, w2: the factors as row-major panels [taps * in][out] (see trp_kernels/cpp.py); padding: "
-          "(top, left), the bottom/right padding being implied by out's size. Releases the GIL.");
+    m.def("lowrank_conv", &lowrank_conv, py::arg("x"), py::arg("w1"), py::arg("w2").none(true),
+          py::arg("bias").none(true), py::arg("residual").none(true), py::arg("out"), py::arg("scheme"),
+          py::arg("kh"), py::arg("kw"), py::arg("stride"), py::arg("padding"), py::arg("dilation"), py::arg("relu"),
+          py::arg("threads"), py::arg("w3").none(true) = py::none(),
+          "Fused conv chain (every stage + bias/residual/ReLU) into `out`, all NHWC float32.\n\n"
+          "scheme: 'channel' or 'spatial' (w1, w2), 'tucker' (w1 1x1, w2 the core, w3 1x1; kh, kw and the "
+          "geometry are the core's) or 'dense' (w1 only, w2 None). Each weight is a row-major panel "
+          "[taps * in][out] (see trp_kernels/cpp.py); padding: (top, left), the bottom/right padding being "
+          "implied by out's size. Releases the GIL.");
     py::class_<LowRankPlan>(m, "LowRankPlan",
                             "lowrank_conv checked once, on sample arrays of the shapes it will run on; "
                             "run() then takes only data pointers (the caller guarantees their shapes).")
         .def(py::init<py::handle, py::handle, py::handle, py::handle, py::handle, py::handle, const std::string&,
-                      int64_t, int64_t, py::handle, py::handle, py::handle, bool>(),
-             py::arg("x"), py::arg("w1"), py::arg("w2"), py::arg("bias").none(true), py::arg("residual").none(true),
-             py::arg("out"), py::arg("scheme"), py::arg("kh"), py::arg("kw"), py::arg("stride"),
-             py::arg("padding"), py::arg("dilation"), py::arg("relu"))
+                      int64_t, int64_t, py::handle, py::handle, py::handle, bool, py::handle>(),
+             py::arg("x"), py::arg("w1"), py::arg("w2").none(true), py::arg("bias").none(true),
+             py::arg("residual").none(true), py::arg("out"), py::arg("scheme"), py::arg("kh"), py::arg("kw"),
+             py::arg("stride"), py::arg("padding"), py::arg("dilation"), py::arg("relu"),
+             py::arg("w3").none(true) = py::none())
         .def("run", &LowRankPlan::run, py::arg("x"), py::arg("out"), py::arg("residual"), py::arg("threads"),
              "Run on the buffers at these addresses (residual: 0 for none). Releases the GIL.");
     m.attr("MAX_KERNEL") = kMaxKernel;

@@ -63,17 +63,19 @@ namespace {
 struct Kernels {
     bool (*channel)(const LowRankConvArgs&);
     bool (*spatial)(const LowRankConvArgs&);
+    bool (*tucker)(const LowRankConvArgs&);
+    bool (*dense)(const LowRankConvArgs&);
 };
 
 Kernels active() {
     switch (current().load()) {
 #ifdef TRP_HAVE_AVX512_KERNELS
-        case kAvx512: return {isa_avx512::conv_channel, isa_avx512::conv_spatial};
+        case kAvx512: return {isa_avx512::conv_channel, isa_avx512::conv_spatial, isa_avx512::conv_tucker, isa_avx512::conv_dense};
 #endif
 #ifdef TRP_HAVE_AVX2_KERNELS
-        case kAvx2: return {isa_avx2::conv_channel, isa_avx2::conv_spatial};
+        case kAvx2: return {isa_avx2::conv_channel, isa_avx2::conv_spatial, isa_avx2::conv_tucker, isa_avx2::conv_dense};
 #endif
-        default: return {isa_generic::conv_channel, isa_generic::conv_spatial};
+        default: return {isa_generic::conv_channel, isa_generic::conv_spatial, isa_generic::conv_tucker, isa_generic::conv_dense};
     }
 }
 
@@ -81,5 +83,7 @@ Kernels active() {
 
 bool lowrank_conv_channel(const LowRankConvArgs& a) { return active().channel(a); }
 bool lowrank_conv_spatial(const LowRankConvArgs& a) { return active().spatial(a); }
+bool lowrank_conv_tucker(const LowRankConvArgs& a) { return active().tucker(a); }
+bool lowrank_conv_dense(const LowRankConvArgs& a) { return active().dense(a); }
 
 }  // namespace trp

@@ -21,7 +21,10 @@ struct LowRankConvArgs {
     int64_t batch, in_h, in_w, in_c;
     const float* w1;          // first factor: [taps1][in_c][rank]
     int64_t rank;
-    const float* w2;          // second factor: [taps2][rank][out_c]
+    const float* w2;          // second factor: [taps2][rank][out_c] (tucker: the core [taps][rank][rank2];
+                              // dense: null)
+    const float* w3;          // tucker only: the last 1x1 [rank2][out_c]; null otherwise
+    int64_t rank2;            // tucker only: the core's output channels
     int64_t out_c;
     const float* bias;        // [out_c] or null
     const float* residual;    // NHWC contiguous [batch][out_h][out_w][out_c] or null
@@ -45,6 +48,18 @@ bool lowrank_conv_channel(const LowRankConvArgs& a);
 // (horizontal geometry). w1 taps1 = kh, w2 taps2 = kw.
 bool lowrank_conv_spatial(const LowRankConvArgs& a);
 
+// tucker (three stages): 1x1 conv in_c -> rank, the kh x kw core rank -> rank2 (with the
+// geometry), 1x1 rank2 -> out_c, then the epilogue. w1 taps = 1, w2 taps = kh*kw, w3 taps = 1.
+// Each thread takes bands of whole output rows of one image: the first 1x1 runs once over
+// the band's input rows (its halo rows recomputed only where two bands meet), then the core
+// and the last 1x1 run over tiles of the band's output pixels; neither intermediate leaves
+// the thread's scratch.
+bool lowrank_conv_tucker(const LowRankConvArgs& a);
+
+// dense (one stage): kh x kw conv in_c -> out_c (w1: [kh*kw][in_c][out_c]) and the epilogue.
+// rank is unused.
+bool lowrank_conv_dense(const LowRankConvArgs& a);
+
 // Floats per vector of the kernels this CPU runs (16 AVX-512, 8 AVX2, 4 portable) and
 // the name of that build.
 int lowrank_vector_width();
@@ -56,14 +71,20 @@ bool lowrank_set_isa(const char* name);
 namespace isa_avx512 {
 bool conv_channel(const LowRankConvArgs& a);
 bool conv_spatial(const LowRankConvArgs& a);
+bool conv_tucker(const LowRankConvArgs& a);
+bool conv_dense(const LowRankConvArgs& a);
 }
 namespace isa_avx2 {
 bool conv_channel(const LowRankConvArgs& a);
 bool conv_spatial(const LowRankConvArgs& a);
+bool conv_tucker(const LowRankConvArgs& a);
+bool conv_dense(const LowRankConvArgs& a);
 }
 namespace isa_generic {
 bool conv_channel(const LowRankConvArgs& a);
 bool conv_spatial(const LowRankConvArgs& a);
+bool conv_tucker(const LowRankConvArgs& a);
+bool conv_dense(const LowRankConvArgs& a);
 }
 
 }  // namespace trp

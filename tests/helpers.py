@@ -51,3 +51,36 @@ def conv_case(scheme, batch, c, n, hw, kernel, rank, stride, dilation, padding, 
     bias = torch.randn(n, device=device, dtype=dtype) if epilogue != "none" else None
     residual = make_input((batch, n, *hw_out), layout, dtype, device) if epilogue == "residual_relu" else None
     return x, w1, w2, bias, residual, list(stride), list(pad4), list(dilation), epilogue == "residual_relu"
+
+
+# Every chain a fused kernel computes (trp_kernels.reference.KERNELS).
+CHAIN_KINDS = reference.KERNELS
+
+
+def chain_case(kind, batch, c, n, hw, kernel, rank, stride, dilation, padding, layout, epilogue,
+               dtype=torch.float32, device="cpu"):
+    """Inputs of a conv chain of ``kind`` for one awkward shape:
+    ``(x, weights, bias, residual, (stride, padding4, dilation), relu)``, the geometry the
+    conv's (what ``reference.kernel_stages(kind, ...)`` spreads over the stages). Tucker
+    gets two different ranks (``rank`` for the first 1×1, ``rank + 5`` for the core), so
+    that a swapped mode shows."""
+    if kind in reference.TWO_STAGE_KERNELS:
+        x, w1, w2, bias, residual, stride, pad4, dilation, relu = conv_case(
+            kind, batch, c, n, hw, kernel, rank, stride, dilation, padding, layout, epilogue, dtype, device)
+        return x, [w1, w2], bias, residual, (tuple(stride), tuple(pad4), tuple(dilation)), relu
+    kh, kw = kernel
+    x = make_input((batch, c, *hw), layout, dtype, device)
+    if kind == "tucker":
+        r2 = rank + 5
+        weights = [torch.randn(rank, c, 1, 1, device=device, dtype=dtype) / c ** 0.5,
+                   torch.randn(r2, rank, kh, kw, device=device, dtype=dtype) / (rank * kh * kw) ** 0.5,
+                   torch.randn(n, r2, 1, 1, device=device, dtype=dtype) / r2 ** 0.5]
+    elif kind == "dense":
+        weights = [torch.randn(n, c, kh, kw, device=device, dtype=dtype) / (c * kh * kw) ** 0.5]
+    else:
+        raise ValueError(f"kind must be one of {CHAIN_KINDS}, got {kind!r}")
+    pad4 = reference.resolve_padding(padding, kernel, dilation)
+    hw_out = reference.conv_output_hw(hw, kernel, stride, pad4, dilation)
+    bias = torch.randn(n, device=device, dtype=dtype) if epilogue != "none" else None
+    residual = make_input((batch, n, *hw_out), layout, dtype, device) if epilogue == "residual_relu" else None
+    return x, weights, bias, residual, (tuple(stride), tuple(pad4), tuple(dilation)), epilogue == "residual_relu"

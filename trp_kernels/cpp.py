@@ -153,23 +153,32 @@ def _array(t: torch.Tensor, name: str) -> "numpy.ndarray":  # noqa: F821
     return _checked(t, name).numpy()
 
 
-def _geometry(x_shape, w1_shape, w2_shape, stride, padding, dilation, scheme) -> tuple:
+# The fused kernels of the extension, by name, and the weights each one takes.
+KERNEL_STAGES = {"channel": 2, "spatial": 2, "tucker": 3, "dense": 1}
+
+
+def _geometry(x_shape, shapes, stride, padding, dilation, kernel) -> tuple:
     """The output shape and the binding's geometry ints of a call, checked (once per kept
     plan: later calls of a layer skip this)."""
-    if len(x_shape) != 4 or len(w1_shape) != 4 or len(w2_shape) != 4:
-        raise ValueError(f"lowrank_conv2d: x, weight1 and weight2 must be 4-D, got shapes {tuple(x_shape)}, "
-                         f"{tuple(w1_shape)}, {tuple(w2_shape)}")
-    if w1_shape[1] != x_shape[1] or w2_shape[1] != w1_shape[0]:
-        raise ValueError(f"lowrank_conv2d: shapes do not chain: x {tuple(x_shape)}, weight1 "
-                         f"{tuple(w1_shape)}, weight2 {tuple(w2_shape)}")
-    if scheme not in ("channel", "spatial"):
-        raise ValueError(f"lowrank_conv2d: scheme must be 'channel' or 'spatial', got {scheme!r}")
+    if kernel not in KERNEL_STAGES:
+        raise ValueError(f"lowrank_conv2d: scheme must be one of {tuple(KERNEL_STAGES)}, got {kernel!r}")
+    if len(shapes) != KERNEL_STAGES[kernel]:
+        raise ValueError(f"lowrank_conv2d: kernel {kernel!r} takes {KERNEL_STAGES[kernel]} weights, got "
+                         f"{len(shapes)}")
+    if len(x_shape) != 4 or any(len(s) != 4 for s in shapes):
+        names = ", ".join(["x"] + [f"weight{i + 1}" for i in range(len(shapes))])
+        raise ValueError(f"lowrank_conv2d: {names} must be 4-D, got shapes {tuple(x_shape)}, "
+                         + ", ".join(str(tuple(s)) for s in shapes))
+    if shapes[0][1] != x_shape[1] or any(b[1] != a[0] for a, b in zip(shapes, shapes[1:])):
+        raise ValueError(f"lowrank_conv2d: shapes do not chain: x {tuple(x_shape)}, "
+                         + ", ".join(f"weight{i + 1} {tuple(s)}" for i, s in enumerate(shapes)))
     from trp_kernels.reference import check_geometry, checked_output_hw  # reference imports nothing of ours
 
     check_geometry("lowrank_conv2d", stride, padding, dilation)
-    kh, kw = (w1_shape[2], w1_shape[3]) if scheme == "channel" else (w1_shape[2], w2_shape[3])
+    kh, kw = {"spatial": lambda: (shapes[0][2], shapes[1][3]), "tucker": lambda: tuple(shapes[1][2:])}.get(
+        kernel, lambda: tuple(shapes[0][2:]))()
     ho, wo = checked_output_hw("lowrank_conv2d", x_shape[-2:], (kh, kw), stride, padding, dilation)
-    out_shape = (x_shape[0], w2_shape[0], ho, wo)
+    out_shape = (x_shape[0], shapes[-1][0], ho, wo)
     return (out_shape, int(kh), int(kw), (int(stride[0]), int(stride[1])), (int(padding[0]), int(padding[2])),
             (int(dilation[0]), int(dilation[1])))
 
@@ -183,14 +192,24 @@ def lowrank_conv2d(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor
     (or residual) is converted on entry. (``trp_kernels.ops`` hands it channels_last input,
     so a model converts once, at its first low-rank layer.)
     """
-    return _fused(x, weight1, weight2, bias, stride, padding, dilation, scheme, residual, relu, False)
+    return _fused(x, (weight1, weight2), bias, stride, padding, dilation, scheme, residual, relu, False)
+
+
+def fused_chain(x: torch.Tensor, weights: Sequence[torch.Tensor], bias: Optional[torch.Tensor], kernel: str,
+                stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+                residual: Optional[torch.Tensor] = None, relu: bool = False) -> torch.Tensor:
+    """The conv chain ``weights`` in the fused C++ kernel ``kernel`` (a key of
+    :data:`KERNEL_STAGES`; ``reference.match_kernel`` names it and gives the conv geometry
+    it takes: the k×k stage's for channel and tucker, the whole conv's for spatial and
+    dense). Float32 CPU tensors; channels_last output, as :func:`lowrank_conv2d`."""
+    return _fused(x, tuple(weights), bias, stride, padding, dilation, kernel, residual, relu, False)
 
 
 # Checked calls kept for the next call of the same layer on the same shapes
-# (``_C.LowRankPlan``): per weight1 tensor, a weak reference to it and its plans by key.
-# A plan is kept only when it reads the weights' and the bias's own memory (never a copy),
-# so it always computes with their current values; the key (each tensor's address, shape
-# and strides) and the weak references make sure they are still the caller's tensors.
+# (``_C.LowRankPlan``): per first-weight tensor, a weak reference to it and its plans by
+# key. A plan is kept only when it reads the weights' and the bias's own memory (never a
+# copy), so it always computes with their current values; the key (each tensor's address,
+# shape and strides) and the weak references make sure they are still the caller's tensors.
 _PLANS: dict[int, tuple] = {}
 _PLAN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
@@ -199,24 +218,24 @@ def _tag(t: Optional[torch.Tensor]) -> tuple:
     return (None,) if t is None else (t.data_ptr(), t.shape, t.stride(), t.dtype, t.is_neg())
 
 
-def _plan_key(x, weight1, weight2, bias, stride, padding, dilation, scheme, residual, relu, linear) -> tuple:
-    return (x.shape, _tag(weight1), _tag(weight2), _tag(bias), tuple(stride), tuple(padding), tuple(dilation),
+def _plan_key(x, weights, bias, stride, padding, dilation, scheme, residual, relu, linear) -> tuple:
+    return (x.shape, *map(_tag, weights), _tag(bias), tuple(stride), tuple(padding), tuple(dilation),
             scheme, bool(relu), residual is None, linear)
 
 
-def _run_plan(x, weight1, weight2, bias, stride, padding, dilation, scheme, residual, relu, linear):
+def _run_plan(x, weights, bias, stride, padding, dilation, scheme, residual, relu, linear):
     """The output of a call that a kept plan can run (None: go the checked way). Every
     buffer's type, dtype, device, layout, shape and contiguity is checked here first."""
     cl = torch.channels_last
     if (type(x) not in _PLAN_TYPES or x.dtype is not torch.float32 or not x.is_cpu or x.is_neg()
             or not x.is_contiguous(memory_format=cl)):
-        return None  # (weight1's entry exists only for a weight checked to be a float32 CPU tensor)
-    entry = _PLANS.get(id(weight1))
-    if entry is None or entry[0]() is not weight1:
+        return None  # (the first weight's entry exists only for a weight checked to be a float32 CPU tensor)
+    entry = _PLANS.get(id(weights[0]))
+    if entry is None or entry[0]() is not weights[0]:
         return None
-    hit = entry[1].get(_plan_key(x, weight1, weight2, bias, stride, padding, dilation, scheme, residual, relu,
-                                 linear))
-    if hit is None or hit[1]() is not weight2 or (bias is not None and hit[2]() is not bias):
+    hit = entry[1].get(_plan_key(x, weights, bias, stride, padding, dilation, scheme, residual, relu, linear))
+    if (hit is None or any(ref() is not w for ref, w in zip(hit[1], weights[1:]))
+            or (bias is not None and hit[2]() is not bias)):
         return None
     plan, out_shape = hit[0], hit[3]
     res_ptr = 0
@@ -232,36 +251,36 @@ def _run_plan(x, weight1, weight2, bias, stride, padding, dilation, scheme, resi
     return out
 
 
-def _keep_plan(plan, out_shape, x, weight1, weight2, bias, stride, padding, dilation, scheme, residual, relu, linear):
-    entry = _PLANS.get(id(weight1))
-    if entry is None or entry[0]() is not weight1:
+def _keep_plan(plan, out_shape, x, weights, bias, stride, padding, dilation, scheme, residual, relu, linear):
+    first = weights[0]
+    entry = _PLANS.get(id(first))
+    if entry is None or entry[0]() is not first:
         if entry is None:
-            weakref.finalize(weight1, _PLANS.pop, id(weight1), None)
-        entry = _PLANS[id(weight1)] = (weakref.ref(weight1), {})
-    key = _plan_key(x, weight1, weight2, bias, stride, padding, dilation, scheme, residual, relu, linear)
+            weakref.finalize(first, _PLANS.pop, id(first), None)
+        entry = _PLANS[id(first)] = (weakref.ref(first), {})
+    key = _plan_key(x, weights, bias, stride, padding, dilation, scheme, residual, relu, linear)
     plans = entry[1]
-    for old in [k for k in plans if k[1] != key[1]]:  # weight1 has new memory: those can never run again,
-        del plans[old]                               # and they keep the old memory alive
+    for old in [k for k in plans if k[1] != key[1]]:  # the first weight has new memory: those can never
+        del plans[old]                                 # run again, and they keep the old memory alive
     if len(plans) >= 16:  # shapes that vary call after call
         plans.clear()
-    plans[key] = (plan, weakref.ref(weight2), (lambda: None) if bias is None else weakref.ref(bias), out_shape)
+    plans[key] = (plan, tuple(weakref.ref(w) for w in weights[1:]),
+                  (lambda: None) if bias is None else weakref.ref(bias), out_shape)
 
 
-def _fused(x, weight1, weight2, bias, stride, padding, dilation, scheme, residual, relu, linear: bool):
+def _fused(x, weights, bias, stride, padding, dilation, scheme, residual, relu, linear: bool):
     # linear: the weights are the 2-D (r, c) and (n, r) of a linear layer, used as 1x1
     # kernels.
     lib = _require()
-    out = _run_plan(x, weight1, weight2, bias, stride, padding, dilation, scheme, residual, relu, linear)
+    out = _run_plan(x, weights, bias, stride, padding, dilation, scheme, residual, relu, linear)
     if out is not None:
         return out
     xa = _array(x, "x")
-    (w1a, view1), (w2a, view2) = _panel(weight1, "weight1"), _panel(weight2, "weight2")
+    panels = [_panel(w, f"weight{i + 1}") for i, w in enumerate(weights)]
     ba = None if bias is None else _array(bias, "bias")
     ra = None if residual is None else _array(residual, "residual")
-    w1_shape, w2_shape = (tuple(weight1.shape) + (1, 1), tuple(weight2.shape) + (1, 1)) if linear else \
-        (tuple(weight1.shape), tuple(weight2.shape))
-    out_shape, kh, kw, stride2, pad2, dil2 = _geometry(xa.shape, w1_shape, w2_shape, stride, padding, dilation,
-                                                       scheme)
+    shapes = [tuple(w.shape) + (1, 1) if linear else tuple(w.shape) for w in weights]
+    out_shape, kh, kw, stride2, pad2, dil2 = _geometry(xa.shape, shapes, stride, padding, dilation, scheme)
     out = torch.empty(out_shape, dtype=torch.float32, memory_format=torch.channels_last)
     if ra is not None and ra.shape != out_shape:
         raise ValueError(f"lowrank_conv2d: residual must have the output's shape {out_shape}, "
@@ -273,16 +292,16 @@ def _fused(x, weight1, weight2, bias, stride, padding, dilation, scheme, residua
         if ra is not None and not residual.is_contiguous(memory_format=cl):
             ra = _array(residual.contiguous(memory_format=cl), "residual")
         bias_view = bias is None or (bias.is_contiguous() and not bias.is_neg())
+        arrays = [a for a, _ in panels] + [None] * (3 - len(panels))
         # The plan checks every array it is given; it then runs on those very arrays.
         plan = lib.LowRankPlan(
-            xa.transpose(0, 2, 3, 1), w1a, w2a,
+            xa.transpose(0, 2, 3, 1), arrays[0], arrays[1],
             None if ba is None else (ba if bias.is_contiguous() else _array(bias.contiguous(), "bias")),
             None if ra is None else ra.transpose(0, 2, 3, 1), _nhwc(out), scheme, kh, kw, stride2, pad2, dil2,
-            bool(relu))
+            bool(relu), arrays[2])
         plan.run(xa.ctypes.data, out.data_ptr(), 0 if ra is None else ra.ctypes.data, torch.get_num_threads())
-        if view1 and view2 and bias_view:  # a plan over copies would not see later writes
-            _keep_plan(plan, out_shape, x, weight1, weight2, bias, stride, padding, dilation, scheme, residual, relu,
-                       linear)
+        if all(view for _, view in panels) and bias_view:  # a plan over copies would not see later writes
+            _keep_plan(plan, out_shape, x, weights, bias, stride, padding, dilation, scheme, residual, relu, linear)
     return out
 
 
@@ -302,7 +321,7 @@ def lowrank_linear(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor
     lead, k = x.shape[:-1], x.shape[-1]
     x4 = x.reshape(-1, k)[:, :, None, None]  # the 2-D weights go as they are: their own memory is the panel
     res4 = None if residual is None else residual.reshape(-1, weight2.shape[0])[:, :, None, None]
-    out = _fused(x4, weight1, weight2, bias, (1, 1), (0, 0, 0, 0), (1, 1), "channel", res4, relu, True)
+    out = _fused(x4, (weight1, weight2), bias, (1, 1), (0, 0, 0, 0), (1, 1), "channel", res4, relu, True)
     return out.reshape(*lead, weight2.shape[0]).contiguous()
 
 

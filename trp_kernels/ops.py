@@ -193,7 +193,7 @@ def _conv_chain_op(x: torch.Tensor, weights: list[torch.Tensor], strides: list[i
                    relu: bool, backend: str) -> torch.Tensor:
     kernel = _cpp_kernel(x, backend, weights, strides, paddings, dilations)
     if kernel is not None:
-        out = cpp.lowrank_conv2d(x, weights[0], weights[1], bias, *kernel[1:], kernel[0], residual, relu)
+        out = cpp.fused_chain(x, weights, bias, *kernel, residual, relu)
     else:
         out = reference.conv_chain(x, weights, strides, paddings, dilations, bias, residual, relu)
     return out.contiguous(memory_format=reference.output_memory_format(x))
@@ -207,7 +207,7 @@ def _cpp_kernel(x, backend, weights, strides, paddings, dilations) -> Optional[t
     """The fused C++ kernel's (kernel, stride, padding, dilation) for this call, or None."""
     if not _runs_cpp_kernel(x, backend):
         return None
-    return match_kernel(weights, strides, paddings, dilations)
+    return backend_kernel(backend, weights, strides, paddings, dilations)
 
 
 @_conv_chain_op.register_fake
@@ -255,6 +255,17 @@ def match_kernel(weights: Sequence[torch.Tensor], strides: Sequence[int], paddin
     return _KERNELS[key]
 
 
+# The chains each fused backend has a kernel for (reference.match_kernel names them).
+BACKEND_KERNELS = {"cpp": reference.KERNELS, "triton": reference.TWO_STAGE_KERNELS}
+
+
+def backend_kernel(backend: str, weights: Sequence[torch.Tensor], strides: Sequence[int], paddings: Sequence[int],
+                   dilations: Sequence[int]) -> Optional[tuple]:
+    """:func:`match_kernel` when ``backend`` has that kernel, else None."""
+    kernel = match_kernel(weights, strides, paddings, dilations)
+    return kernel if kernel is not None and kernel[0] in BACKEND_KERNELS.get(backend, ()) else None
+
+
 def chain_kernel(shapes: Sequence[Sequence[int]]) -> tuple[int, int]:
     """The largest (kh, kw) among a chain's stages (what the backends' limits are about)."""
     kh = kw = 1
@@ -277,7 +288,8 @@ def runs_fused(backend: str, shapes: Sequence[Sequence[int]], strides: Sequence[
     reference arithmetic, through the op)."""
     if backend == "torch" or not is_fused(backend):
         return False
-    return reference.match_kernel(shapes, strides, paddings, dilations) is not None
+    kernel = reference.match_kernel(shapes, strides, paddings, dilations)
+    return kernel is not None and kernel[0] in BACKEND_KERNELS.get(backend, ())
 
 
 def _plain_eager(*tensors: Optional[torch.Tensor]) -> bool:
@@ -316,7 +328,7 @@ def conv_chain(x: torch.Tensor, weights: Sequence[torch.Tensor], strides: Sequen
         # once, at its first low-rank layer, and PyTorch's own ops keep the layout after.
         x = x.contiguous(memory_format=torch.channels_last)
     direct = _plain_eager(x, *weights, bias, residual)
-    kernel = match_kernel(weights, strides, paddings, dilations) if name != "torch" else None
+    kernel = backend_kernel(name, weights, strides, paddings, dilations)
     if name == "triton" and kernel is not None:
         args = (x, weights[0], weights[1], bias, residual, list(kernel[1]), list(kernel[2]), list(kernel[3]), relu)
         if direct:
@@ -324,7 +336,7 @@ def conv_chain(x: torch.Tensor, weights: Sequence[torch.Tensor], strides: Sequen
         op = torch.ops.trp.triton_conv_channel if kernel[0] == "channel" else torch.ops.trp.triton_conv_spatial
         return op(*args)
     if direct and kernel is not None and _runs_cpp_kernel(x, name):
-        return cpp.lowrank_conv2d(x, weights[0], weights[1], bias, *kernel[1:], kernel[0], residual, relu)
+        return cpp.fused_chain(x, weights, bias, *kernel, residual, relu)
     return torch.ops.trp.conv_chain(x, list(weights), list(strides), list(paddings), list(dilations), bias,
                                     residual, relu, name)
 

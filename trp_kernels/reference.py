@@ -25,6 +25,9 @@ Pair = tuple[int, int]
 Pad4 = tuple[int, int, int, int]
 
 TWO_STAGE_KERNELS = ("channel", "spatial")
+# Every chain a fused kernel computes: the two-stage schemes, Tucker-2's 1×1 → k×k → 1×1,
+# and one dense conv.
+KERNELS = (*TWO_STAGE_KERNELS, "tucker", "dense")
 
 
 def _pair(value, name: str) -> Pair:
@@ -61,12 +64,13 @@ def resolve_padding(padding, kernel_size, dilation) -> Pad4:
 
 
 def kernel_stages(kernel: str, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]):
-    """The chain ``(strides, paddings, dilations)`` (flat lists) that the two-stage kernel
+    """The chain ``(strides, paddings, dilations)`` (flat lists) that the fused kernel
     ``kernel`` computes for a conv of geometry ``stride``/``padding`` (4)/``dilation``.
 
     channel: the first stage keeps the k×k geometry, the second is a plain 1×1.
     spatial: the first (kh×1) stage takes the vertical geometry, the second (1×kw) the
     horizontal one; zero padding commutes with a width-1 conv, so this is exact.
+    tucker: plain 1×1, the k×k core with the geometry, plain 1×1. dense: one stage.
     """
     sh, sw = stride
     t, b, l, r = padding
@@ -75,24 +79,37 @@ def kernel_stages(kernel: str, stride: Sequence[int], padding: Sequence[int], di
         return [sh, sw, 1, 1], [t, b, l, r, 0, 0, 0, 0], [dh, dw, 1, 1]
     if kernel == "spatial":
         return [sh, 1, 1, sw], [t, b, 0, 0, 0, 0, l, r], [dh, 1, 1, dw]
-    raise ValueError(f"kernel must be one of {TWO_STAGE_KERNELS}, got {kernel!r}")
+    if kernel == "tucker":
+        return [1, 1, sh, sw, 1, 1], [0, 0, 0, 0, t, b, l, r, 0, 0, 0, 0], [1, 1, dh, dw, 1, 1]
+    if kernel == "dense":
+        return [sh, sw], [t, b, l, r], [dh, dw]
+    raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
 
 
 def match_kernel(shapes: Sequence[Sequence[int]], strides: Sequence[int], paddings: Sequence[int],
                  dilations: Sequence[int]) -> Optional[tuple]:
-    """``(kernel, stride, padding4, dilation)`` when a fused two-stage kernel computes the
-    chain of weight ``shapes`` and geometry (the conv it is, in that kernel's arguments),
-    else None."""
-    if len(shapes) != 2:
+    """``(kernel, stride, padding4, dilation)`` when a fused kernel computes the chain of
+    weight ``shapes`` and geometry (the conv it is, in that kernel's arguments), else None.
+    The one place that knows which chains the fused kernels take."""
+    n = len(shapes)
+    if n not in (1, 2, 3):
         return None
-    (_, _, kh1, kw1), (_, _, kh2, kw2) = shapes
-    g = (tuple(strides), tuple(paddings), tuple(dilations))
-    if (kh2, kw2) == (1, 1) and g[0][2:] == (1, 1) and g[1][4:] == (0, 0, 0, 0) and g[2][2:] == (1, 1):
-        return "channel", g[0][:2], g[1][:4], g[2][:2]
-    if kw1 == 1 and kh2 == 1:
-        stride, pad, dil = (g[0][0], g[0][3]), (*g[1][:2], *g[1][6:]), (g[2][0], g[2][3])
-        if [list(x) for x in kernel_stages("spatial", stride, pad, dil)] == [list(x) for x in g]:
-            return "spatial", stride, pad, dil
+    geo = stage_geometry(strides, paddings, dilations)
+    if n == 1:
+        return ("dense", *geo[0])
+    candidates = {2: (("channel", 0), ("spatial", None)), 3: (("tucker", 1),)}[n]
+    for kernel, at in candidates:
+        if kernel == "spatial":  # the conv's geometry, split over the two stages
+            if shapes[0][3] != 1 or shapes[1][2] != 1:
+                continue
+            (s1, p1, d1), (s2, p2, d2) = geo
+            conv = ((s1[0], s2[1]), (*p1[:2], *p2[2:]), (d1[0], d2[1]))
+        else:  # the geometry on stage `at`, every other stage a plain 1×1
+            if any(tuple(s[2:]) != (1, 1) for i, s in enumerate(shapes) if i != at):
+                continue
+            conv = geo[at]
+        if [list(g) for g in kernel_stages(kernel, *conv)] == [list(strides), list(paddings), list(dilations)]:
+            return (kernel, *conv)
     return None
 
 

@@ -35,4 +35,18 @@ for isa in ("avx512", "avx2", "generic"):
                         out = cpp.lowrank_conv2d(x, k1, k2, bias, st, pad, dil, scheme, res, True)
                         assert (out - exp).abs().max() <= 1e-4 * exp.abs().max(), (isa, scheme, b, c)
                 n += 1
+        for kind in ("tucker", "dense"):  # the three-stage and one-stage kernels
+            for (b, c, no, hw, r, st, dil, pad) in [(1,5,7,(9,7),1,(1,1),(1,1),(1,1,1,1)), (3,20,18,(11,9),17,(2,2),(1,1),(1,1,1,1)), (2,6,9,(5,6),40,(1,2),(2,1),(0,1,2,1)), (1,3,5,(2,70),3,(1,1),(1,2),(1,1,2,2))]:
+                x = torch.randn(b, c, *hw).contiguous(memory_format=torch.channels_last)
+                ws = ([torch.randn(r, c, 1, 1), torch.randn(r + 5, r, 3, 3), torch.randn(no, r + 5, 1, 1)]
+                      if kind == "tucker" else [torch.randn(no, c, 3, 3)])
+                bias, stages = torch.randn(no), reference.kernel_stages(kind, st, pad, dil)
+                ref = reference.conv_chain(x, ws, *stages, bias)
+                res = torch.randn_like(ref).contiguous(memory_format=torch.channels_last)
+                exp = reference.conv_chain(x, ws, *stages, bias, res, True)
+                for k in (ws, [cpp.kernel_layout(w) for w in ws]):
+                    for _ in range(2):
+                        out = cpp.fused_chain(x, k, bias, kind, st, pad, dil, res, True)
+                        assert (out - exp).abs().max() <= 1e-4 * exp.abs().max(), (isa, kind, b, c)
+                n += 1
 print("ok", n)

@@ -83,6 +83,89 @@ def test_conv_grid(shape, layout, epilogue, scheme, threads, isa):
     assert out.is_contiguous(memory_format=torch.channels_last)  # whatever the input's layout
 
 
+def check_chain(kind, x, weights, bias, residual, geometry, relu):
+    """:func:`check` for any fused chain (``cpp.fused_chain``): as given, in the kernel's
+    layout (first call and kept plan, bit for bit), and against the float64 reference."""
+    args = (bias, kind, *geometry, residual, relu)
+    out = cpp.fused_chain(x, weights, *args)
+    laid = [cpp.kernel_layout(w) for w in weights]
+    assert all(cpp.in_kernel_layout(w) for w in laid)
+    first, again = cpp.fused_chain(x, laid, *args), cpp.fused_chain(x, laid, *args)
+    assert torch.equal(out, first), "weights read in place give another result than copied ones"
+    assert torch.equal(first, again), "the kept plan's output differs from the first call's"
+    stages = reference.kernel_stages(kind, *geometry)
+    d = [t.double() if isinstance(t, torch.Tensor) else t for t in (x, bias, residual)]
+    exact = reference.conv_chain(d[0], [w.double() for w in weights], *stages, d[1], d[2], relu)
+    torch_fp32 = reference.conv_chain(x, weights, *stages, bias, residual, relu)
+    assert out.shape == exact.shape and out.dtype == torch.float32
+    err = (out.double() - exact).abs().max().item()
+    torch_err = (torch_fp32.double() - exact).abs().max().item()
+    bound = 2 * torch_err + 1e-6 * exact.abs().max().item()
+    assert err <= bound, f"max error {err:.3g} > {bound:.3g} (torch's own float32 error {torch_err:.3g})"
+    return out
+
+
+CHAIN_SHAPES = SHAPES + [
+    (1, 24, 16, (300, 40), (3, 3), 40, (1, 1), (1, 1), 1),  # several bands of output rows per image
+]
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
+@pytest.mark.parametrize("kind", ["tucker", "dense"])
+@pytest.mark.parametrize("epilogue", helpers.EPILOGUES)
+@pytest.mark.parametrize("layout", helpers.LAYOUTS)
+@pytest.mark.parametrize("shape", CHAIN_SHAPES, ids=[f"s{i}" for i in range(len(CHAIN_SHAPES))])
+def test_chain_grid(shape, layout, epilogue, kind, threads, isa):
+    """The three-stage (Tucker-2) and one-stage (dense) kernels over the awkward shapes."""
+    out = check_chain(kind, *helpers.chain_case(kind, *shape, layout, epilogue))
+    assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("kind", helpers.CHAIN_KINDS)
+def test_op_runs_every_fused_chain(kind, monkeypatch):
+    """The op (backend='cpp') reaches the fused kernel for every chain it has, gradients
+    included, and matches backend='torch'."""
+    calls = []
+    real = cpp.fused_chain
+    monkeypatch.setattr(cpp, "fused_chain", lambda *a: calls.append(a[3]) or real(*a))
+    x, weights, b, res, geometry, relu = helpers.chain_case(kind, *SHAPES[1], "channels_last", "residual_relu")
+    stages = reference.kernel_stages(kind, *geometry)
+    tensors = [t.requires_grad_() for t in (x, *weights, b, res)]
+    out = ops.conv_chain(x, weights, *stages, b, res, relu, "cpp")
+    ref = ops.conv_chain(x, weights, *stages, b, res, relu, "torch")
+    assert calls == [kind] and (out - ref).abs().max() < 1e-5
+    g = torch.randn_like(out)
+    for a, r in zip(torch.autograd.grad(out, tensors, g), torch.autograd.grad(ref, tensors, g)):
+        assert (a - r).abs().max() <= 1e-5 * r.abs().max()
+
+
+def test_chain_binding_refuses_mismatched_weights():
+    x = torch.randn(1, 4, 5, 5).contiguous(memory_format=torch.channels_last)
+    w1, w2, w3 = torch.randn(3, 4, 1, 1), torch.randn(6, 3, 3, 3), torch.randn(2, 6, 1, 1)
+    with pytest.raises(ValueError, match="kernel 'tucker' takes 3 weights, got 2"):
+        cpp.fused_chain(x, [w1, w2], None, "tucker", (1, 1), (1, 1, 1, 1), (1, 1))
+    with pytest.raises(ValueError, match="shapes do not chain"):
+        cpp.fused_chain(x, [w1, w2, w3[:, :5]], None, "tucker", (1, 1), (1, 1, 1, 1), (1, 1))
+    with pytest.raises(ValueError, match="scheme must be one of"):
+        cpp.fused_chain(x, [w1], None, "cp", (1, 1), (1, 1, 1, 1), (1, 1))
+    lib, out = cpp._require(), torch.empty(1, 2, 5, 5).contiguous(memory_format=torch.channels_last)
+    p = [cpp._panel(w, "w")[0] for w in (w1, w2, w3)]
+    nhwc = x.numpy().transpose(0, 2, 3, 1)
+    with pytest.raises(ValueError, match="lowrank_conv: the tucker kernel takes three weights: w3 is missing"):
+        lib.lowrank_conv(nhwc, p[0], p[1], None, None, cpp._nhwc(out), "tucker", 3, 3, (1, 1), (1, 1), (1, 1),
+                         False, 1)
+    with pytest.raises(ValueError, match=r"lowrank_conv: w3.shape\[0\] must be 6"):
+        lib.lowrank_conv(nhwc, p[0], p[1], None, None, cpp._nhwc(out), "tucker", 3, 3, (1, 1), (1, 1), (1, 1),
+                         False, 1, p[2][:5])
+    with pytest.raises(ValueError, match="lowrank_conv: w3 must be None for scheme 'channel'"):
+        lib.lowrank_conv(nhwc, p[0], p[1], None, None, cpp._nhwc(out), "channel", 3, 3, (1, 1), (1, 1), (1, 1),
+                         False, 1, p[2])
+    with pytest.raises(ValueError, match="lowrank_conv: the dense kernel takes one weight: w2 must be None"):
+        lib.lowrank_conv(nhwc, p[0], p[1], None, None, cpp._nhwc(out), "dense", 1, 1, (1, 1), (0, 0), (1, 1),
+                         False, 1)
+
+
 @pytest.mark.parametrize("isa", ISAS, indirect=True)
 @pytest.mark.parametrize("case", [((1,), 5, 7, 1), ((3, 4), 20, 18, 17), ((37,), 33, 40, 64), ((2, 3), 12, 9, 256)])
 def test_linear(case, isa):
@@ -251,8 +334,8 @@ def test_bad_arguments_are_named():
 def test_op_dispatch_runs_the_fused_kernel(monkeypatch):
     """backend='cpp' reaches the fused kernel through the op, and autograd still works."""
     calls = []
-    real = cpp.lowrank_conv2d
-    monkeypatch.setattr(cpp, "lowrank_conv2d", lambda *a: calls.append(1) or real(*a))
+    real = cpp.fused_chain
+    monkeypatch.setattr(cpp, "fused_chain", lambda *a: calls.append(1) or real(*a))
     x, w1, w2, b, stride, pad4, dil, scheme, res, relu = conv_case(
         "spatial", 2, 6, 10, (7, 9), (3, 3), 5, (2, 1), (1, 1), 1, "channels_last", "residual_relu")
     tensors = [t.requires_grad_() for t in (x, w1, w2, b, res)]
