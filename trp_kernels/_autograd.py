@@ -7,7 +7,7 @@ lists; arguments are found by name in the op's schema:
 
 - ``chain``: ``trp::conv_chain`` (x, weights, strides, paddings, dilations, bias,
   residual, relu, ...);
-- ``conv``: a two-stage kernel's op (x, weight1, weight2, bias, residual, stride,
+- ``conv``: a fused kernel's op (x, weight1, ..., weightK, bias, residual, stride,
   padding, dilation, relu), whose chain is :func:`reference.kernel_stages` of the
   ``kernel`` it is registered with;
 - ``linear``: (x, weight1, weight2, bias, residual, relu).
@@ -19,24 +19,24 @@ from trp_kernels import reference
 
 _NEEDED = {
     "chain": ("x", "weights", "strides", "paddings", "dilations", "bias", "residual", "relu"),
-    "conv": ("x", "weight1", "weight2", "bias", "residual", "stride", "padding", "dilation", "relu"),
+    "conv": ("x", "weight1", "bias", "residual", "stride", "padding", "dilation", "relu"),
     "linear": ("x", "weight1", "weight2", "bias", "residual", "relu"),
 }
 
 
 def register(op, kind: str, kernel: str = "") -> None:
     """Register autograd on ``op`` (a ``torch.library`` CustomOpDef) of ``kind`` 'chain',
-    'conv' (with its two-stage ``kernel``) or 'linear'. Gradients flow to x, the weights,
+    'conv' (with its fused ``kernel``) or 'linear'. Gradients flow to x, the weights,
     bias and residual."""
     names = [a.name for a in op._opoverload._schema.arguments]
     missing = [n for n in _NEEDED[kind] if n not in names]
     if missing:
         raise TypeError(f"op {op._name} lacks argument(s) {missing}; its schema has {names}")
-    weight_names = ["weights"] if kind == "chain" else ["weight1", "weight2"]
+    weight_names = ["weights"] if kind == "chain" else [n for n in names if n.startswith("weight")]
 
     def setup_context(ctx, inputs, output):
         a = dict(zip(names, inputs))
-        weights = list(a["weights"]) if kind == "chain" else [a["weight1"], a["weight2"]]
+        weights = list(a["weights"]) if kind == "chain" else [a[n] for n in weight_names]
         ctx.n_weights = len(weights)
         ctx.save_for_backward(a["x"], *weights, output if a["relu"] else None)
         if kind == "chain":
@@ -74,7 +74,7 @@ def register(op, kind: str, kernel: str = "") -> None:
         if kind == "chain":
             result["weights"] = list(grads_w)
         else:
-            result["weight1"], result["weight2"] = grads_w
+            result.update(zip(weight_names, grads_w))
         return tuple(result.get(n) for n in names)
 
     op.register_autograd(backward, setup_context=setup_context)

@@ -2,7 +2,8 @@
 
 ``conv_chain`` / ``lowrank_linear`` choose a backend for the input's device, dtype and
 rank and call its torch.library op: the Triton ops ``trp::triton_conv_channel``,
-``trp::triton_conv_spatial``, ``trp::triton_linear`` (``torch.library.triton_op``, so that
+``trp::triton_conv_spatial``, ``trp::triton_conv_tucker``, ``trp::triton_linear``
+(``torch.library.triton_op``, so that
 ``torch.compile`` sees the kernels and ``torch.export`` keeps the ops) for the chains a
 Triton kernel fuses, or ``trp::conv_chain`` / ``trp::lowrank_linear`` (custom ops with
 fake kernels, running the fused C++ kernel for the chains it has, else the reference) for
@@ -51,6 +52,7 @@ _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _CPP_DTYPES = (torch.float32,)
 
 _triton_kernels = None
+_TRITON_TUCKER_RANK = 0
 _TRITON_IMPORT_ERROR = "triton is not installed"
 if _TRITON_INSTALLED:
     try:  # registers trp::triton_conv_channel, trp::triton_conv_spatial, trp::triton_linear
@@ -58,10 +60,16 @@ if _TRITON_INSTALLED:
         from trp_kernels.triton._common import MAX_RANK as _TRITON_MAX_RANK
         from trp_kernels.triton.conv_channel import conv_channel as _triton_conv_channel
         from trp_kernels.triton.conv_spatial import conv_spatial as _triton_conv_spatial
+        from trp_kernels.triton.conv_tucker import MAX_RANK as _TRITON_TUCKER_RANK
+        from trp_kernels.triton.conv_tucker import conv_tucker as _triton_conv_tucker
         from trp_kernels.triton.linear import linear as _triton_linear
         _TRITON_IMPORT_ERROR = ""
     except Exception as e:  # noqa: BLE001 - e.g. a Triton too old for the kernels
         _TRITON_IMPORT_ERROR = f"the Triton kernels could not be imported ({type(e).__name__}: {e})"
+
+# The Triton launcher of each fused chain (its op is trp::triton_conv_<kernel>).
+_TRITON_LAUNCHERS = ({"channel": _triton_conv_channel, "spatial": _triton_conv_spatial, "tucker": _triton_conv_tucker}
+                     if _triton_kernels is not None else {})
 
 # Backends whose op runs a fused kernel; the others run the reference arithmetic.
 _FUSED = ({"triton"} if _triton_kernels is not None else set()) | ({"cpp"} if cpp.has_fused_kernels() else set())
@@ -207,7 +215,7 @@ def _cpp_kernel(x, backend, weights, strides, paddings, dilations) -> Optional[t
     """The fused C++ kernel's (kernel, stride, padding, dilation) for this call, or None."""
     if not _runs_cpp_kernel(x, backend):
         return None
-    return backend_kernel(backend, weights, strides, paddings, dilations)
+    return backend_kernel(backend, [w.shape for w in weights], strides, paddings, dilations)
 
 
 @_conv_chain_op.register_fake
@@ -244,10 +252,10 @@ _autograd.register(_lowrank_linear_op, "linear")
 _KERNELS: dict[tuple, Optional[tuple]] = {}
 
 
-def match_kernel(weights: Sequence[torch.Tensor], strides: Sequence[int], paddings: Sequence[int],
+def match_kernel(shapes: Sequence[Sequence[int]], strides: Sequence[int], paddings: Sequence[int],
                  dilations: Sequence[int]) -> Optional[tuple]:
-    """:func:`trp_kernels.reference.match_kernel` of a chain's weights, remembered."""
-    key = (tuple(tuple(w.shape) for w in weights), tuple(strides), tuple(paddings), tuple(dilations))
+    """:func:`trp_kernels.reference.match_kernel` of a chain's weight shapes, remembered."""
+    key = (tuple(tuple(s) for s in shapes), tuple(strides), tuple(paddings), tuple(dilations))
     if torch.compiler.is_compiling():
         return reference.match_kernel(*key)
     if key not in _KERNELS:
@@ -256,14 +264,18 @@ def match_kernel(weights: Sequence[torch.Tensor], strides: Sequence[int], paddin
 
 
 # The chains each fused backend has a kernel for (reference.match_kernel names them).
-BACKEND_KERNELS = {"cpp": reference.KERNELS, "triton": reference.TWO_STAGE_KERNELS}
+BACKEND_KERNELS = {"cpp": reference.KERNELS, "triton": (*reference.TWO_STAGE_KERNELS, "tucker")}
 
 
-def backend_kernel(backend: str, weights: Sequence[torch.Tensor], strides: Sequence[int], paddings: Sequence[int],
+def backend_kernel(backend: str, shapes: Sequence[Sequence[int]], strides: Sequence[int], paddings: Sequence[int],
                    dilations: Sequence[int]) -> Optional[tuple]:
-    """:func:`match_kernel` when ``backend`` has that kernel, else None."""
-    kernel = match_kernel(weights, strides, paddings, dilations)
-    return kernel if kernel is not None and kernel[0] in BACKEND_KERNELS.get(backend, ()) else None
+    """:func:`match_kernel` when ``backend`` has that kernel for these shapes, else None."""
+    kernel = match_kernel(shapes, strides, paddings, dilations)
+    if kernel is None or kernel[0] not in BACKEND_KERNELS.get(backend, ()):
+        return None
+    if backend == "triton" and kernel[0] == "tucker" and chain_rank(shapes) > _TRITON_TUCKER_RANK:
+        return None
+    return kernel
 
 
 def chain_kernel(shapes: Sequence[Sequence[int]]) -> tuple[int, int]:
@@ -288,8 +300,7 @@ def runs_fused(backend: str, shapes: Sequence[Sequence[int]], strides: Sequence[
     reference arithmetic, through the op)."""
     if backend == "torch" or not is_fused(backend):
         return False
-    kernel = reference.match_kernel(shapes, strides, paddings, dilations)
-    return kernel is not None and kernel[0] in BACKEND_KERNELS.get(backend, ())
+    return backend_kernel(backend, shapes, strides, paddings, dilations) is not None
 
 
 def _plain_eager(*tensors: Optional[torch.Tensor]) -> bool:
@@ -328,13 +339,12 @@ def conv_chain(x: torch.Tensor, weights: Sequence[torch.Tensor], strides: Sequen
         # once, at its first low-rank layer, and PyTorch's own ops keep the layout after.
         x = x.contiguous(memory_format=torch.channels_last)
     direct = _plain_eager(x, *weights, bias, residual)
-    kernel = backend_kernel(name, weights, strides, paddings, dilations)
+    kernel = backend_kernel(name, shapes, strides, paddings, dilations)
     if name == "triton" and kernel is not None:
-        args = (x, weights[0], weights[1], bias, residual, list(kernel[1]), list(kernel[2]), list(kernel[3]), relu)
+        args = (x, *weights, bias, residual, list(kernel[1]), list(kernel[2]), list(kernel[3]), relu)
         if direct:
-            return (_triton_conv_channel if kernel[0] == "channel" else _triton_conv_spatial)(*args)
-        op = torch.ops.trp.triton_conv_channel if kernel[0] == "channel" else torch.ops.trp.triton_conv_spatial
-        return op(*args)
+            return _TRITON_LAUNCHERS[kernel[0]](*args)
+        return getattr(torch.ops.trp, f"triton_conv_{kernel[0]}")(*args)
     if direct and kernel is not None and _runs_cpp_kernel(x, name):
         return cpp.fused_chain(x, weights, bias, *kernel, residual, relu)
     return torch.ops.trp.conv_chain(x, list(weights), list(strides), list(paddings), list(dilations), bias,

@@ -20,6 +20,7 @@ if not ops._TRITON_IMPORT_ERROR:
     from trp_kernels.triton import _common
     from trp_kernels.triton.conv_channel import conv_channel
     from trp_kernels.triton.conv_spatial import conv_spatial, tile_width
+    from trp_kernels.triton.conv_tucker import conv_tucker
     from trp_kernels.triton.linear import linear
 
 CUDA = torch.cuda.is_available()
@@ -72,6 +73,67 @@ def test_conv_fp32_grid(scheme, shape, layout, epilogue):
         assert out.is_contiguous(memory_format=torch.channels_last)
     elif layout == "nchw":
         assert out.is_contiguous()
+
+
+def check_tucker(args, dtype, config=None):
+    x, weights, bias, residual, (stride, pad4, dilation), relu = args
+    out = conv_tucker(x, *weights, bias, residual, list(stride), list(pad4), list(dilation), relu, config=config)
+    stages = reference.kernel_stages("tucker", stride, pad4, dilation)
+
+    def ref(x, w1, w2, w3, bias, residual):
+        return reference.conv_chain(x, [w1, w2, w3], *stages, bias, residual, relu)
+
+    assert_matches_reference(out, ref, (x, *weights, bias, residual), dtype)
+    return out
+
+
+@pytest.mark.parametrize("epilogue", EPILOGUES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"s{i}" for i in range(len(SHAPES))])
+def test_tucker_fp32_grid(shape, layout, epilogue):
+    """The three-stage kernel over the awkward shapes (two different ranks, see chain_case)."""
+    out = check_tucker(helpers.chain_case("tucker", *shape, layout, epilogue, device=DEVICE), torch.float32)
+    if layout == "channels_last":
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    elif layout == "nchw":
+        assert out.is_contiguous()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("shape", SHAPES[:3], ids=[f"s{i}" for i in range(3)])
+def test_tucker_half_precision(shape, dtype):
+    check_tucker(helpers.chain_case("tucker", *shape, "channels_last", "residual_relu", dtype=dtype, device=DEVICE),
+                 dtype)
+
+
+def test_tucker_dispatch_op_and_gradients():
+    """backend='triton' runs trp::triton_conv_tucker for a Tucker chain: the op checks
+    (schema, fake kernel, autograd registration) and its gradients against the reference."""
+    x, weights, bias, res, geometry, relu = helpers.chain_case(
+        "tucker", 2, 6, 10, (7, 9), (3, 3), 5, (2, 1), (1, 1), 1, "channels_last", "residual_relu", device=DEVICE)
+    tensors = [t.requires_grad_() for t in (x, *weights, bias, res)]
+    stages = reference.kernel_stages("tucker", *geometry)
+    assert ops.backend_kernel("triton", [w.shape for w in weights], *stages) == ("tucker", *geometry)
+    out = ops.conv_chain(x, weights, *stages, bias, res, relu, "triton")
+    ref = ops.conv_chain(x, weights, *stages, bias, res, relu, "torch")
+    assert (out - ref).abs().max() < 1e-4
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, tensors, g), torch.autograd.grad(ref, tensors, g)):
+        assert (a - b).abs().max() <= 1e-4 * b.abs().max()
+    torch.library.opcheck(torch.ops.trp.triton_conv_tucker.default,
+                          (x, *weights, bias, res, *map(list, geometry), relu),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_tucker_refuses_bad_weights():
+    x, (w1, w2, w3), *_ = helpers.chain_case("tucker", 1, 5, 7, (9, 7), (3, 3), 4, (1, 1), (1, 1), 1, "nchw",
+                                             "none", device=DEVICE)
+    with pytest.raises(ValueError, match=r"triton conv_tucker: want x \(N, C, H, W\), weight1 \(r1, C, 1, 1\)"):
+        conv_tucker(x, w2, w2, w3, None, None, [1, 1], [1, 1, 1, 1], [1, 1], False)
+    with pytest.raises(ValueError, match=r"triton conv_tucker: weight3 must have 9 input channels \(weight2's rank\)"):
+        conv_tucker(x, w1, w2, w3[:, :8], None, None, [1, 1], [1, 1, 1, 1], [1, 1], False)
+    with pytest.raises(ValueError, match=r"triton conv_tucker: weight2 must have 4 input channels \(weight1's rank\)"):
+        conv_tucker(x, w1, w2[:, :3], w3, None, None, [1, 1], [1, 1, 1, 1], [1, 1], False)
 
 
 @pytest.mark.parametrize("scheme", ["channel", "spatial"])
@@ -269,6 +331,15 @@ GPU_SHAPES = [  # ResNet/VGG-like 3x3 layers at a fraction of full rank; batch 1
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=[f"g{i}" for i in range(len(GPU_SHAPES))])
 def test_gpu_network_shapes(scheme, shape, layout, dtype):
     check_conv(scheme, conv_case(scheme, *shape, layout, "residual_relu", dtype), dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=[f"g{i}" for i in range(len(GPU_SHAPES))])
+def test_gpu_tucker_network_shapes(shape, dtype):
+    check_tucker(helpers.chain_case("tucker", *shape, "channels_last", "residual_relu", dtype=dtype, device=DEVICE),
+                 dtype)
 
 
 @pytest.mark.gpu

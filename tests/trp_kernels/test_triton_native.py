@@ -187,3 +187,24 @@ def test_refuses_to_run_under_the_interpreter(monkeypatch):
         native.run()
     with pytest.raises(SystemExit):
         native.main(["--table"])  # --table without --full
+
+
+@pytest.mark.parametrize("arch", native.ARCHS)
+def test_the_tucker_kernel_compiles_for_sm80_and_sm90(arch):
+    """The three-stage kernel (not in the clean-config table yet) at its largest rank, with
+    the full epilogue, in the fallback config: compiles, no spill, within shared memory."""
+    from trp_kernels.triton import conv_tucker
+
+    bm, bk, bn, split, warps, stages = _common.SPACE[_common.FALLBACK]
+    job = native.Job("conv_tucker", arch, "tf32", conv_tucker.MAX_RANK, (True, True, True), None, _common.FALLBACK,
+                     dict(BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bn, SPLIT_N=split), warps, stages)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("import json, sys, tempfile\n"
+            "from trp_kernels.triton import native\n"
+            "native._worker_env(tempfile.mkdtemp())\n"
+            f"print(json.dumps(native.compile_one(native.Job(**{asdict(job)!r}))))\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    row = json.loads(run.stdout.strip().splitlines()[-1])
+    assert native.clean(row), row
+    assert 0 < row["registers"] <= 255 and 0 < row["shared"] <= native.SHARED_LIMIT[arch]

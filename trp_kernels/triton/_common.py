@@ -69,11 +69,12 @@ def dot_precision(dtype: torch.dtype, conv: bool) -> str:
 
 def check_tensors(op: str, x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor,
                   bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
-                  out_shape: tuple) -> None:
-    """Device, dtype and shape checks shared by every launcher; errors name the argument."""
+                  out_shape: tuple, names: tuple = ("weight1", "weight2")) -> None:
+    """Device, dtype and shape checks shared by every launcher, for one link of a chain
+    (``weight1`` feeding ``weight2``, called ``names`` in errors); errors name the argument."""
     if x.dtype not in DTYPES:
         raise TypeError(f"{op}: x must be float16, bfloat16 or float32, got {x.dtype}")
-    for name, t in (("weight1", weight1), ("weight2", weight2), ("bias", bias), ("residual", residual)):
+    for name, t in ((names[0], weight1), (names[1], weight2), ("bias", bias), ("residual", residual)):
         if t is None:
             continue
         if t.dtype != x.dtype:
@@ -85,7 +86,7 @@ def check_tensors(op: str, x: torch.Tensor, weight1: torch.Tensor, weight2: torc
                          f"got one on {x.device}")
     rank = weight1.shape[0]
     if weight2.shape[1] != rank:
-        raise ValueError(f"{op}: weight2 must have {rank} input channels (weight1's rank), "
+        raise ValueError(f"{op}: {names[1]} must have {rank} input channels ({names[0]}'s rank), "
                          f"got shape {tuple(weight2.shape)}")
     if rank > MAX_RANK:
         raise ValueError(f"{op}: rank {rank} exceeds the fused kernels' maximum {MAX_RANK}")
@@ -96,18 +97,22 @@ def check_tensors(op: str, x: torch.Tensor, weight1: torch.Tensor, weight2: torc
                          f"got {tuple(residual.shape)}")
 
 
-def conv_output(op: str, x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor,
-                bias: Optional[torch.Tensor], residual: Optional[torch.Tensor], stride, padding, dilation,
-                kernel: tuple) -> torch.Tensor:
-    """The checks both conv schemes share, then their output (empty, in x's layout)."""
+def conv_output(op: str, x: torch.Tensor, weights, bias: Optional[torch.Tensor],
+                residual: Optional[torch.Tensor], stride, padding, dilation, kernel: tuple) -> torch.Tensor:
+    """The checks every conv kernel shares (``weights``: its chain, each link checked as
+    :func:`check_tensors` does, bias and residual against the last), then its output
+    (empty, in x's layout); ``kernel`` is the (kh, kw) the geometry applies to."""
     from trp_kernels import reference
 
     reference.check_geometry(op, stride, padding, dilation)
-    if weight1.shape[1] != x.shape[1]:
-        raise ValueError(f"{op}: weight1 has {weight1.shape[1]} input channels, x has {x.shape[1]}")
+    if weights[0].shape[1] != x.shape[1]:
+        raise ValueError(f"{op}: weight1 has {weights[0].shape[1]} input channels, x has {x.shape[1]}")
     ho, wo = reference.checked_output_hw(op, x.shape[-2:], kernel, stride, padding, dilation)
-    out_shape = (x.shape[0], weight2.shape[0], ho, wo)
-    check_tensors(op, x, weight1, weight2, bias, residual, out_shape)
+    out_shape = (x.shape[0], weights[-1].shape[0], ho, wo)
+    for i in range(len(weights) - 1):
+        last = i == len(weights) - 2
+        check_tensors(op, x, weights[i], weights[i + 1], bias if last else None, residual if last else None,
+                      out_shape, (f"weight{i + 1}", f"weight{i + 2}"))
     return torch.empty(out_shape, dtype=x.dtype, device=x.device, memory_format=reference.output_memory_format(x))
 
 

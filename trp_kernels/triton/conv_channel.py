@@ -112,7 +112,7 @@ def conv_channel(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor, 
     if x.dim() != 4 or weight1.dim() != 4 or weight2.dim() != 4 or weight2.shape[-2:] != (1, 1):
         raise ValueError(f"{op}: want x (N, C, H, W), weight1 (r, C, kh, kw), weight2 (n, r, 1, 1); got "
                          f"{tuple(x.shape)}, {tuple(weight1.shape)}, {tuple(weight2.shape)}")
-    out = _common.conv_output(op, x, weight1, weight2, bias, residual, stride, padding, dilation,
+    out = _common.conv_output(op, x, (weight1, weight2), bias, residual, stride, padding, dilation,
                               tuple(weight1.shape[-2:]))
     res_strides = residual.stride() if residual is not None else out.stride()
     launch(x, weight1, weight2, bias, residual, out, tuple(x.shape), tuple(weight1.shape[-2:]), x.stride(),

@@ -136,7 +136,7 @@ def conv_spatial(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor, 
         raise ValueError(f"{op}: want x (N, C, H, W), weight1 (r, C, kh, 1), weight2 (n, r, 1, kw); got "
                          f"{tuple(x.shape)}, {tuple(weight1.shape)}, {tuple(weight2.shape)}")
     kh, kw = weight1.shape[2], weight2.shape[3]
-    out = _common.conv_output(op, x, weight1, weight2, bias, residual, stride, padding, dilation, (kh, kw))
+    out = _common.conv_output(op, x, (weight1, weight2), bias, residual, stride, padding, dilation, (kh, kw))
     ho, wo = out.shape[-2:]
     nb, c, h, w = x.shape
     rank, nout = weight1.shape[0], weight2.shape[0]

@@ -70,6 +70,11 @@ LAYERS = {  # family, SEG: (input shape, output channels, weight1's kernel, weig
     ("conv_spatial", 16): ((8, 512, 7, 7), 512, (3, 1), (1, 3), [1, 1, 1, 1]),
     ("conv_spatial", 64): ((8, 64, 56, 56), 64, (3, 1), (1, 3), [1, 1, 1, 1]),
     ("linear", None): ((32, 2048), 1000, (), (), None),
+    # Tucker-2: weight1 (rank, C, 1, 1), the core (rank, rank) with the second kernel, the
+    # last 1x1 (n, rank). Not in FAMILIES yet: the clean-config table has no rows for it
+    # (its full sweep belongs to the GPU-readiness work), so it autotunes over all of SPACE;
+    # tests/trp_kernels/test_triton_native.py compiles it for sm_80 and sm_90.
+    ("conv_tucker", None): ((8, 256, 14, 14), 256, (1, 1), (3, 3), [1, 1, 1, 1]),
 }
 
 
@@ -81,7 +86,7 @@ def launch_arguments(job: Job):
     public launcher (``_common.capture_launches``) with CPU tensors standing in."""
     import torch
 
-    from trp_kernels.triton import _common, conv_channel, conv_spatial, linear
+    from trp_kernels.triton import _common, conv_channel, conv_spatial, conv_tucker, linear
 
     shape, nout, k1, k2, padding = LAYERS[(job.family, job.seg)]
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[job.dtype]
@@ -96,6 +101,12 @@ def launch_arguments(job: Job):
         if job.family == "linear":
             res = torch.empty((shape[0], nout), dtype=dtype) if has_res else None
             linear.linear(x, w1, w2, bias, res, relu, config=job.config)
+        elif job.family == "conv_tucker":
+            core, w3 = torch.empty((job.rank, job.rank, *k2), dtype=dtype), torch.empty((nout, job.rank, 1, 1), dtype=dtype)
+            out = conv_tucker.conv_tucker(x, w1, core, w3, None, None, [1, 1], padding, [1, 1], False, config=job.config)
+            res = torch.empty_like(out) if has_res else None
+            launches.clear()
+            conv_tucker.conv_tucker(x, w1, core, w3, bias, res, [1, 1], padding, [1, 1], relu, config=job.config)
         else:
             fn = conv_channel.conv_channel if job.family == "conv_channel" else conv_spatial.conv_spatial
             out = fn(x, w1, w2, None, None, [1, 1], padding, [1, 1], False, config=job.config)
