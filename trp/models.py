@@ -212,6 +212,37 @@ def set_conv_spectra(model: nn.Module, spectrum, scheme: str = "channel", skip=(
             m.weight.copy_((w * (norm / w.norm().clamp_min(1e-30))).to(m.weight.dtype))
 
 
+def plant_ranks(model: nn.Module, scheme="channel", ratio: float = 0.25, rank_multiple: int = 16,
+                skip=("stem",)) -> dict:
+    """Make the weight of every layer a family of ``scheme`` takes (a name or a sequence
+    tried per layer, as in :func:`trp.compile`; the stem skipped unless ``skip`` is empty)
+    exactly of the ranks ``ratio`` gives it in that family's form: the weight projected onto
+    them (:meth:`trp.families.Family.project`, TRP's projection), so that factoring at that
+    ratio is exact. Returns ``{name: ranks}`` of the layers planted.
+
+    For tests and benchmarks (a planted rank that trp.compile must recover, an output that
+    must match the dense model); real low-rank weights come from training.
+    """
+    from trp import families
+    from trp.compile import find_stem
+    from trp.decompose import RankSpec
+
+    schemes = families.parse_scheme(scheme)
+    stem = find_stem(model) if "stem" in skip else None
+    spec = RankSpec(ratio=ratio, rank_multiple=rank_multiple)
+    planted = {}
+    for fqn, m in model.named_modules():
+        plain = isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1)
+        family = families.family_for(m, schemes) if plain else None
+        if family is None or fqn == stem or family.accepts(m) is not None:
+            continue
+        low, _, ranks = family.project(m.weight, spec, fqn)
+        with torch.no_grad():
+            m.weight.copy_(low)
+        planted[fqn] = ranks
+    return planted
+
+
 def randomize_batchnorm(model: nn.Module, generator: torch.Generator | None = None) -> None:
     """Non-trivial BatchNorm statistics and affine parameters, as a trained network has, so
     that BN folding is exercised (fresh BNs are the identity in eval mode)."""
