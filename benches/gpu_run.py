@@ -117,7 +117,7 @@ def targets(layer_rows: list, model_rows: list, dry_run: bool) -> dict:
     """Each target's measured value (geometric mean over cases) against its threshold."""
     def ratio(rows, fast, slow, batches):
         t = {(r["case"], r["batch"], r["rank"], r["dtype"], r["provider"]): r["median_ms"]
-             for r in rows if r["status"] == "ok"}
+             for r in rows if r["status"] == "ok" and not isinstance(r["rank"], list)}  # two-stage cases
         return _geomean([t[k[:4] + (slow,)] / v for k, v in t.items()
                          if k[4] == fast and k[1] in batches and k[:4] + (slow,) in t])
 

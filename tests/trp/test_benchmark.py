@@ -33,6 +33,20 @@ def test_layer_rows_for_every_provider():
     dense, low = rows[0], rows[1]
     assert dense["macs"] == dense["macs_dense"] == 2 * 5 * 5 * 32 * 8 * 9
     assert low["macs"] == 2 * 5 * 5 * 4 * (8 * 9 + 32)
+
+
+def test_tucker_layer_rows_for_every_provider():
+    """A Tucker case: three exact stages, every provider (three separate convs, ONNX chains,
+    the fused kernel) reproduces the dense conv; the MACs count the first 1x1 at stride²
+    times the output pixels of a strided layer (Family.macs_per_pixel)."""
+    case = C.LayerCase(C.ConvShape(("tiny",), 8, 32, 9, 2), (4, 6), "test", 2, "cpu", torch.float32, "tucker")
+    rows = runner.layer_case_rows(case, P.LAYER_PROVIDERS, 0.01, _quiet, torch.Generator().manual_seed(0))
+    for r in rows:
+        if not r["provider"].endswith("_cudagraph"):
+            assert r["status"] == "ok", (r["provider"], r["reason"])
+            assert r["max_rel_err"] < 1e-5 and r["rank"] == [4, 6] and r["case"] == "tiny 8->32 3x3 s2 @9 tucker"
+    low = rows[1]
+    assert low["macs"] == 2 * 5 * 5 * (2 * 2 * 8 * 4 + 4 * 6 * 9 + 6 * 32)
     assert low["realized_fraction"] == pytest.approx(low["speedup"] / (low["macs_dense"] / low["macs"]))
 
 
@@ -79,12 +93,19 @@ def test_case_lists():
     names = {c.shape.name for c in full}
     assert any("resnet18" in n for n in names) and any("resnet50" in n for n in names)
     assert any("vgg16" in n for n in names) and any(" s2 " in n for n in names)
-    assert all(c.rank % 16 == 0 and c.rank <= c.shape.full_rank for c in full)
+    channel = [c for c in full if c.scheme == "channel"]
+    assert all(c.rank % 16 == 0 and c.rank <= c.shape.full_rank for c in channel)
+    tucker = [c for c in full if c.scheme == "tucker"]  # ResNet-18/50's 3x3 shapes at 1/4 and 1/2 per mode
+    assert {c.shape for c in tucker} == {c.shape for c in channel if {"resnet18", "resnet50"} & set(c.shape.nets)}
+    assert {(c.rank[0] / c.shape.c_in, c.rank[1] / c.shape.c_out) for c in tucker} == {(0.25, 0.25), (0.5, 0.5)}
+    assert all(c.name.endswith(" tucker") and c.macs < c.macs_dense for c in tucker)
     gpu = C.layer_cases("cuda")
     assert {c.batch for c in gpu} == {1, 32, 128}
     assert {c.dtype for c in gpu} == {torch.float16, torch.bfloat16, torch.float32}
     assert C.lowrank_rank(64, 1 / 8) == 16 and C.lowrank_rank(512, 1 / 2) == 256 and C.lowrank_rank(27, 1) == 27
     assert {m.model for m in C.model_cases("cpu")} == {"resnet18", "resnet50", "resnet20", "resnet56"}
+    assert {m.name for m in C.model_cases("cpu") if m.scheme != "channel"} == {
+        "resnet50 @224 tucker+pointwise", "resnet50 @224 channel+pointwise"}
 
 
 def test_run_writes_json_and_report(tmp_path, monkeypatch):

@@ -234,8 +234,10 @@ def test_validation_errors(tmp_path):
         report.write_report(broken(1, speedup=None), ENV, CMD, tmp_path)
     with pytest.raises(ValueError, match=r"rows\[4\].*'batch' must be a positive int"):
         report.markdown(broken(4, batch=0), ENV, CMD)
-    with pytest.raises(TypeError, match=r"rows\[4\].*'rank' must be an int or None"):
-        report.markdown(broken(4, rank="16"), ENV, CMD)
+    for bad in ("16", [], [16, "8"], [16.0]):
+        with pytest.raises(TypeError, match=r"rows\[4\].*'rank' must be an int, a list of ints \(one per stage\) or None"):
+            report.markdown(broken(4, rank=bad), ENV, CMD)
+    assert "| 16,32 |" in report.markdown(broken(4, rank=[16, 32]), ENV, CMD)  # a family's per-stage ranks
     with pytest.raises(TypeError, match="environment must be a dict, got list"):
         report.markdown(good, [("cpu", "x")], CMD)
     with pytest.raises(TypeError, match="command must be a str, got list"):

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from trp import families
+
 RANK_FRACTIONS = (1 / 8, 1 / 4, 1 / 2)
 RANK_MULTIPLE = 16
 BATCHES = {"cpu": (1, 8), "cuda": (1, 32, 128)}
@@ -64,26 +66,59 @@ def lowrank_rank(full_rank: int, fraction: float, multiple: int = RANK_MULTIPLE)
 
 @dataclass(frozen=True)
 class LayerCase:
+    """One layer shape factored by one family (``scheme``) at ``rank`` (an int, or a tuple
+    of per-stage ranks for a family with several rank modes)."""
+
     shape: ConvShape
-    rank: int
+    rank: int | tuple
     rank_rule: str
     batch: int
     device: str
     dtype: torch.dtype
+    scheme: str = "channel"
+
+    @property
+    def name(self) -> str:
+        return self.shape.name if self.scheme == "channel" else f"{self.shape.name} {self.scheme}"
+
+    @property
+    def ranks(self) -> tuple:
+        return self.rank if isinstance(self.rank, tuple) else (self.rank,)
+
+    @property
+    def rank_field(self):
+        """The rank as a result row holds it: an int, or a list of per-stage ranks."""
+        return list(self.rank) if isinstance(self.rank, tuple) else self.rank
+
+    @property
+    def rank_text(self) -> str:
+        return ",".join(map(str, self.ranks))
+
+    @property
+    def weight_shape(self) -> tuple:
+        return (self.shape.c_out, self.shape.c_in, 3, 3)
+
+    def _macs(self, ranks) -> int:
+        per_pixel = families.get(self.scheme).macs_per_pixel(self.weight_shape, (self.shape.stride,) * 2, ranks)
+        return self.batch * self.shape.out_hw ** 2 * per_pixel
 
     @property
     def macs_dense(self) -> int:
-        s = self.shape
-        return self.batch * s.out_hw ** 2 * s.c_out * s.c_in * 9
+        return self._macs(None)
 
     @property
     def macs(self) -> int:
-        s = self.shape
-        return self.batch * s.out_hw ** 2 * self.rank * (s.c_in * 9 + s.c_out)
+        return self._macs(self.ranks)
 
     @property
     def channels_last(self) -> bool:
         return self.device == "cuda"
+
+
+# The layers the Tucker-2 cases run on: ResNet-18's and ResNet-50's 3×3 shapes, at these
+# fractions of each mode's full rank.
+TUCKER_NETS = ("resnet18", "resnet50")
+TUCKER_FRACTIONS = (1 / 4, 1 / 2)
 
 
 def layer_cases(device: str, quick: bool = False) -> list[LayerCase]:
@@ -93,7 +128,7 @@ def layer_cases(device: str, quick: bool = False) -> list[LayerCase]:
     dtypes = DTYPES[device][:1] if quick else DTYPES[device]
     cases = []
     for shape in shapes:
-        ranks: dict[int, str] = {}
+        ranks: dict = {}
         for f in fractions:
             r = lowrank_rank(shape.full_rank, f)
             ranks.setdefault(r, f"1/{round(1 / f)} of {shape.full_rank}, rounded to {RANK_MULTIPLE}")
@@ -101,6 +136,16 @@ def layer_cases(device: str, quick: bool = False) -> list[LayerCase]:
             for batch in batches:
                 for dtype in dtypes:
                     cases.append(LayerCase(shape, r, rule, batch, device, dtype))
+    for shape in shapes[:1] if quick else shapes:
+        if not set(shape.nets) & set(TUCKER_NETS):
+            continue
+        for f in TUCKER_FRACTIONS[:1] if quick else TUCKER_FRACTIONS:
+            r = (lowrank_rank(shape.c_in, f), lowrank_rank(shape.c_out, f))
+            rule = (f"tucker: 1/{round(1 / f)} of each mode's full rank ({shape.c_in}, {shape.c_out}), "
+                    f"rounded to {RANK_MULTIPLE}")
+            for batch in batches:
+                for dtype in dtypes:
+                    cases.append(LayerCase(shape, r, rule, batch, device, dtype, "tucker"))
     return cases
 
 
@@ -112,15 +157,24 @@ class ModelCase:
     device: str
     dtype: torch.dtype
     ratio: float = 0.25
+    scheme: str | tuple = "channel"
 
     @property
     def name(self) -> str:
-        return f"{self.model} @{self.hw}"
+        return f"{self.model} @{self.hw}" + ("" if self.scheme == "channel" else f" {'+'.join(self.schemes)}")
+
+    @property
+    def schemes(self) -> tuple:
+        return families.parse_scheme(self.scheme)
 
     @property
     def rank_rule(self) -> str:
-        return (f"every 3x3 conv but the stem: planted exact rank = trp.compile(ratio={self.ratio}, "
-                f"rank_multiple={RANK_MULTIPLE})")
+        if self.scheme == "channel":
+            return (f"every 3x3 conv but the stem: planted exact rank = trp.compile(ratio={self.ratio}, "
+                    f"rank_multiple={RANK_MULTIPLE})")
+        return (f"scheme {'+'.join(self.schemes)}: every layer a family takes but the stem, planted exactly at "
+                f"trp.compile(ratio={self.ratio}, rank_multiple={RANK_MULTIPLE})'s ranks in that family's form "
+                f"(trp.models.plant_ranks)")
 
     @property
     def channels_last(self) -> bool:
@@ -128,9 +182,14 @@ class ModelCase:
 
 
 MODELS = (("resnet18", 224), ("resnet50", 224), ("resnet20", 32), ("resnet56", 32))
+# ResNet-50 with the families that reach its 1x1 convs: Tucker-2 on the 3x3s, and the
+# channel scheme on them for comparison, both with pointwise on the 1x1s.
+FAMILY_MODELS = (("resnet50", 224, ("tucker", "pointwise")), ("resnet50", 224, ("channel", "pointwise")))
 
 
 def model_cases(device: str, quick: bool = False) -> list[ModelCase]:
     if quick:
         return [ModelCase("resnet20", 32, 1, device, DTYPES[device][0])]
-    return [ModelCase(m, hw, b, device, dt) for m, hw in MODELS for b in BATCHES[device] for dt in DTYPES[device]]
+    return ([ModelCase(m, hw, b, device, dt) for m, hw in MODELS for b in BATCHES[device] for dt in DTYPES[device]]
+            + [ModelCase(m, hw, b, device, dt, scheme=sc) for m, hw, sc in FAMILY_MODELS for b in BATCHES[device]
+               for dt in DTYPES[device]])

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import trp
-from trp import models
+from trp import families, models
 from trp.benchmark.cases import RANK_MULTIPLE, LayerCase, ModelCase, lowrank_rank
 from trp_kernels import ops, reference
 
@@ -53,13 +53,13 @@ _MODEL_RUNTIMES = {"eager": "PyTorch eager, NCHW input", "eager_cl": "PyTorch ea
                    "cudagraph": "PyTorch eager captured in a CUDA graph (GPU only)"}
 _LAYER_HELP = {
     "dense_torch": "layer: the dense conv, F.conv2d",
-    "lowrank_torch": "layer: the two factor convs, F.conv2d, NCHW",
-    "lowrank_torch_cl": "layer: the two factor convs, F.conv2d, channels_last",
-    "lowrank_compile": "layer: the two factor convs under torch.compile",
+    "lowrank_torch": "layer: the factor convs (two; three for tucker), F.conv2d, NCHW",
+    "lowrank_torch_cl": "layer: the factor convs, F.conv2d, channels_last",
+    "lowrank_compile": "layer: the factor convs under torch.compile",
     "lowrank_trp": "layer: trp's dispatch (auto backend), NCHW input",
     "lowrank_cpp": "layer: the fused C++ kernel, channels_last input",
-    "lowrank_ort": "layer: the two factor convs exported to ONNX, ONNX Runtime",
-    "lowrank_openvino": "layer: the two factor convs exported to ONNX, OpenVINO float32",
+    "lowrank_ort": "layer: the factor convs exported to ONNX, ONNX Runtime",
+    "lowrank_openvino": "layer: the factor convs exported to ONNX, OpenVINO float32",
     **{p: f"layer: {p[:-len('_cudagraph')]} captured in a CUDA graph (GPU only)"
        for p in LAYER_PROVIDERS if p.endswith("_cudagraph")},
 }
@@ -156,19 +156,25 @@ def _cudagraph(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> F
 # --- layers --------------------------------------------------------------------------
 
 def layer_tensors(case: LayerCase, generator: torch.Generator) -> dict:
-    """Input and exact-rank-r weights of a case: the dense weight is the product of the
-    factors, so every provider must reproduce the dense conv."""
+    """Input and exact-rank weights of a case, the stages of its family (channel: k×k c→r,
+    1×1 r→n; tucker: 1×1 c→r1, k×k core r1→r2, 1×1 r2→n): the dense weight is their
+    composition, so every provider must reproduce the dense conv."""
     s = case.shape
-    w1 = torch.randn(case.rank, s.c_in, 3, 3, generator=generator, dtype=torch.float64) / (s.c_in * 9) ** 0.5
-    w2 = torch.randn(s.c_out, case.rank, 1, 1, generator=generator, dtype=torch.float64) / case.rank ** 0.5
+    family = families.get(case.scheme)
+
+    def draw(shape):  # unit-variance outputs: each stage scaled by 1/sqrt(its fan-in)
+        fan_in = shape[1] * shape[2] * shape[3]
+        return torch.randn(shape, generator=generator, dtype=torch.float64) / fan_in ** 0.5
+
+    weights = [draw(shape) for shape in family.stage_shapes(case.weight_shape, case.ranks)]
     bias = torch.randn(s.c_out, generator=generator, dtype=torch.float64) * 0.1
     x = torch.randn(case.batch, s.c_in, s.hw, s.hw, generator=generator, dtype=torch.float64)
-    dense = trp.decompose.compose_conv2d_weight(w1, w2, "channel")
-    t = {"x64": x, "dense64": dense, "bias64": bias}
+    t = {"x64": x, "dense64": family.compose(weights), "bias64": bias}
     cast = dict(device=case.device, dtype=case.dtype)
     fmt = torch.channels_last if case.channels_last else torch.contiguous_format
-    t.update(x=x.to(**cast).contiguous(memory_format=fmt), w1=w1.to(**cast), w2=w2.to(**cast),
-             dense=dense.to(**cast), bias=bias.to(**cast))
+    t.update(x=x.to(**cast).contiguous(memory_format=fmt), weights=[w.to(**cast) for w in weights],
+             dense=t["dense64"].to(**cast), bias=bias.to(**cast),
+             stages=reference.kernel_stages(case.scheme, (s.stride, s.stride), (1, 1, 1, 1), (1, 1)))
     return t
 
 
@@ -176,16 +182,24 @@ def layer_reference(case: LayerCase, t: dict) -> torch.Tensor:
     return F.conv2d(t["x64"], t["dense64"], t["bias64"], case.shape.stride, 1)
 
 
-def _two_conv_onnx(case: LayerCase, t: dict) -> bytes:
+def _chain_onnx(case: LayerCase, t: dict) -> bytes:
+    """The case's stages as ONNX Conv nodes, one per stage, the bias on the last."""
     try:
         from onnx import TensorProto, helper, numpy_helper
     except ImportError as e:
         raise Unavailable(f"onnx is not installed ({e})") from None
-    s = case.shape
-    inits = [numpy_helper.from_array(t[k].numpy(), k) for k in ("w1", "w2", "bias")]
-    nodes = [helper.make_node("Conv", ["x", "w1"], ["h"], kernel_shape=[3, 3], pads=[1, 1, 1, 1],
-                              strides=[s.stride, s.stride]),
-             helper.make_node("Conv", ["h", "w2", "bias"], ["y"], kernel_shape=[1, 1])]
+    names = [f"w{i + 1}" for i in range(len(t["weights"]))]
+    inits = [numpy_helper.from_array(w.numpy(), n) for n, w in zip(names, t["weights"])]
+    inits.append(numpy_helper.from_array(t["bias"].numpy(), "bias"))
+    nodes, src = [], "x"
+    for i, (w, (stride, (top, bottom, left, right), dil)) in enumerate(zip(t["weights"],
+                                                                         reference.stage_geometry(*t["stages"]))):
+        last = i == len(names) - 1
+        dst = "y" if last else f"h{i + 1}"
+        nodes.append(helper.make_node("Conv", [src, names[i]] + (["bias"] if last else []), [dst],
+                                      kernel_shape=list(w.shape[2:]), pads=[top, left, bottom, right],
+                                      strides=list(stride), dilations=list(dil)))
+        src = dst
     graph = helper.make_graph(
         nodes, "lowrank_conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(t["x"].shape))],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
@@ -213,48 +227,46 @@ def prepare_layer(provider: str, case: LayerCase, t: dict) -> Fn:
             raise Unavailable("CUDA graphs need a CUDA device")
         fn = prepare_layer(provider[:-len("_cudagraph")], case, t)
         return _cudagraph(lambda _: fn(), t["x"])  # fn reads t["x"], which stays put
-    s, x, w1, w2, b = case.shape, t["x"], t["w1"], t["w2"], t["bias"]
-    stride, pad4 = (s.stride, s.stride), (1, 1, 1, 1)
+    s, x, weights, b, stages = case.shape, t["x"], t["weights"], t["bias"], t["stages"]
 
-    def two_convs():
-        return reference.lowrank_conv2d(x, w1, w2, b, stride, pad4, (1, 1), "channel")
+    def chain(x):  # the stages as separate PyTorch convs
+        return reference.conv_chain(x, weights, *stages, b)
 
     if provider == "dense_torch":
         return lambda: F.conv2d(x, t["dense"], b, s.stride, 1)
     if provider == "lowrank_torch":
-        return two_convs
+        return lambda: chain(x)
     if provider == "lowrank_torch_cl":
         if case.channels_last:
             raise Unavailable("the case input is channels_last already (lowrank_torch runs it)")
         x_cl = x.contiguous(memory_format=torch.channels_last)
-        return lambda: reference.lowrank_conv2d(x_cl, w1, w2, b, stride, pad4, (1, 1), "channel")
+        return lambda: chain(x_cl)
     if provider == "lowrank_compile":
-        compiled = _compile(lambda x: reference.lowrank_conv2d(x, w1, w2, b, stride, pad4, (1, 1), "channel"),
-                            case.device)
+        compiled = _compile(chain, case.device)
         return lambda: compiled(x)
     # trp's providers get the factors in the layout a trp layer keeps them in (the one its
     # kernel reads in place), as a model built by trp.compile holds them.
     if provider == "lowrank_trp":
-        k1, k2 = ops.kernel_layout(w1), ops.kernel_layout(w2)
-        return lambda: ops.lowrank_conv2d(x, k1, k2, b, stride, pad4, (1, 1), "channel")
+        laid = [ops.kernel_layout(w) for w in weights]
+        return lambda: ops.conv_chain(x, laid, *stages, b)
     if provider == "lowrank_cpp":  # the fused C++ kernel by name (what auto takes on CPU)
-        reasons = ops.refusals("cpp", x.device, x.dtype, case.rank)
+        reasons = ops.refusals("cpp", x.device, x.dtype, max(case.ranks))
         if reasons or not ops.is_fused("cpp"):
             raise Unavailable("; ".join(reasons) or "the C++ extension has no fused kernels")
         # channels_last, as in a model compiled by trp.compile (which converts once, on entry)
         x_cl = x.contiguous(memory_format=torch.channels_last)
-        k1, k2 = ops.kernel_layout(w1, "cpp"), ops.kernel_layout(w2, "cpp")
-        return lambda: ops.lowrank_conv2d(x_cl, k1, k2, b, stride, pad4, (1, 1), "channel", "cpp")
+        laid = [ops.kernel_layout(w, "cpp") for w in weights]
+        return lambda: ops.conv_chain(x_cl, laid, *stages, b, backend="cpp")
     if provider == "lowrank_ort":
         if case.device != "cpu":
             raise Unavailable("CPU only (this suite runs ONNX Runtime's CPU execution provider)")
         if case.dtype != torch.float32:
             raise Unavailable(f"float32 only, case is {case.dtype}")
-        return _ort_fn(_ort_session(_two_conv_onnx(case, t)), x)
+        return _ort_fn(_ort_session(_chain_onnx(case, t)), x)
     if provider == "lowrank_openvino":
         if case.device != "cpu" or case.dtype != torch.float32:
             raise Unavailable("float32 on CPU only (this suite runs OpenVINO's CPU plugin)")
-        return _openvino_fn(_two_conv_onnx(case, t), x, f32=True)
+        return _openvino_fn(_chain_onnx(case, t), x, f32=True)
     raise ValueError(f"unknown layer provider {provider!r}; known: {LAYER_PROVIDERS}")
 
 
@@ -269,19 +281,24 @@ def _build(name: str) -> nn.Module:
 
 
 def model_bundle(case: ModelCase, generator: torch.Generator) -> dict:
-    """The dense model (BN folded) with exact-rank 3×3 convs, its low-rank form run by the
-    plain two-conv backend ("lowrank") and by trp's dispatch ("trp"), an input, and the
-    float64 reference output."""
+    """The dense model (BN folded) with exact-rank layers (the channel scheme's 3×3 convs,
+    or every layer the case's families take), its low-rank form run by the plain conv
+    backend ("lowrank") and by trp's dispatch ("trp"), an input, and the float64
+    reference output."""
     model = _build(case.model).eval()
     ratio = case.ratio
-    models.set_conv_spectra(model, lambda full: (torch.arange(full) < lowrank_rank(full, ratio)).double(),
-                            generator=generator)
+    if case.scheme == "channel":
+        models.set_conv_spectra(model, lambda full: (torch.arange(full) < lowrank_rank(full, ratio)).double(),
+                                generator=generator)
     models.randomize_batchnorm(model, generator)
+    if case.scheme != "channel":  # the random weights projected onto the ranks (BN folding keeps them)
+        models.plant_ranks(model, case.schemes, ratio, RANK_MULTIPLE)
     dense = trp.compile(model, filter_fn=lambda m, q: False)  # fold BN only: the same for every provider
     x64 = torch.randn(case.batch, 3, case.hw, case.hw, generator=generator, dtype=torch.float64)
     with torch.no_grad():
         ref = copy.deepcopy(dense).double()(x64)
-    lowrank = trp.compile(copy.deepcopy(dense), ratio=ratio, rank_multiple=RANK_MULTIPLE, backend="torch")
+    lowrank = trp.compile(copy.deepcopy(dense), ratio=ratio, rank_multiple=RANK_MULTIPLE, backend="torch",
+                          scheme=case.schemes)
     trp_model = trp.compile(copy.deepcopy(lowrank), backend="auto")
     fmt = torch.channels_last if case.channels_last else torch.contiguous_format
     cast = dict(device=case.device, dtype=case.dtype)

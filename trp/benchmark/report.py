@@ -70,8 +70,10 @@ def _validate(rows, environment=None, command=None, *, check_env: bool = False) 
             raise ValueError(f"{where}: 'provider' must not be empty")
         if not _is_int(row["batch"]) or row["batch"] < 1:
             raise ValueError(f"{where}: 'batch' must be a positive int, got {row['batch']!r}")
-        if row["rank"] is not None and not _is_int(row["rank"]):
-            raise TypeError(f"{where}: 'rank' must be an int or None, got {row['rank']!r}")
+        rank = row["rank"]
+        if rank is not None and not _is_int(rank) and not (
+                isinstance(rank, (list, tuple)) and rank and all(_is_int(r) for r in rank)):
+            raise TypeError(f"{where}: 'rank' must be an int, a list of ints (one per stage) or None, got {rank!r}")
         for key in ("macs_dense", "macs"):
             if not _is_int(row[key]) or row[key] <= 0:
                 raise ValueError(f"{where}: {key!r} must be a positive int, got {row[key]!r}")
@@ -119,9 +121,15 @@ def provider_key(provider: str) -> tuple:
     return (0 if provider.startswith("dense") else 1, known, base, graph, provider)
 
 
+def rank_text(rank) -> str:
+    """A row's rank as shown: an int, or a family's per-stage ranks as ``r1,r2``."""
+    return DASH if rank is None else ",".join(map(str, rank)) if isinstance(rank, (list, tuple)) else str(rank)
+
+
 def _row_key(row: Mapping) -> tuple:
     rank = row["rank"]
-    return (_natural(row["case"]), row["batch"], -1 if rank is None else rank, provider_key(row["provider"]))
+    ranks = (-1,) if rank is None else tuple(rank) if isinstance(rank, (list, tuple)) else (rank,)
+    return (_natural(row["case"]), row["batch"], len(ranks), ranks, provider_key(row["provider"]))
 
 
 def _group_key(key: tuple) -> tuple:
@@ -192,7 +200,7 @@ def _table_row(r: Mapping) -> list[str]:
     provider = r["provider"]
     if r.get("precision", r["dtype"]) != r["dtype"]:  # a runtime that computes in a narrower type
         provider += f" (computes in {r['precision']}; rel. err. {r['max_rel_err']:.1e})"
-    cells = [r["case"], str(r["batch"]), DASH if r["rank"] is None else str(r["rank"]), provider]
+    cells = [r["case"], str(r["batch"]), rank_text(r["rank"]), provider]
     macs = f"{fmt_macs(r['macs'])} / {fmt_macs(r['macs_dense'])}"
     if r["status"] == "ok":
         cells += [f"{fmt_ms(r['median_ms'])} ({fmt_ms(r['p25_ms'])}–{fmt_ms(r['p75_ms'])})", macs,

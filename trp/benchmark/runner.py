@@ -103,12 +103,15 @@ def _time_side_by_side(rows: list[dict], fns: dict, budget_s: float, device: str
 
 def _finish(rows: list[dict], baseline_of) -> None:
     """Speed-ups against each row's baseline provider, in the same case."""
-    times = {(r["case"], r["batch"], r["rank"], r["dtype"], r["provider"]): r["median_ms"]
+    def rank(r):
+        return tuple(r["rank"]) if isinstance(r["rank"], list) else r["rank"]
+
+    times = {(r["case"], r["batch"], rank(r), r["dtype"], r["provider"]): r["median_ms"]
              for r in rows if r["status"] == "ok"}
     for r in rows:
         base = baseline_of(r["provider"])
         r["baseline"] = base
-        t_base = times.get((r["case"], r["batch"], r["rank"], r["dtype"], base))
+        t_base = times.get((r["case"], r["batch"], rank(r), r["dtype"], base))
         if r["status"] == "ok" and t_base:
             r["speedup"] = t_base / r["median_ms"]
             r["realized_fraction"] = r["speedup"] / (r["macs_dense"] / r["macs"])
@@ -119,9 +122,9 @@ def layer_case_rows(case: C.LayerCase, providers: Iterable[str], budget_s: float
     ref = P.layer_reference(case, t)
     rows, fns, dense_err = [], {}, None
     for provider in providers:
-        row = make_row("layers", case.shape.name, provider, case, case.rank, case.rank_rule, case.macs_dense,
+        row = make_row("layers", case.name, provider, case, case.rank_field, case.rank_rule, case.macs_dense,
                    case.macs_dense if provider.startswith("dense_") else case.macs)
-        progress(f"{case.shape.name} b{case.batch} r{case.rank} {provider}")
+        progress(f"{case.name} b{case.batch} r{case.rank_text} {provider}")
         tol = tolerance(dense_err, case.dtype)
         fn = prepare_checked(row, lambda: P.prepare_layer(provider, case, t), ref, tol)
         if fn is not None:
