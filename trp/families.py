@@ -108,6 +108,10 @@ class Family:
         """Why this family cannot factor ``module`` (None: it can)."""
         if isinstance(module, nn.Linear):
             return f"scheme {self.name!r} factors convolutions, not linear layers"
+        return self.refuses_kernel(tuple(module.kernel_size))
+
+    def refuses_kernel(self, kernel_size: tuple) -> Optional[str]:
+        """Why this family cannot factor a conv of ``kernel_size`` (None: it can)."""
         return None
 
     # -- ranks ----------------------------------------------------------------------
@@ -198,18 +202,20 @@ class Channel(Family):
     def modes(self):
         return [_out_mode()]
 
+    # Written for any weight (n, c, ...): a conv's second stage is a 1×1 conv, a linear
+    # layer's (2-D weight) a matrix; Pointwise is this family for 1×1 convs and Linear.
     def stage_shapes(self, shape, ranks):
-        n, c, kh, kw = shape
-        return [(ranks[0], c, kh, kw), (n, ranks[0], 1, 1)]
+        return [(ranks[0], *shape[1:]), (shape[0], ranks[0], *(1, 1)[:len(shape) - 2])]
 
     def geometry(self, stride, padding4, dilation):
         return [(tuple(stride), tuple(padding4), tuple(dilation)), PLAIN]
 
     def factor(self, weight, spec, what="weight"):
-        n, c, kh, kw = weight.shape
-        left, right, r, s = _split(weight.reshape(n, -1), self.specs(spec)[0], what)
-        return Factored((_cast(right.reshape(r, c, kh, kw), weight), _cast(left.reshape(n, r, 1, 1), weight)),
-                        (r,), (int(s.numel()),), (s,))
+        shape = tuple(weight.shape)
+        left, right, r, s = _split(weight.reshape(shape[0], -1), self.specs(spec)[0], what)
+        first, second = self.stage_shapes(shape, (r,))
+        w1, w2 = right.reshape(first), left.reshape(second)
+        return Factored((_cast(w1, weight), _cast(w2, weight)), (r,), (int(s.numel()),), (s,))
 
     def compose(self, weights):
         w1, w2 = weights
@@ -246,36 +252,20 @@ class Spatial(Family):
         return torch.einsum("rci,nrj->ncij", w1[..., 0], w2[:, :, 0, :])
 
 
-class Pointwise(Family):
+class Pointwise(Channel):
+    """The channel split of a 1×1 conv or a Linear (n × c SVD): c→r (the layer's stride and
+    padding), then r→n."""
     name = "pointwise"
     kinds = frozenset({"1x1", "linear"})
     summary = "1×1 conv (or linear) c→r, then r→n"
 
     def accepts(self, module):
-        if isinstance(module, nn.Linear) or tuple(module.kernel_size) == (1, 1):
+        return None if isinstance(module, nn.Linear) else self.refuses_kernel(tuple(module.kernel_size))
+
+    def refuses_kernel(self, kernel_size):
+        if kernel_size == (1, 1):
             return None
-        return f"scheme 'pointwise' factors 1x1 convs and linear layers, not a {tuple(module.kernel_size)} conv"
-
-    def modes(self):
-        return [_out_mode()]
-
-    def stage_shapes(self, shape, ranks):
-        n, c = shape[:2]
-        return [(ranks[0], c, *shape[2:]), (n, ranks[0], *shape[2:])]
-
-    def geometry(self, stride, padding4, dilation):
-        return [(tuple(stride), tuple(padding4), tuple(dilation)), PLAIN]
-
-    def factor(self, weight, spec, what="weight"):
-        shape = tuple(weight.shape)
-        left, right, r, s = _split(weight.reshape(shape[0], -1), self.specs(spec)[0], what)
-        w1, w2 = right.reshape(r, *shape[1:]), left.reshape(shape[0], r, *shape[2:])
-        return Factored((_cast(w1, weight), _cast(w2, weight)), (r,), (int(s.numel()),), (s,))
-
-    def compose(self, weights):
-        w1, w2 = weights
-        n, r = w2.shape[:2]
-        return (w2.reshape(n, r) @ w1.reshape(r, -1)).reshape(n, *w1.shape[1:])
+        return f"scheme 'pointwise' factors 1x1 convs and linear layers, not a {kernel_size} conv"
 
 
 class Tucker(Family):

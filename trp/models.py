@@ -191,22 +191,28 @@ def set_conv_spectra(model: nn.Module, spectrum, scheme: str = "channel", skip=(
     For tests (an exact planted rank) and the demo (a decaying spectrum like a trained
     network's); real weights come from training.
     """
+    from trp import families
     from trp.compile import find_stem
-    from trp.decompose import conv_full_rank, fold_conv_matrix
 
+    family = families.get(scheme)
+    modes = family.modes()
+    if len(modes) != 1:
+        raise ValueError(f"set_conv_spectra plants one spectrum, and scheme {scheme!r} has {len(modes)} rank "
+                         "modes; use plant_ranks for it")
+    mode = modes[0]
     stem = find_stem(model) if "stem" in skip else None
     for fqn, m in model.named_modules():
         if not isinstance(m, nn.Conv2d) or m.groups != 1 or m.kernel_size == (1, 1) or fqn == stem:
             continue
-        n, c, kh, kw = m.weight.shape
-        full = conv_full_rank(n, c, (kh, kw), scheme)
-        rows, cols = (n, c * kh * kw) if scheme == "channel" else (c * kh, n * kw)
+        shape = tuple(m.weight.shape)
+        rows, cols = mode.unfold(torch.empty(shape, device="meta")).shape
+        full = min(rows, cols)
         s = torch.as_tensor(spectrum(full), dtype=torch.float64)
         if s.shape != (full,):
             raise ValueError(f"spectrum({full}) must return {full} values, got shape {tuple(s.shape)}")
         u, _ = torch.linalg.qr(torch.randn(rows, full, dtype=torch.float64, generator=generator))
         v, _ = torch.linalg.qr(torch.randn(cols, full, dtype=torch.float64, generator=generator))
-        w = fold_conv_matrix((u * s) @ v.T, (n, c, kh, kw), scheme)
+        w = mode.fold((u * s) @ v.T, shape)
         with torch.no_grad():
             norm = m.weight.norm()
             m.weight.copy_((w * (norm / w.norm().clamp_min(1e-30))).to(m.weight.dtype))

@@ -164,8 +164,9 @@ class LowRankConv2d(_LowRank):
         self._padding4 = resolve_padding(padding, self.kernel_size, self.dilation)
         family = families.get(scheme)
         shape = (out_channels, in_channels, *self.kernel_size)
-        if family.name == "pointwise" and self.kernel_size != (1, 1):
-            raise ValueError(f"scheme 'pointwise' factors 1x1 convs, got kernel_size={self.kernel_size}")
+        refused = family.refuses_kernel(self.kernel_size)
+        if refused:
+            raise ValueError(f"{refused} (kernel_size={self.kernel_size})")
         self.scheme = family.name
         ranks = self._check_ranks(rank, family.full_ranks(shape))
         self.backend = backend

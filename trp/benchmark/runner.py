@@ -208,7 +208,7 @@ def run(suite: str = "all", device: str = "cpu", quick: bool = False, json_path=
             chosen = [p for p in names if not providers or p in wanted]
             if s == "layers":
                 todo = [(c, layer_case_rows) for c in C.layer_cases(device, quick)
-                        if not select or select in c.shape.name]
+                        if not select or select in c.name]
             else:
                 todo = [(c, model_case_rows) for c in C.model_cases(device, quick) if not select or select in c.name]
             if dtypes:
