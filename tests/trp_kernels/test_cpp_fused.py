@@ -45,6 +45,17 @@ def conv_case(scheme, *case):
     return x, w1, w2, bias, tuple(stride), tuple(pad4), tuple(dilation), scheme, residual, relu
 
 
+def assert_within_bound(out, exact, torch_fp32):
+    """``out`` (float32) against the float64 ``exact``: within twice PyTorch's own float32
+    error (``torch_fp32``) plus 1e-6 of the output's scale. Returns ``out``."""
+    assert out.shape == exact.shape and out.dtype == torch.float32
+    err = (out.double() - exact).abs().max().item()
+    torch_err = (torch_fp32.double() - exact).abs().max().item()
+    bound = 2 * torch_err + 1e-6 * exact.abs().max().item()
+    assert err <= bound, f"max error {err:.3g} > {bound:.3g} (torch's own float32 error {torch_err:.3g})"
+    return out
+
+
 def check(args):
     """The kernel's output against the float64 reference, for the weights as given (copied
     into the kernel's panels on each call) and in the kernel's layout (read in place): the
@@ -59,12 +70,7 @@ def check(args):
     assert torch.equal(first, again), "the kept plan's output differs from the first call's"
     exact = reference.lowrank_conv2d(*[a.double() if isinstance(a, torch.Tensor) else a for a in args])
     torch_fp32 = reference.lowrank_conv2d(*args)
-    assert out.shape == exact.shape and out.dtype == torch.float32
-    err = (out.double() - exact).abs().max().item()
-    torch_err = (torch_fp32.double() - exact).abs().max().item()
-    bound = 2 * torch_err + 1e-6 * exact.abs().max().item()
-    assert err <= bound, f"max error {err:.3g} > {bound:.3g} (torch's own float32 error {torch_err:.3g})"
-    return out
+    return assert_within_bound(out, exact, torch_fp32)
 
 
 SHAPES = helpers.AWKWARD_CONV_SHAPES + [
@@ -72,12 +78,24 @@ SHAPES = helpers.AWKWARD_CONV_SHAPES + [
 ]
 
 
-@pytest.mark.parametrize("isa", ISAS, indirect=True)
-@pytest.mark.parametrize("threads", [1, 2], indirect=True)
-@pytest.mark.parametrize("scheme", ["channel", "spatial"])
-@pytest.mark.parametrize("epilogue", helpers.EPILOGUES)
-@pytest.mark.parametrize("layout", helpers.LAYOUTS)
-@pytest.mark.parametrize("shape", SHAPES, ids=[f"s{i}" for i in range(len(SHAPES))])
+def grid(param: str, values, shapes):
+    """The awkward-shape grid: every ISA build, 1 and 2 threads, ``param`` over ``values``,
+    every epilogue, layout and shape (the same marks, stacked in this order, as decorators)."""
+    marks = [pytest.mark.parametrize("isa", ISAS, indirect=True),
+             pytest.mark.parametrize("threads", [1, 2], indirect=True),
+             pytest.mark.parametrize(param, values),
+             pytest.mark.parametrize("epilogue", helpers.EPILOGUES),
+             pytest.mark.parametrize("layout", helpers.LAYOUTS),
+             pytest.mark.parametrize("shape", shapes, ids=[f"s{i}" for i in range(len(shapes))])]
+
+    def apply(fn):
+        for mark in reversed(marks):
+            fn = mark(fn)
+        return fn
+    return apply
+
+
+@grid("scheme", ["channel", "spatial"], SHAPES)
 def test_conv_grid(shape, layout, epilogue, scheme, threads, isa):
     out = check(conv_case(scheme, *shape, layout, epilogue))
     assert out.is_contiguous(memory_format=torch.channels_last)  # whatever the input's layout
@@ -97,12 +115,7 @@ def check_chain(kind, x, weights, bias, residual, geometry, relu):
     d = [t.double() if isinstance(t, torch.Tensor) else t for t in (x, bias, residual)]
     exact = reference.conv_chain(d[0], [w.double() for w in weights], *stages, d[1], d[2], relu)
     torch_fp32 = reference.conv_chain(x, weights, *stages, bias, residual, relu)
-    assert out.shape == exact.shape and out.dtype == torch.float32
-    err = (out.double() - exact).abs().max().item()
-    torch_err = (torch_fp32.double() - exact).abs().max().item()
-    bound = 2 * torch_err + 1e-6 * exact.abs().max().item()
-    assert err <= bound, f"max error {err:.3g} > {bound:.3g} (torch's own float32 error {torch_err:.3g})"
-    return out
+    return assert_within_bound(out, exact, torch_fp32)
 
 
 CHAIN_SHAPES = SHAPES + [
@@ -110,12 +123,7 @@ CHAIN_SHAPES = SHAPES + [
 ]
 
 
-@pytest.mark.parametrize("isa", ISAS, indirect=True)
-@pytest.mark.parametrize("threads", [1, 2], indirect=True)
-@pytest.mark.parametrize("kind", ["tucker", "dense"])
-@pytest.mark.parametrize("epilogue", helpers.EPILOGUES)
-@pytest.mark.parametrize("layout", helpers.LAYOUTS)
-@pytest.mark.parametrize("shape", CHAIN_SHAPES, ids=[f"s{i}" for i in range(len(CHAIN_SHAPES))])
+@grid("kind", ["tucker", "dense"], CHAIN_SHAPES)
 def test_chain_grid(shape, layout, epilogue, kind, threads, isa):
     """The three-stage (Tucker-2) and one-stage (dense) kernels over the awkward shapes."""
     out = check_chain(kind, *helpers.chain_case(kind, *shape, layout, epilogue))
