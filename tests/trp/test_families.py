@@ -170,3 +170,13 @@ def test_trp_training_projects_in_the_tucker_form():
     grads = {f: m.weight.grad.clone() for f, (m, _, _) in controller.targets.items()}
     controller.regularize()
     assert any(not torch.equal(m.weight.grad, grads[f]) for f, (m, _, _) in controller.targets.items())
+
+
+def test_planting_refuses_what_it_cannot_plant():
+    model = models.resnet_cifar(8)
+    with pytest.raises(ValueError, match="set_conv_spectra plants one spectrum, and scheme 'tucker' has 2 rank modes"):
+        models.set_conv_spectra(model, lambda full: torch.ones(full), scheme="tucker")
+    with pytest.raises(ValueError, match=r"scheme must be one of \('channel', 'spatial', 'tucker', 'pointwise'\)"):
+        models.plant_ranks(model, "cp", 0.25)
+    with pytest.raises(ValueError, match="scheme names a family twice"):
+        models.plant_ranks(model, ("tucker", "tucker"), 0.25)
