@@ -42,6 +42,8 @@ def test_no_command_is_an_error():
     (["--lr", "nan"], "--lr: must be a finite number, got nan"),
     (["--energy", "inf"], "--energy: must be a finite number"),
     (["--epochs", "x"], "--epochs: must be a number, got 'x'"),
+    (["--scheme", "cp"], "--scheme: must be one of channel, spatial, tucker, pointwise or a comma-separated list"),
+    (["--scheme", "tucker,tucker"], "--scheme: must be one of"),
 ])
 def test_demo_arguments_are_checked_before_any_training(args, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -218,3 +220,11 @@ def test_bench_prints_its_table_even_with_json(tmp_path, capsys):
     assert rows and {r["provider"] for r in rows if r["status"] == "ok"} == {"dense_torch", "lowrank_torch"}
     assert "| case | batch | rank | provider |" in text and "## layers — cpu — float32" in text
     assert f"wrote {out}" in text
+
+
+def test_summary_with_a_list_of_families(capsys):
+    assert main(["summary", "trp.models:resnet50", "--input", "1,3,64,64", "--ratio", "0.25",
+                 "--scheme", "tucker,pointwise"]) == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines() if line.strip()}
+    assert rows["layer3.0.conv2"][2:4] == ["tucker", "64/256,64/256"]
+    assert rows["layer3.0.conv1"][2] == "pointwise"
