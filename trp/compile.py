@@ -317,14 +317,14 @@ def _decide(fqn: str, m: nn.Module, weight: torch.Tensor, cfg: CompileConfig,
     dense = family.macs_per_pixel(shape, stride, None)
     low = family.macs_per_pixel(shape, stride, f.ranks)
     if low >= dense:
-        ranks = ",".join(f"{r}/{full}" for r, full in zip(f.ranks, f.full_ranks))
+        ranks = families.rank_text(f.ranks, f.full_ranks)
         note = (f"{family.name} rank {ranks} ({plan.spec.describe()}) would not cut MACs "
                 f"({low} vs {dense} MACs per output pixel)")
         if plan.spec.rank is None and plan.spec.rank_multiple > 1:
             exact = family.select(f.spectra, dataclasses.replace(plan.spec, rank_multiple=1))
             if family.macs_per_pixel(shape, stride, exact) < dense:
-                shown = exact[0] if len(exact) == 1 else exact
-                note += f"; {ROUNDED} {shown} to {f.ranks[0] if len(exact) == 1 else f.ranks} " \
+                shown = families.rank_value(exact)
+                note += f"; {ROUNDED} {shown} to {families.rank_value(f.ranks)} " \
                         f"(rank_multiple=1 would factor it at {shown})"
         return note, None, None
     return None, f, family

@@ -1,12 +1,7 @@
-"""SVD factorisation of Conv2d and Linear weights, and the one rank-selection routine.
-
-Schemes for a conv weight W of shape (n, c, kh, kw) (see DESIGN.md, "The arithmetic"):
-
-- ``channel``: unfold to n × (c·kh·kw); first factor a kh×kw conv c→r, second a 1×1 conv r→n.
-- ``spatial``: unfold to (c·kh) × (n·kw); first factor a kh×1 conv c→r, second a 1×kw conv r→n.
-
-A Linear weight (out, in) factors to in→r then r→out. √Σ goes to each side, so the two
-factors have comparable scale (better conditioned for fine-tuning and for fp16).
+"""Rank specs, the one rank-selection routine, and the truncated SVD every factored
+structure is built from. How each structure unfolds, factors and composes a weight is its
+family's (:mod:`trp.families`); √Σ goes to each side of a split, so the factors have
+comparable scale (better conditioned for fine-tuning and for fp16).
 """
 
 from __future__ import annotations
@@ -93,30 +88,9 @@ def select_rank(singular_values: torch.Tensor, spec: RankSpec) -> int:
     return min(r, full)
 
 
-def check_scheme(scheme: str) -> str:
-    """``scheme`` if it names a family of :mod:`trp.families`, else a ValueError."""
-    from trp import families
-    return families.get(scheme).name
-
-
-def _family(scheme: str):
-    from trp import families
-    return families.get(scheme)
-
-
-def unfold_conv_weight(weight: torch.Tensor, scheme: str) -> torch.Tensor:
-    """The matrix whose rank is the conv's rank under ``scheme`` (a one-mode family)."""
-    return _family(scheme).modes()[0].unfold(weight)
-
-
 def singular_values(matrix: torch.Tensor) -> torch.Tensor:
     """Singular values (descending, float64) of ``matrix``."""
     return _gram_eigh(matrix.detach().double())[0]
-
-
-def conv_singular_values(weight: torch.Tensor, scheme: str) -> torch.Tensor:
-    """Singular values (descending, float64) of the conv weight's ``scheme`` unfolding."""
-    return singular_values(unfold_conv_weight(weight, scheme))
 
 
 def _gram_eigh(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,15 +107,6 @@ def _gram_eigh(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return eigvals.flip(0).clamp_min(0).sqrt(), basis.flip(1)
 
 
-@dataclass
-class Factors:
-    weight1: torch.Tensor
-    weight2: torch.Tensor
-    rank: int
-    full_rank: int
-    singular_values: torch.Tensor  # float64, all of them
-
-
 def truncated_svd(matrix: torch.Tensor, spec: RankSpec, what: str = "weight"):
     """``(u, s_r, vh, s)`` in float64: the top-r singular triplets of ``matrix``, r from
     ``spec``, and all its singular values ``s``. ``u @ diag(s_r) @ vh`` is the best rank-r
@@ -156,45 +121,6 @@ def truncated_svd(matrix: torch.Tensor, spec: RankSpec, what: str = "weight"):
     if m.shape[0] <= m.shape[1]:  # basis: left singular vectors
         return basis, s_r, inv[:, None] * (basis.T @ m), s
     return (m @ basis) * inv, s_r, basis.T, s
-
-
-def fold_conv_matrix(matrix: torch.Tensor, shape, scheme: str) -> torch.Tensor:
-    """Inverse of :func:`unfold_conv_weight`: the (n, c, kh, kw) tensor of an unfolding."""
-    return _family(scheme).modes()[0].fold(matrix, tuple(shape))
-
-
-def _factors(f, weight_dtype=None) -> "Factors":
-    return Factors(f.weights[0], f.weights[1], f.ranks[0], f.full_ranks[0], f.spectra[0])
-
-
-def factor_conv2d_weight(weight: torch.Tensor, spec: RankSpec, scheme: str = "channel",
-                         what: str = "conv weight") -> "Factors":
-    """Factor a (n, c, kh, kw) weight into ``weight1`` (r, c, kh, kw | kh, 1) and
-    ``weight2`` (n, r, 1, 1 | 1, kw), in the weight's dtype and device (a two-stage
-    family of :mod:`trp.families`)."""
-    return _factors(_family(scheme).factor(weight, spec, what))
-
-
-def compose_conv2d_weight(weight1: torch.Tensor, weight2: torch.Tensor, scheme: str) -> torch.Tensor:
-    """The dense (n, c, kh, kw) weight of two conv factors (inverse of the factorisation)."""
-    return _family(scheme).compose((weight1, weight2))
-
-
-def factor_linear_weight(weight: torch.Tensor, spec: RankSpec, what: str = "linear weight") -> "Factors":
-    """Factor an (out, in) weight into ``weight1`` (r, in) and ``weight2`` (out, r)."""
-    return _factors(_family("pointwise").factor(weight, spec, what))
-
-
-def conv_full_rank(out_channels: int, in_channels: int, kernel_size, scheme: str) -> int:
-    return _family(scheme).full_ranks((out_channels, in_channels, *kernel_size))[0]
-
-
-def conv_macs_per_pixel(out_channels: int, in_channels: int, kernel_size, stride, rank: Optional[int],
-                        scheme: str = "channel") -> int:
-    """MACs per output pixel of a conv, dense (``rank=None``) or factored (see
-    :meth:`trp.families.Family.macs_per_pixel`)."""
-    ranks = None if rank is None else (rank,) * len(_family(scheme).modes())
-    return _family(scheme).macs_per_pixel((out_channels, in_channels, *kernel_size), stride, ranks)
 
 
 def refusal(module: nn.Module) -> Optional[str]:

@@ -49,6 +49,16 @@ PLAIN: Geometry = ((1, 1), (0, 0, 0, 0), (1, 1))
 HOOI_SWEEPS = 2
 
 
+def rank_value(ranks: Sequence[int]):
+    """A layer's ranks as trp reports them: an int for a one-mode family, else the tuple."""
+    return ranks[0] if len(ranks) == 1 else tuple(ranks)
+
+
+def rank_text(ranks: Sequence[int], full_ranks: Sequence[int]) -> str:
+    """'16/64', or one 'rank/full' per stage ('16/64,32/128')."""
+    return ",".join(f"{r}/{f}" for r, f in zip(ranks, full_ranks))
+
+
 def layer_kind(module: nn.Module) -> str:
     """'linear', '1x1' (a 1×1 conv) or 'kxk' (any other conv)."""
     if isinstance(module, nn.Linear):
@@ -90,7 +100,6 @@ class Family:
 
     name: str = ""
     kinds: frozenset = frozenset()
-    summary: str = ""
 
     # -- structure ------------------------------------------------------------------
     def modes(self) -> list[Mode]:
@@ -163,9 +172,6 @@ class Family:
             scale *= st[0] * st[1]
         return total
 
-    def params(self, shape: Shape, ranks: Sequence[int]) -> int:
-        return sum(math.prod(s) for s in self.stage_shapes(shape, ranks))
-
     # -- TRP ------------------------------------------------------------------------
     def project(self, weight: torch.Tensor, spec: RankSpec, what: str = "weight", project: bool = True):
         """(low, sub, ranks) for TRP: ``low`` the weight truncated to ``spec``'s ranks in
@@ -197,7 +203,6 @@ def _split(matrix: torch.Tensor, spec: RankSpec, what: str):
 class Channel(Family):
     name = "channel"
     kinds = frozenset({"kxk"})
-    summary = "k×k conv c→r, then 1×1 conv r→n"
 
     def modes(self):
         return [_out_mode()]
@@ -226,7 +231,6 @@ class Channel(Family):
 class Spatial(Family):
     name = "spatial"
     kinds = frozenset({"kxk"})
-    summary = "kh×1 conv c→r, then 1×kw conv r→n"
 
     def modes(self):  # (c·kh) × (n·kw)
         return [Mode(lambda w: w.permute(1, 2, 0, 3).reshape(w.shape[1] * w.shape[2], -1),
@@ -257,7 +261,6 @@ class Pointwise(Channel):
     padding), then r→n."""
     name = "pointwise"
     kinds = frozenset({"1x1", "linear"})
-    summary = "1×1 conv (or linear) c→r, then r→n"
 
     def accepts(self, module):
         return None if isinstance(module, nn.Linear) else self.refuses_kernel(tuple(module.kernel_size))
@@ -271,7 +274,6 @@ class Pointwise(Channel):
 class Tucker(Family):
     name = "tucker"
     kinds = frozenset({"kxk"})
-    summary = "1×1 conv c→r1, k×k core r1→r2, 1×1 conv r2→n"
 
     def modes(self):  # stage order: the input-channel mode (r1), then the output-channel one (r2)
         return [_in_mode(), _out_mode()]

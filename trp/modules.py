@@ -63,9 +63,18 @@ class _LowRank(nn.Module):
     :func:`trp.compile`'s epilogue pass, see :mod:`trp.epilogue`).
     """
 
-    rank: int
-    full_rank: int
+    ranks: tuple       # one per stage but the last (stage order)
+    full_ranks: tuple
     relu: bool = False
+
+    @property
+    def rank(self):
+        """The rank: an int for a one-mode family, else the tuple of per-stage ranks."""
+        return families.rank_value(self.ranks)
+
+    @property
+    def full_rank(self):
+        return families.rank_value(self.full_ranks)
 
     def stage_weights(self) -> list:
         """The factors, stage by stage (``weight1``, ``weight2``, ...)."""
@@ -131,8 +140,6 @@ class _LowRank(nn.Module):
                 raise ValueError(f"rank must be <= full rank {full if len(ranks) == 1 else full_ranks} of this "
                                  f"layer, got {rank!r}")
         self.ranks, self.full_ranks = ranks, tuple(full_ranks)
-        self.rank = ranks[0] if len(ranks) == 1 else ranks
-        self.full_rank = full_ranks[0] if len(ranks) == 1 else tuple(full_ranks)
         return ranks
 
 
@@ -273,7 +280,7 @@ class LowRankConv2d(_LowRank):
             s += f", dilation={self.dilation}"
         if self.bias is None:
             s += ", bias=False"
-        ranks = ",".join(f"{r}/{f}" for r, f in zip(self.ranks, self.full_ranks))
+        ranks = families.rank_text(self.ranks, self.full_ranks)
         s += f", rank={ranks}, scheme={self.scheme}, backend={self._backend}"
         return s + (", relu=True" if self.relu else "")
 
@@ -289,7 +296,7 @@ class LowRankLinear(_LowRank):
         super().__init__()
         self.in_features = _positive_int(in_features, "in_features")
         self.out_features = _positive_int(out_features, "out_features")
-        self._check_ranks(rank, (min(in_features, out_features),))
+        (rank,) = self._check_ranks(rank, (min(in_features, out_features),))
         self._n_stages = 2
         self.backend = backend
         factory = dict(device=device, dtype=dtype)
@@ -368,7 +375,7 @@ def from_factors(layer: nn.Module, factors: "families.Factored", bias: Optional[
     ``factors`` (a :class:`trp.families.Factored` of family ``scheme``) and ``bias`` (which
     may differ from ``layer.bias``, e.g. after BN folding)."""
     factory = dict(device=layer.weight.device, dtype=layer.weight.dtype)
-    rank = factors.ranks if len(factors.ranks) > 1 else factors.ranks[0]
+    rank = factors.ranks  # one per stage but the last, as the constructors take them
     if isinstance(layer, nn.Linear):
         new = LowRankLinear(layer.in_features, layer.out_features, rank, bias is not None, backend, **factory)
     else:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from trp import decompose
+from trp import decompose, families
 from trp.compile import FOLDED_ATTR, NOTE_ATTR, ROUNDED
 from trp.epilogue import EPILOGUE_ATTR
 from trp.modules import LOWRANK_TYPES, LowRankConv2d, LowRankLinear
@@ -80,9 +80,8 @@ def _ranks(rank, full_rank) -> str:
     """'16/64', or one 'rank/full' per stage ('16/64,32/128') for a family of several modes."""
     if rank is None:
         return "-"
-    if isinstance(rank, (list, tuple)):
-        return ",".join(f"{r}/{f}" for r, f in zip(rank, full_rank))
-    return f"{rank}/{full_rank}"
+    many = isinstance(rank, (list, tuple))
+    return families.rank_text(rank if many else (rank,), full_rank if many else (full_rank,))
 
 
 def _human(n: int) -> str:

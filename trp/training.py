@@ -122,7 +122,7 @@ class TRP:
             w.copy_(low)
         self._subgradients[fqn] = sub
         ranks = tuple(int(r) for r in rank.tolist())
-        self.ranks[fqn] = ranks[0] if modes == 1 else ranks
+        self.ranks[fqn] = families.rank_value(ranks)
 
     def project(self) -> None:
         """Call before each forward pass: on every ``period``-th iteration, replace each

@@ -153,13 +153,11 @@ def _array(t: torch.Tensor, name: str) -> "numpy.ndarray":  # noqa: F821
     return _checked(t, name).numpy()
 
 
-# The fused kernels of the extension, by name, and the weights each one takes.
-KERNEL_STAGES = {"channel": 2, "spatial": 2, "tucker": 3, "dense": 1}
-
-
 def _geometry(x_shape, shapes, stride, padding, dilation, kernel) -> tuple:
     """The output shape and the binding's geometry ints of a call, checked (once per kept
     plan: later calls of a layer skip this)."""
+    from trp_kernels.reference import KERNEL_STAGES, check_geometry, checked_output_hw, kernel_size
+
     if kernel not in KERNEL_STAGES:
         raise ValueError(f"lowrank_conv2d: scheme must be one of {tuple(KERNEL_STAGES)}, got {kernel!r}")
     if len(shapes) != KERNEL_STAGES[kernel]:
@@ -172,11 +170,8 @@ def _geometry(x_shape, shapes, stride, padding, dilation, kernel) -> tuple:
     if shapes[0][1] != x_shape[1] or any(b[1] != a[0] for a, b in zip(shapes, shapes[1:])):
         raise ValueError(f"lowrank_conv2d: shapes do not chain: x {tuple(x_shape)}, "
                          + ", ".join(f"weight{i + 1} {tuple(s)}" for i, s in enumerate(shapes)))
-    from trp_kernels.reference import check_geometry, checked_output_hw  # reference imports nothing of ours
-
     check_geometry("lowrank_conv2d", stride, padding, dilation)
-    kh, kw = {"spatial": lambda: (shapes[0][2], shapes[1][3]), "tucker": lambda: tuple(shapes[1][2:])}.get(
-        kernel, lambda: tuple(shapes[0][2:]))()
+    kh, kw = kernel_size(kernel, shapes)
     ho, wo = checked_output_hw("lowrank_conv2d", x_shape[-2:], (kh, kw), stride, padding, dilation)
     out_shape = (x_shape[0], shapes[-1][0], ho, wo)
     return (out_shape, int(kh), int(kw), (int(stride[0]), int(stride[1])), (int(padding[0]), int(padding[2])),
@@ -198,8 +193,8 @@ def lowrank_conv2d(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor
 def fused_chain(x: torch.Tensor, weights: Sequence[torch.Tensor], bias: Optional[torch.Tensor], kernel: str,
                 stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
                 residual: Optional[torch.Tensor] = None, relu: bool = False) -> torch.Tensor:
-    """The conv chain ``weights`` in the fused C++ kernel ``kernel`` (a key of
-    :data:`KERNEL_STAGES`; ``reference.match_kernel`` names it and gives the conv geometry
+    """The conv chain ``weights`` in the fused C++ kernel ``kernel`` (one of
+    ``reference.KERNELS``; ``reference.match_kernel`` names it and gives the conv geometry
     it takes: the k×k stage's for channel and tucker, the whole conv's for spatial and
     dense). Float32 CPU tensors; channels_last output, as :func:`lowrank_conv2d`."""
     return _fused(x, tuple(weights), bias, stride, padding, dilation, kernel, residual, relu, False)

@@ -263,19 +263,21 @@ def match_kernel(shapes: Sequence[Sequence[int]], strides: Sequence[int], paddin
     return _KERNELS[key]
 
 
-# The chains each fused backend has a kernel for (reference.match_kernel names them).
-BACKEND_KERNELS = {"cpp": reference.KERNELS, "triton": (*reference.TWO_STAGE_KERNELS, "tucker")}
+# The chains each fused backend has a kernel for (reference.match_kernel names them), with
+# the widest intermediate that kernel takes below the backend's own limit (None: no other).
+BACKEND_KERNELS = {"cpp": dict.fromkeys(reference.KERNELS),
+                   "triton": {**dict.fromkeys(reference.TWO_STAGE_KERNELS), "tucker": _TRITON_TUCKER_RANK}}
 
 
 def backend_kernel(backend: str, shapes: Sequence[Sequence[int]], strides: Sequence[int], paddings: Sequence[int],
                    dilations: Sequence[int]) -> Optional[tuple]:
     """:func:`match_kernel` when ``backend`` has that kernel for these shapes, else None."""
     kernel = match_kernel(shapes, strides, paddings, dilations)
-    if kernel is None or kernel[0] not in BACKEND_KERNELS.get(backend, ()):
+    kernels = BACKEND_KERNELS.get(backend, {})
+    if kernel is None or kernel[0] not in kernels:
         return None
-    if backend == "triton" and kernel[0] == "tucker" and chain_rank(shapes) > _TRITON_TUCKER_RANK:
-        return None
-    return kernel
+    limit = kernels[kernel[0]]
+    return kernel if limit is None or chain_rank(shapes) <= limit else None
 
 
 def chain_kernel(shapes: Sequence[Sequence[int]]) -> tuple[int, int]:
@@ -292,15 +294,6 @@ def chain_rank(shapes: Sequence[Sequence[int]]) -> Optional[int]:
     for s in shapes[:-1]:
         rank = s[0] if rank is None else max(rank, s[0])
     return rank
-
-
-def runs_fused(backend: str, shapes: Sequence[Sequence[int]], strides: Sequence[int], paddings: Sequence[int],
-               dilations: Sequence[int]) -> bool:
-    """Whether ``backend`` (a resolved name) runs this chain in a fused kernel (else the
-    reference arithmetic, through the op)."""
-    if backend == "torch" or not is_fused(backend):
-        return False
-    return backend_kernel(backend, shapes, strides, paddings, dilations) is not None
 
 
 def _plain_eager(*tensors: Optional[torch.Tensor]) -> bool:

@@ -25,9 +25,10 @@ Pair = tuple[int, int]
 Pad4 = tuple[int, int, int, int]
 
 TWO_STAGE_KERNELS = ("channel", "spatial")
-# Every chain a fused kernel computes: the two-stage schemes, Tucker-2's 1×1 → k×k → 1×1,
-# and one dense conv.
-KERNELS = (*TWO_STAGE_KERNELS, "tucker", "dense")
+# Every chain a fused kernel computes, with its number of stages: the two-stage schemes,
+# Tucker-2's 1×1 → k×k → 1×1, and one dense conv.
+KERNEL_STAGES = {**dict.fromkeys(TWO_STAGE_KERNELS, 2), "tucker": 3, "dense": 1}
+KERNELS = tuple(KERNEL_STAGES)
 
 
 def _pair(value, name: str) -> Pair:
@@ -84,6 +85,14 @@ def kernel_stages(kernel: str, stride: Sequence[int], padding: Sequence[int], di
     if kernel == "dense":
         return [sh, sw], [t, b, l, r], [dh, dw]
     raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+
+
+def kernel_size(kernel: str, shapes: Sequence[Sequence[int]]) -> Pair:
+    """The (kh, kw) of the conv that the fused kernel ``kernel`` computes from stage weights
+    of ``shapes``: the k×k stage's (tucker: the core), spatial's kh×1 and 1×kw together."""
+    if kernel == "spatial":
+        return (shapes[0][2], shapes[1][3])
+    return tuple(shapes[1 if kernel == "tucker" else 0][2:])
 
 
 def match_kernel(shapes: Sequence[Sequence[int]], strides: Sequence[int], paddings: Sequence[int],

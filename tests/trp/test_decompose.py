@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from tests.helpers import rel_err
-from trp import decompose
+from trp import decompose, families
 from trp.decompose import RankSpec, select_rank
 from trp.modules import LowRankConv2d, LowRankLinear
 
@@ -59,18 +59,19 @@ def test_rank_spec_rejects(kwargs, match):
 @pytest.mark.parametrize("scheme", ["channel", "spatial"])
 def test_unfold_compose_round_trip(scheme):
     w = torch.randn(6, 5, 3, 4, dtype=torch.float64)
-    f = decompose.factor_conv2d_weight(w, RankSpec(rank=1000), scheme)
-    assert f.rank == f.full_rank == (min(6, 5 * 12) if scheme == "channel" else min(5 * 3, 6 * 4))
-    assert rel_err(decompose.compose_conv2d_weight(f.weight1, f.weight2, scheme), w) < 1e-12
-    s = decompose.conv_singular_values(w, scheme)
-    assert torch.allclose(s, f.singular_values)
+    family = families.get(scheme)
+    f = family.factor(w, RankSpec(rank=1000))
+    assert f.ranks[0] == f.full_ranks[0] == (min(6, 5 * 12) if scheme == "channel" else min(5 * 3, 6 * 4))
+    assert rel_err(family.compose(f.weights), w) < 1e-12
+    s = family.spectra(w)[0]
+    assert torch.allclose(s, f.spectra[0])
 
 
 def test_non_finite_weights_are_refused_by_name():
     w = torch.randn(4, 3, 3, 3)
     w[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="conv weight has non-finite values"):
-        decompose.factor_conv2d_weight(w, RankSpec(rank=2))
+        families.get("channel").factor(w, RankSpec(rank=2), "conv weight")
 
 
 KERNELS = [(1, 1), (3, 3), (5, 5), (3, 5)]
@@ -117,10 +118,11 @@ def test_linear_full_rank(bias):
 
 
 def test_macs_per_pixel():
-    assert decompose.conv_macs_per_pixel(64, 32, (3, 3), (1, 1), None) == 64 * 32 * 9
-    assert decompose.conv_macs_per_pixel(64, 32, (3, 3), (1, 1), 8, "channel") == 8 * 32 * 9 + 64 * 8
+    channel, spatial = families.get("channel"), families.get("spatial")
+    assert channel.macs_per_pixel((64, 32, 3, 3), (1, 1), None) == 64 * 32 * 9
+    assert channel.macs_per_pixel((64, 32, 3, 3), (1, 1), (8,)) == 8 * 32 * 9 + 64 * 8
     # spatial: first factor (kh x 1) runs at the input width, stride_w times the output width
-    assert decompose.conv_macs_per_pixel(64, 32, (3, 3), (2, 2), 8, "spatial") == 8 * 32 * 3 * 2 + 64 * 8 * 3
+    assert spatial.macs_per_pixel((64, 32, 3, 3), (2, 2), (8,)) == 8 * 32 * 3 * 2 + 64 * 8 * 3
 
 
 def test_refusal_reasons():

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 import trp
-from trp import decompose, models
+from trp import decompose, families, models
 from trp.data import digits_tensors
 from trp.training import TRP
 
@@ -24,12 +24,13 @@ def _step(model, controller, opt, x, y):
 def test_projection_leaves_weights_at_the_energy_rank(scheme):
     model = models.resnet_cifar(8)
     controller = TRP(model, energy=0.8, scheme=scheme, nuclear_weight=0.0)
-    before = {fqn: decompose.conv_singular_values(m.weight, scheme) for fqn, (m, _, _) in controller.targets.items()}
+    family = families.get(scheme)
+    before = {fqn: family.spectra(m.weight)[0] for fqn, (m, _, _) in controller.targets.items()}
     controller.project()
     for fqn, (m, _, _) in controller.targets.items():
         r = controller.ranks[fqn]
         assert r == decompose.select_rank(before[fqn], decompose.RankSpec(energy=0.8, rank_multiple=1))
-        s = decompose.conv_singular_values(m.weight, scheme)
+        s = family.spectra(m.weight)[0]
         assert s[r:].max() < 1e-5 * s[0]  # exactly rank r (up to fp32 rounding)
         assert torch.allclose(s[:r], before[fqn][:r], rtol=1e-5)  # the kept spectrum is untouched
 

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from tests.helpers import rel_err
-from trp.decompose import RankSpec, compose_conv2d_weight, factor_conv2d_weight
+from trp import families
+from trp.decompose import RankSpec
 from trp_kernels import cpp, ops, reference
 
 
@@ -32,11 +33,12 @@ def test_resolve_padding_rejects(bad):
 def test_lowrank_conv_matches_composed_dense(scheme, kernel, padding):
     """Two factor convs equal one conv with the multiplied-out weight, for any padding."""
     conv = torch.nn.Conv2d(5, 7, kernel, padding=padding, dilation=(2, 1), bias=True).double()
-    f = factor_conv2d_weight(conv.weight, RankSpec(rank=3), scheme)
+    family = families.get(scheme)
+    w1, w2 = family.factor(conv.weight, RankSpec(rank=3)).weights
     x = torch.randn(2, 5, 11, 10, dtype=torch.float64)
     pad4 = reference.resolve_padding(padding, kernel, (2, 1))
-    out = reference.lowrank_conv2d(x, f.weight1, f.weight2, conv.bias, (1, 1), pad4, (2, 1), scheme)
-    dense = compose_conv2d_weight(f.weight1, f.weight2, scheme)
+    out = reference.lowrank_conv2d(x, w1, w2, conv.bias, (1, 1), pad4, (2, 1), scheme)
+    dense = family.compose((w1, w2))
     expected = F.conv2d(x, dense, conv.bias, 1, padding, (2, 1))
     assert out.shape == expected.shape
     assert rel_err(out, expected) < 1e-12

@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from trp_kernels import _autograd
 from trp_kernels.triton import _common
 from trp_kernels.triton._common import dot, epilogue_store, first_factor
 
@@ -145,11 +146,4 @@ def _op(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor, weight3: 
 _op.__name__ = "triton_conv_tucker"
 op = _common.register_op("trp::triton_conv_tucker")(_op)
 
-
-def _register_autograd():
-    from trp_kernels import _autograd
-
-    _autograd.register(op, "conv", kernel="tucker")
-
-
-_register_autograd()
+_autograd.register(op, "conv", kernel="tucker")
