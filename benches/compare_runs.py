@@ -34,6 +34,8 @@ def main() -> None:
     passes = []
     i = 1
     while (args.dir / f"before{i}.json").exists():
+        if not (args.dir / f"after{i}.json").exists():
+            raise SystemExit(f"{args.dir} has before{i}.json but no after{i}.json")
         passes.append((load(args.dir / f"before{i}.json", args.all_ranks),
                        load(args.dir / f"after{i}.json", args.all_ranks)))
         i += 1
