@@ -88,6 +88,13 @@ class _LowRank(nn.Module):
     @backend.setter
     def backend(self, value: str) -> None:
         self._backend = check_backend(value)
+        self._kept = [None]  # what the last call kept (ops.conv_chain's kept) was for the old backend
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        if "_kept" in state:  # a plan for this process's memory: a copy or a pickle starts without it
+            state = {**state, "_kept": [None]}
+        return state
 
     def resolved_backend(self, device=None, dtype=None) -> str:
         """The backend a call with tensors of ``device``/``dtype`` would run (default: the
@@ -243,6 +250,10 @@ class LowRankConv2d(_LowRank):
         return conv
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        weights = self.stage_weights()
+        out = ops.run_kept(self._kept, x, weights, self.bias, residual, self.relu)
+        if out is not None:  # the same call as the last one: its checks hold
+            return out
         unbatched = x.dim() == 3
         if unbatched:
             x = x.unsqueeze(0)
@@ -252,12 +263,12 @@ class LowRankConv2d(_LowRank):
                              f"got shape {tuple(x.shape)}")
         if x.shape[2] < self._min_hw[0] or x.shape[3] < self._min_hw[1]:
             raise input_too_small(self._describe(), x.shape[2:], self.kernel_size, self._padding4, self.dilation)
-        chain = (self.stage_weights(), self._strides, self._paddings, self._dilations, self.bias)
+        chain = (weights, self._strides, self._paddings, self._dilations, self.bias)
         if residual is not None and residual.shape != self._out_shape(x):  # broadcasting: not fused
             _check_broadcast(residual, self._out_shape(x))
             out = epilogue(ops.conv_chain(x, *chain, backend=self._backend), residual, self.relu)
         else:
-            out = ops.conv_chain(x, *chain, residual, self.relu, self._backend)
+            out = ops.conv_chain(x, *chain, residual, self.relu, self._backend, None if unbatched else self._kept)
         return out.squeeze(0) if unbatched else out
 
     def _out_shape(self, x: torch.Tensor) -> torch.Size:

@@ -200,6 +200,54 @@ def fused_chain(x: torch.Tensor, weights: Sequence[torch.Tensor], bias: Optional
     return _fused(x, tuple(weights), bias, stride, padding, dilation, kernel, residual, relu, False)
 
 
+class Bound:
+    """A kept plan bound to one layer's call: the input's shape, the weights' and the bias's
+    identity and memory (address, shape, strides), the epilogue. Calling it with the layer's
+    next call runs the plan when all of that still holds, and returns None otherwise (go
+    the checked way, :func:`fused_chain`). It skips :func:`fused_chain`'s search for the
+    plan by key, most of a small layer's Python time at batch 1 (see
+    ``trp_kernels.ops.conv_chain``'s ``kept``)."""
+
+    __slots__ = ("plan", "x_shape", "out_shape", "params", "relu", "residual")
+
+    def __init__(self, plan, x, weights, bias, out_shape, residual, relu):
+        self.plan, self.x_shape, self.out_shape = plan, x.shape, out_shape
+        self.params = tuple((t, *_tag(t)) for t in (*weights, bias))
+        self.relu, self.residual = bool(relu), residual is not None
+
+    def __call__(self, x, weights, bias, residual, relu) -> Optional[torch.Tensor]:
+        cl = torch.channels_last
+        if (type(x) not in _PLAN_TYPES or x.dtype is not torch.float32 or not x.is_cpu or x.is_neg()
+                or x.shape != self.x_shape or not x.is_contiguous(memory_format=cl) or bool(relu) != self.relu
+                or (residual is not None) != self.residual or len(weights) + 1 != len(self.params)):
+            return None
+        for t, (kept, *tag) in zip((*weights, bias), self.params):
+            if t is not kept or (t is not None and tuple(tag) != _tag(t)):
+                return None
+        res_ptr = 0
+        if residual is not None:
+            if (type(residual) not in _PLAN_TYPES or residual.dtype is not torch.float32 or not residual.is_cpu
+                    or residual.is_neg() or residual.shape != self.out_shape
+                    or not residual.is_contiguous(memory_format=cl)):
+                return None
+            res_ptr = residual.data_ptr()
+        out = torch.empty(self.out_shape, dtype=torch.float32, memory_format=cl)
+        if out.numel():
+            self.plan.run(x.data_ptr(), out.data_ptr(), res_ptr, torch.get_num_threads())
+        return out
+
+
+def bound_chain(x: torch.Tensor, weights: Sequence[torch.Tensor], bias: Optional[torch.Tensor], kernel: str,
+                stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+                residual: Optional[torch.Tensor] = None, relu: bool = False) -> tuple[torch.Tensor, Optional[Bound]]:
+    """:func:`fused_chain`, and the :class:`Bound` of its plan for the layer's next call
+    (None when no plan was kept: one over copies would not see later writes)."""
+    weights = tuple(weights)
+    out = _fused(x, weights, bias, stride, padding, dilation, kernel, residual, relu, False)
+    hit = _kept_plan(x, weights, bias, stride, padding, dilation, kernel, residual, relu, False)
+    return out, None if hit is None else Bound(hit[0], x, weights, bias, hit[3], residual, relu)
+
+
 # Checked calls kept for the next call of the same layer on the same shapes
 # (``_C.LowRankPlan``): per first-weight tensor, a weak reference to it and its plans by
 # key. A plan is kept only when it reads the weights' and the bias's own memory (never a
@@ -225,12 +273,8 @@ def _run_plan(x, weights, bias, stride, padding, dilation, scheme, residual, rel
     if (type(x) not in _PLAN_TYPES or x.dtype is not torch.float32 or not x.is_cpu or x.is_neg()
             or not x.is_contiguous(memory_format=cl)):
         return None  # (the first weight's entry exists only for a weight checked to be a float32 CPU tensor)
-    entry = _PLANS.get(id(weights[0]))
-    if entry is None or entry[0]() is not weights[0]:
-        return None
-    hit = entry[1].get(_plan_key(x, weights, bias, stride, padding, dilation, scheme, residual, relu, linear))
-    if (hit is None or any(ref() is not w for ref, w in zip(hit[1], weights[1:]))
-            or (bias is not None and hit[2]() is not bias)):
+    hit = _kept_plan(x, weights, bias, stride, padding, dilation, scheme, residual, relu, linear)
+    if hit is None:
         return None
     plan, out_shape = hit[0], hit[3]
     res_ptr = 0
@@ -244,6 +288,18 @@ def _run_plan(x, weights, bias, stride, padding, dilation, scheme, residual, rel
     if out.numel():
         plan.run(x.data_ptr(), out.data_ptr(), res_ptr, torch.get_num_threads())
     return out
+
+
+def _kept_plan(x, weights, bias, stride, padding, dilation, scheme, residual, relu, linear) -> Optional[tuple]:
+    """The kept (plan, weight refs, bias ref, output shape) of a call, or None."""
+    entry = _PLANS.get(id(weights[0]))
+    if entry is None or entry[0]() is not weights[0]:
+        return None
+    hit = entry[1].get(_plan_key(x, weights, bias, stride, padding, dilation, scheme, residual, relu, linear))
+    if (hit is None or any(ref() is not w for ref, w in zip(hit[1], weights[1:]))
+            or (bias is not None and hit[2]() is not bias)):
+        return None
+    return hit
 
 
 def _keep_plan(plan, out_shape, x, weights, bias, stride, padding, dilation, scheme, residual, relu, linear):

@@ -312,14 +312,37 @@ def _plain_eager(*tensors: Optional[torch.Tensor]) -> bool:
     return True
 
 
+def run_kept(kept: list, x: torch.Tensor, weights: Sequence[torch.Tensor], bias: Optional[torch.Tensor] = None,
+             residual: Optional[torch.Tensor] = None, relu: bool = False) -> Optional[torch.Tensor]:
+    """A layer's call run by what :func:`conv_chain` kept in ``kept`` (its ``kept``
+    argument) from the layer's last call, or None when it cannot (nothing kept, other
+    shapes or tensors, or a call that must go through the op: tracing, gradients): then
+    call :func:`conv_chain`. The layer clears ``kept[0]`` when its backend changes."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack() > 0:
+        return None  # (kept is not even read: a traced graph must not depend on it)
+    bound = kept[0]
+    if bound is None:
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)
+                                    or (bias is not None and bias.requires_grad)
+                                    or (residual is not None and residual.requires_grad)):
+        return None
+    return bound(x, weights, bias, residual, relu)
+
+
 def conv_chain(x: torch.Tensor, weights: Sequence[torch.Tensor], strides: Sequence[int],
                paddings: Sequence[int], dilations: Sequence[int], bias: Optional[torch.Tensor] = None,
-               residual: Optional[torch.Tensor] = None, relu: bool = False, backend: str = "auto") -> torch.Tensor:
+               residual: Optional[torch.Tensor] = None, relu: bool = False, backend: str = "auto",
+               kept: Optional[list] = None) -> torch.Tensor:
     """A factored conv as a chain of convs: ``weights[i]`` with stage i's geometry
     (``strides[2i:2i+2]``, ``paddings[4i:4i+4]`` as top, bottom, left, right,
     ``dilations[2i:2i+2]``), the bias on the last stage, then ``+ residual`` and ReLU when
     given (the fused epilogue). The geometry is trusted: it is checked once, when the layer
-    is built (:func:`trp_kernels.reference.check_chain`)."""
+    is built (:func:`trp_kernels.reference.check_chain`).
+
+    ``kept``: a one-element list the calling layer owns; a call that runs the fused C++
+    kernel directly stores there what lets :func:`run_kept` repeat it for the layer's next
+    call with about 25 µs less Python (a ResNet-50 has 50 such layers)."""
     if torch.onnx.is_in_onnx_export():
         return reference.conv_chain(x, weights, strides, paddings, dilations, bias, residual, relu)
     shapes = [w.shape for w in weights]
@@ -339,7 +362,10 @@ def conv_chain(x: torch.Tensor, weights: Sequence[torch.Tensor], strides: Sequen
             return _TRITON_LAUNCHERS[kernel[0]](*args)
         return getattr(torch.ops.trp, f"triton_conv_{kernel[0]}")(*args)
     if direct and kernel is not None and _runs_cpp_kernel(x, name):
-        return cpp.fused_chain(x, weights, bias, *kernel, residual, relu)
+        if kept is None:
+            return cpp.fused_chain(x, weights, bias, *kernel, residual, relu)
+        out, kept[0] = cpp.bound_chain(x, weights, bias, *kernel, residual, relu)
+        return out
     return torch.ops.trp.conv_chain(x, list(weights), list(strides), list(paddings), list(dilations), bias,
                                     residual, relu, name)
 

@@ -204,3 +204,58 @@ def test_auto_falls_back_for_a_kernel_the_fused_kernels_refuse():
         with pytest.raises(ops.BackendError, match=r"kernel size \(65, 65\) exceeds .* \(layer '0'\)"):
             trp.compile(nn.Sequential(conv, nn.Conv2d(8, 8, 3)), rank=2, backend="cpp",
                         filter_fn=lambda m, q: True, inplace=False)
+
+
+needs_cpp = pytest.mark.skipif(not ops.is_fused("cpp"), reason="needs the fused C++ kernels")
+
+
+@needs_cpp
+@pytest.mark.parametrize("scheme", ["channel", "tucker"])
+def test_a_repeated_call_runs_what_the_last_one_kept_and_leaves_it_when_anything_differs(scheme):
+    import copy
+    import pickle
+
+    from trp_kernels import cpp
+
+    torch.manual_seed(2)
+    conv = nn.Conv2d(8, 8, 3, padding=1)
+    layer = LowRankConv2d.from_conv(conv, rank=4 if scheme == "channel" else (4, 4), scheme=scheme).eval()
+    cl = torch.channels_last
+    x = torch.randn(2, 8, 6, 5).contiguous(memory_format=cl)
+    res = torch.randn(2, 8, 6, 5).contiguous(memory_format=cl)
+
+    def want(inp, r=None, relu=False):
+        out = layer.to_dense()(inp) + (0 if r is None else r)
+        return out.relu() if relu else out
+
+    def kept_runs(inp, r=None):
+        return ops.run_kept(layer._kept, inp, layer.stage_weights(), layer.bias, r, layer.relu) is not None
+
+    with torch.no_grad():
+        first = layer(x, res)
+        assert isinstance(layer._kept[0], cpp.Bound)
+        assert kept_runs(x, res) and torch.equal(layer(x, res), first)
+        assert rel_err(first, want(x, res)) < 1e-5
+        # Another shape, layout, a missing residual or another epilogue: the checked way.
+        assert not kept_runs(torch.randn(2, 8, 7, 5).contiguous(memory_format=cl), None)
+        assert not kept_runs(x.contiguous(), res) and not kept_runs(x, None)
+        layer.relu = True
+        assert not kept_runs(x, res) and rel_err(layer(x, res), want(x, res, relu=True)) < 1e-5
+        assert kept_runs(x, res)  # (that call kept its own)
+        # A weight written in place is read by the kept plan; a weight with new memory is not kept's.
+        layer.weight1.mul_(2)
+        assert rel_err(layer(x, res), want(x, res, relu=True)) < 1e-5
+        layer.weight1.data = layer.weight1.data.clone() * 0.5
+        assert not kept_runs(x, res) and rel_err(layer(x, res), want(x, res, relu=True)) < 1e-5
+        # Copies and pickles start without a plan, and compute the same.
+        for other in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+            assert other._kept == [None]
+            assert torch.equal(other(x, res), layer(x, res))
+        layer.backend = "torch"
+        assert layer._kept == [None] and rel_err(layer(x, res), want(x, res, relu=True)) < 1e-5
+    layer.backend = "auto"
+    layer(x, res)
+    # With gradients to record the call goes through the op, whatever was kept.
+    layer.train()
+    layer.requires_grad_(True)
+    assert not kept_runs(x, res) and layer(x, res).requires_grad
