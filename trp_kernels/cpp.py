@@ -216,25 +216,13 @@ class Bound:
         self.relu, self.residual = bool(relu), residual is not None
 
     def __call__(self, x, weights, bias, residual, relu) -> Optional[torch.Tensor]:
-        cl = torch.channels_last
-        if (type(x) not in _PLAN_TYPES or x.dtype is not torch.float32 or not x.is_cpu or x.is_neg()
-                or x.shape != self.x_shape or not x.is_contiguous(memory_format=cl) or bool(relu) != self.relu
+        if (not _plannable(x) or x.shape != self.x_shape or bool(relu) != self.relu
                 or (residual is not None) != self.residual or len(weights) + 1 != len(self.params)):
             return None
         for t, (kept, *tag) in zip((*weights, bias), self.params):
             if t is not kept or (t is not None and tuple(tag) != _tag(t)):
                 return None
-        res_ptr = 0
-        if residual is not None:
-            if (type(residual) not in _PLAN_TYPES or residual.dtype is not torch.float32 or not residual.is_cpu
-                    or residual.is_neg() or residual.shape != self.out_shape
-                    or not residual.is_contiguous(memory_format=cl)):
-                return None
-            res_ptr = residual.data_ptr()
-        out = torch.empty(self.out_shape, dtype=torch.float32, memory_format=cl)
-        if out.numel():
-            self.plan.run(x.data_ptr(), out.data_ptr(), res_ptr, torch.get_num_threads())
-        return out
+        return _run(self.plan, x, self.out_shape, residual)
 
 
 def bound_chain(x: torch.Tensor, weights: Sequence[torch.Tensor], bias: Optional[torch.Tensor], kernel: str,
@@ -269,22 +257,27 @@ def _plan_key(x, weights, bias, stride, padding, dilation, scheme, residual, rel
 def _run_plan(x, weights, bias, stride, padding, dilation, scheme, residual, relu, linear):
     """The output of a call that a kept plan can run (None: go the checked way). Every
     buffer's type, dtype, device, layout, shape and contiguity is checked here first."""
-    cl = torch.channels_last
-    if (type(x) not in _PLAN_TYPES or x.dtype is not torch.float32 or not x.is_cpu or x.is_neg()
-            or not x.is_contiguous(memory_format=cl)):
+    if not _plannable(x):
         return None  # (the first weight's entry exists only for a weight checked to be a float32 CPU tensor)
     hit = _kept_plan(x, weights, bias, stride, padding, dilation, scheme, residual, relu, linear)
-    if hit is None:
-        return None
-    plan, out_shape = hit[0], hit[3]
+    return None if hit is None else _run(hit[0], x, hit[3], residual)
+
+
+def _plannable(t) -> bool:
+    """Whether a kept plan can read ``t`` in place: a plain float32 CPU tensor in channels_last."""
+    return (type(t) in _PLAN_TYPES and t.dtype is torch.float32 and t.is_cpu and not t.is_neg()
+            and t.is_contiguous(memory_format=torch.channels_last))
+
+
+def _run(plan, x, out_shape, residual) -> Optional[torch.Tensor]:
+    """A kept plan's output for input ``x`` (checked by the caller) and ``residual``, or None
+    when the residual is not one the plan can read in place."""
     res_ptr = 0
     if residual is not None:
-        if (type(residual) not in _PLAN_TYPES or residual.dtype is not torch.float32 or not residual.is_cpu
-                or residual.is_neg() or residual.shape != out_shape
-                or not residual.is_contiguous(memory_format=cl)):
+        if not _plannable(residual) or residual.shape != out_shape:
             return None
         res_ptr = residual.data_ptr()
-    out = torch.empty(out_shape, dtype=torch.float32, memory_format=cl)
+    out = torch.empty(out_shape, dtype=torch.float32, memory_format=torch.channels_last)
     if out.numel():
         plan.run(x.data_ptr(), out.data_ptr(), res_ptr, torch.get_num_threads())
     return out

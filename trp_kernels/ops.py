@@ -301,7 +301,7 @@ def _plain_eager(*tensors: Optional[torch.Tensor]) -> bool:
     with nothing for autograd to record. The op's Python dispatch costs about 20 µs a call,
     as much as a small layer's whole kernel at batch 1. Anything that traces (torch.compile,
     torch.export, fake tensors, a dispatch mode) or needs gradients goes through the op."""
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack() > 0:
         return False
     grad = torch.is_grad_enabled()
     for t in tensors:
@@ -318,16 +318,10 @@ def run_kept(kept: list, x: torch.Tensor, weights: Sequence[torch.Tensor], bias:
     argument) from the layer's last call, or None when it cannot (nothing kept, other
     shapes or tensors, or a call that must go through the op: tracing, gradients): then
     call :func:`conv_chain`. The layer clears ``kept[0]`` when its backend changes."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack() > 0:
+    if not _plain_eager(x, *weights, bias, residual):
         return None  # (kept is not even read: a traced graph must not depend on it)
     bound = kept[0]
-    if bound is None:
-        return None
-    if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)
-                                    or (bias is not None and bias.requires_grad)
-                                    or (residual is not None and residual.requires_grad)):
-        return None
-    return bound(x, weights, bias, residual, relu)
+    return None if bound is None else bound(x, weights, bias, residual, relu)
 
 
 def conv_chain(x: torch.Tensor, weights: Sequence[torch.Tensor], strides: Sequence[int],
