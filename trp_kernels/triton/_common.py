@@ -310,6 +310,37 @@ def first_factor(x_ptr, w1_ptr, base, ih0, iw0, ok, C, H, W, sxc, sxh, sxw, s1c,
 
 
 @triton.jit
+def pixel_tile(pid_m, M, HO, WO, BLOCK_M: tl.constexpr):
+    """Program ``pid_m``'s BLOCK_M output pixels of the flattened (batch, row, column):
+    (in range, column, row, image)."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    ow = offs_m % WO
+    oh = (offs_m // WO) % HO
+    nb = (offs_m // (WO * HO)).to(tl.int64)
+    return offs_m < M, ow, oh, nb
+
+
+@triton.jit
+def last_pointwise(h, w_ptr, swr, swn, offs_r, r_mask, pid_n, NOUT, m_mask, nb, oh, ow, son, soh, sow,
+                   srn, srh, srw, soc, src, bias_ptr, res_ptr, out_ptr, HAS_BIAS: tl.constexpr,
+                   HAS_RES: tl.constexpr, RELU: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, SPLIT_N: tl.constexpr):
+    """A chain's last stage when it is a 1×1 (``w[n, r]``, strides ``swn``, ``swr``), and the
+    epilogue: out = epilogue(h @ wᵀ) at the tile's pixels (image ``nb``, row ``oh``,
+    column ``ow``), BLOCK_N output channels at a time, every SPLIT_N-th block from ``pid_n``."""
+    out_rows = nb * son + oh * soh + ow * sow
+    res_rows = nb * srn + oh * srh + ow * srw
+    for nblk in range(pid_n, tl.cdiv(NOUT, BLOCK_N), SPLIT_N):
+        offs_n = nblk * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < NOUT
+        wt = tl.load(w_ptr + offs_r[:, None] * swr + offs_n[None, :] * swn,
+                     mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = dot(h, wt, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), PRECISION)
+        epilogue_store(acc, offs_n, n_mask, m_mask, out_rows, res_rows, bias_ptr, res_ptr, out_ptr,
+                       soc, src, HAS_BIAS, HAS_RES, RELU)
+
+
+@triton.jit
 def epilogue_store(acc, offs_n, n_mask, m_mask, out_rows, res_rows, bias_ptr, res_ptr, out_ptr,
                    soc, src, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr):
     """acc (BLOCK_M x BLOCK_N, fp32) + bias[n] + residual, ReLU, stored in out's dtype.

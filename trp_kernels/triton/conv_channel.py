@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from trp_kernels.triton import _common
-from trp_kernels.triton._common import dot, epilogue_store, first_factor
+from trp_kernels.triton._common import first_factor, last_pointwise, pixel_tile
 
 
 @triton.jit
@@ -38,13 +38,7 @@ def _conv_channel_kernel(
         KH: tl.constexpr, KW: tl.constexpr, R_PAD: tl.constexpr,
         HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_N: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < M
-    ow = offs_m % WO
-    oh = (offs_m // WO) % HO
-    nb = (offs_m // (WO * HO)).to(tl.int64)
+    m_mask, ow, oh, nb = pixel_tile(tl.program_id(0), M, HO, WO, BLOCK_M)
     offs_r = tl.arange(0, R_PAD)
     r_mask = offs_r < R
 
@@ -53,17 +47,10 @@ def _conv_channel_kernel(
                         sxc, sxh, sxw, s1c, s1r, s1h, s1w, DIL_H, DIL_W, R, 0, KH, KW, R_PAD, BLOCK_M, BLOCK_K,
                         PRECISION).to(x_ptr.dtype.element_ty)
 
-    # Second factor and epilogue, BLOCK_N output channels at a time.
-    out_rows = nb * son + oh * soh + ow * sow
-    res_rows = nb * srn + oh * srh + ow * srw
-    for nblk in range(pid_n, tl.cdiv(NOUT, BLOCK_N), SPLIT_N):
-        offs_n = nblk * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < NOUT
-        w2t = tl.load(w2_ptr + offs_r[:, None] * s2r + offs_n[None, :] * s2n,
-                      mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = dot(h_in, w2t, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), PRECISION)
-        epilogue_store(acc, offs_n, n_mask, m_mask, out_rows, res_rows, bias_ptr, res_ptr, out_ptr,
-                       soc, src, HAS_BIAS, HAS_RES, RELU)
+    # Second factor and epilogue.
+    last_pointwise(h_in, w2_ptr, s2r, s2n, offs_r, r_mask, tl.program_id(1), NOUT, m_mask, nb, oh, ow, son, soh, sow,
+                   srn, srh, srw, soc, src, bias_ptr, res_ptr, out_ptr, HAS_BIAS, HAS_RES, RELU, PRECISION, BLOCK_M,
+                   BLOCK_N, SPLIT_N)
 
 
 _KEY = ["C", "NOUT", "M_BUCKET", "KH", "KW", "R_PAD", "HAS_BIAS", "HAS_RES", "RELU", "PRECISION"]

@@ -26,7 +26,7 @@ import triton.language as tl
 
 from trp_kernels import _autograd
 from trp_kernels.triton import _common
-from trp_kernels.triton._common import dot, epilogue_store, first_factor
+from trp_kernels.triton._common import dot, first_factor, last_pointwise, pixel_tile
 
 # Both ranks at most this: the core's r1 x r2 tap slice is one tile, and at 256 x 256 it
 # needs more shared memory than sm_80/sm_90 give a block (278 KiB against 163/227 KiB in
@@ -50,13 +50,7 @@ def _conv_tucker_kernel(
         KH: tl.constexpr, KW: tl.constexpr, R1_PAD: tl.constexpr, R2_PAD: tl.constexpr,
         HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_N: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < M
-    ow = offs_m % WO
-    oh = (offs_m // WO) % HO
-    nb = (offs_m // (WO * HO)).to(tl.int64)
+    m_mask, ow, oh, nb = pixel_tile(tl.program_id(0), M, HO, WO, BLOCK_M)
     offs_r1 = tl.arange(0, R1_PAD)
     offs_r2 = tl.arange(0, R2_PAD)
     r1_mask = offs_r1 < R1
@@ -76,17 +70,10 @@ def _conv_tucker_kernel(
         h2 = dot(h1, core, h2, PRECISION)
     h2 = tl.where(r2_mask[None, :], h2, 0.0).to(x_ptr.dtype.element_ty)
 
-    # Last 1x1 and epilogue, BLOCK_N output channels at a time.
-    out_rows = nb * son + oh * soh + ow * sow
-    res_rows = nb * srn + oh * srh + ow * srw
-    for nblk in range(pid_n, tl.cdiv(NOUT, BLOCK_N), SPLIT_N):
-        offs_n = nblk * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < NOUT
-        w3t = tl.load(w3_ptr + offs_r2[:, None] * s3r + offs_n[None, :] * s3n,
-                      mask=r2_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = dot(h2, w3t, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), PRECISION)
-        epilogue_store(acc, offs_n, n_mask, m_mask, out_rows, res_rows, bias_ptr, res_ptr, out_ptr,
-                       soc, src, HAS_BIAS, HAS_RES, RELU)
+    # Last 1x1 and epilogue.
+    last_pointwise(h2, w3_ptr, s3r, s3n, offs_r2, r2_mask, tl.program_id(1), NOUT, m_mask, nb, oh, ow, son, soh, sow,
+                   srn, srh, srw, soc, src, bias_ptr, res_ptr, out_ptr, HAS_BIAS, HAS_RES, RELU, PRECISION, BLOCK_M,
+                   BLOCK_N, SPLIT_N)
 
 
 _KEY = ["C", "NOUT", "M_BUCKET", "KH", "KW", "R1_PAD", "R2_PAD", "HAS_BIAS", "HAS_RES", "RELU", "PRECISION"]
