@@ -130,6 +130,27 @@ def test_chain_grid(shape, layout, epilogue, kind, threads, isa):
     assert out.is_contiguous(memory_format=torch.channels_last)
 
 
+# Pixels 4 or 8 KiB apart (1024 or 2048 input channels, NHWC): a row block's reads all fall
+# in one L1 set, and the kernels run those rows in blocks of MR / 2 (`crowded` in
+# csrc/lowrank_kernels.inc; AVX-512's MR of 12 only): its 6-row blocks, their 4- and 1-3-row
+# tails, the zero rows of padding among them, and both the per-thread tiles and the split
+# path of few pixels.
+CROWDED_SHAPES = [
+    (1, 1024, 40, (7, 7), (1, 1), 24, (1, 1), (1, 1), 0),     # 49 pixels: the split path with 2 threads
+    (2, 1024, 24, (14, 15), (1, 1), 20, (1, 1), (1, 1), 0),   # 420 pixels: tiles
+    (1, 1024, 20, (9, 9), (3, 3), 16, (2, 2), (1, 1), 1),     # stride 2 (8 KiB apart), zero rows of padding
+    (1, 2048, 33, (6, 11), (1, 1), 17, (1, 1), (1, 1), 0),
+]
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
+@pytest.mark.parametrize("kind", ["channel", "spatial", "tucker", "dense"])
+@pytest.mark.parametrize("shape", CROWDED_SHAPES, ids=[f"c{i}" for i in range(len(CROWDED_SHAPES))])
+def test_rows_crowding_one_cache_set(shape, kind, threads, isa):
+    check_chain(kind, *helpers.chain_case(kind, *shape, "channels_last", "residual_relu"))
+
+
 @pytest.mark.parametrize("kind", helpers.CHAIN_KINDS)
 def test_op_runs_every_fused_chain(kind, monkeypatch):
     """The op (backend='cpp') reaches the fused kernel for every chain it has, gradients
