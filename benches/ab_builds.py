@@ -9,7 +9,7 @@ same drift of a shared machine; the ratio is the median of the per-round ratios.
 Separate processes, one per build, could not tell 2% apart on this kind of machine, where
 the same process run twice differed by up to 30%. ``--cold-mb``: each round runs on the
 next of as many copies of weights, input, residual and output as fill that many MB, so the
-kernels meet them cold, as in a whole model. The build under test is the installed one
+kernels meet them cold, as in a whole model; each build then has copies of its own. The build under test is the installed one
 (``trp_kernels._C``); outputs of the two builds are compared when run hot.
 """
 import argparse
@@ -36,6 +36,7 @@ CASES = [
     ("pw 512->128->2048 @7", 512, (128,), 2048, 7, 1, 1, True, "channel"),
     ("pw 2048->128->512 @7", 2048, (128,), 512, 7, 1, 1, False, "channel"),
     ("pw 1024->128->512 @14", 1024, (128,), 512, 14, 1, 1, False, "channel"),
+    ("fc 2048->256->1000", 2048, (256,), 1000, 1, 1, 1, False, "channel"),  # the head, as a 1x1 image
     ("tucker 64 r16 @56", 64, (16, 16), 64, 56, 3, 1, False, "tucker"),
     ("tucker 256 r64 @14", 256, (64, 64), 256, 14, 3, 1, False, "tucker"),
     ("tucker 512 r128 @7", 512, (128, 128), 512, 7, 3, 1, False, "tucker"),
@@ -71,6 +72,14 @@ def _tensors(case, batch):
     return x, ws, bias, r, torch.empty(batch, cout, ohw, ohw).contiguous(memory_format=cl)
 
 
+def _copy(v):
+    if v is None:
+        return None
+    if isinstance(v, list):
+        return [_copy(w) for w in v]
+    return v.clone(memory_format=torch.preserve_format)
+
+
 def _plan(lib, case, t):
     _, _, _, _, _, k, s, _, kernel = case
     x, ws, bias, r, out = t
@@ -98,13 +107,16 @@ def main() -> None:
         mb = sum(t.numel() for t in (first[0], *first[1], first[4], *(() if first[3] is None else (first[3],)))) * 4e-6
         n_sets = max(1, int(args.cold_mb / mb)) if args.cold_mb else 1
         sets = [first] + [_tensors(case, args.batch) for _ in range(n_sets - 1)]
-        plans = [[_plan(lib, case, t) for lib in builds] for t in sets]
-        outs = [[t[4], torch.empty_like(t[4])] for t in sets]  # each build its own output
+        # Cold: each build its own copies (equal values), so that neither finds in cache what
+        # the other just read (a per-round ratio would otherwise pair a cold call with a warm one).
+        own = [sets, [tuple(_copy(v) for v in t) for t in sets] if args.cold_mb else sets]
+        plans = [[_plan(lib, case, own[b][j]) for b, lib in enumerate(builds)] for j in range(len(sets))]
+        outs = [[own[0][j][4], torch.empty_like(own[0][j][4])] for j in range(len(sets))]  # each build its own output
         times = ([], [])
         for i in range(args.rounds + 20):
             j = i % len(sets)
-            x, _, _, r, _ = sets[j]
             for b in ((0, 1) if i % 2 == 0 else (1, 0)):
+                x, _, _, r, _ = own[b][j]
                 t0 = time.perf_counter()
                 plans[j][b].run(x.data_ptr(), outs[j][b].data_ptr(), 0 if r is None else r.data_ptr(),
                                 torch.get_num_threads())
