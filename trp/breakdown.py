@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from trp.compile import find_stem, walk
 from trp.modules import LOWRANK_TYPES
-from trp.timing import _stats, compare
+from trp.timing import compare, summarize
 
 PARTS = ("stem", "low-rank layers", "dense 1×1 convs", "dense k×k convs", "pooling and head", "glue")
 GLUE = "glue"
@@ -164,7 +164,7 @@ def breakdown(model: nn.Module, x: torch.Tensor, *, repeats: int = 30, warmup: i
     parts = {}
     for name in PARTS:
         if name == GLUE or counts[name]:
-            s = _stats(per_part[name])
+            s = summarize(per_part[name])
             parts[name] = {"median_ms": s["median_ms"], "p25_ms": s["p25_ms"], "p75_ms": s["p75_ms"],
                            "modules": counts[name]}
     modules = {fqn: statistics.median(acc.get(fqn, 0.0) * 1e3 for _, acc in measured)

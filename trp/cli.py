@@ -138,7 +138,8 @@ def bench(args: argparse.Namespace) -> dict:
 
     command = "python -m trp " + " ".join(args.argv)
     payload = runner.run(args.suite, args.device, args.quick, args.json, args.out, args.threads,
-                         args.providers, args.select, args.budget, command)
+                         args.providers, args.select, args.budget, command, isolate=not args.one_process,
+                         rounds=args.rounds)
     from trp.benchmark.report import markdown
 
     rows = payload["rows"]
@@ -424,6 +425,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--select", default=None, help="only cases whose name contains this text")
     b.add_argument("--budget", type=_positive(float), default=None,
                    help="seconds of timed calls per measurement (default 0.3 quick, 1.0 full)")
+    b.add_argument("--rounds", type=_positive(int), default=1,
+                   help="processes per model provider, in turn, their calls pooled (default 1)")
+    b.add_argument("--one-process", action="store_true",
+                   help="time the model providers in this process, in blocks of their own, instead of each in a "
+                        "process of its own (faster; a runtime that ran before can slow the next: "
+                        "docs/benchmarks.md)")
     b.set_defaults(func=bench)
 
     k = sub.add_parser("breakdown", help="split each benchmark model's CPU time into stem, low-rank layers, "

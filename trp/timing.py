@@ -13,7 +13,8 @@ from typing import Callable, Optional
 import torch
 
 
-def _stats(times: list[float]) -> dict:
+def summarize(times: list[float]) -> dict:
+    """Median, quartiles, extremes and count of call times (ms)."""
     q = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else [times[0]] * 3
     return {"median_ms": statistics.median(times), "p25_ms": q[0], "p75_ms": q[2], "min_ms": min(times),
             "max_ms": max(times), "repeats": len(times)}
@@ -21,7 +22,7 @@ def _stats(times: list[float]) -> dict:
 
 def compare(fns: dict[str, Callable[[], object]], *, warmup: int = 3, repeats: int = 10, device=None,
             pools: Optional[dict[str, str]] = None, interleave: bool = False, blocks: int = 4,
-            idle_s: float = 0.2) -> dict:
+            idle_s: float = 0.2, raw: bool = False) -> dict:
     """Time several functions, ``repeats`` calls each; median and quartiles per function.
 
     Each function runs in ``blocks`` blocks of its own, the functions' blocks in turn, so
@@ -40,7 +41,8 @@ def compare(fns: dict[str, Callable[[], object]], *, warmup: int = 3, repeats: i
     ``interleave=True`` times the functions of one pool call by call instead, one call of
     each per round in rotating order: for variants of one computation on one working set
     (a model with and without instrumentation), where it makes drift hit them alike.
-    Functions on different pools are never interleaved.
+    Functions on different pools are never interleaved. ``raw=True``: each function's stats
+    also hold its call times (``"times_ms"``), for pooling calls measured in several runs.
     """
     if warmup < 0 or repeats < 1 or not fns or blocks < 1 or idle_s < 0:
         raise ValueError(f"need functions, warmup >= 0, repeats >= 1, blocks >= 1 and idle_s >= 0, got {len(fns)}, "
@@ -74,7 +76,7 @@ def compare(fns: dict[str, Callable[[], object]], *, warmup: int = 3, repeats: i
 
     if len(units) == 1:
         interleaved(list(fns), repeats)
-        return {n: _stats(t) for n, t in times.items()}
+        return {n: summarize(t) | ({"times_ms": t} if raw else {}) for n, t in times.items()}
     blocks = min(blocks, repeats)
     last_pool = pools.get(list(fns)[-1], "")  # the pool of the last warm-up call
     for b in range(blocks):
@@ -91,7 +93,7 @@ def compare(fns: dict[str, Callable[[], object]], *, warmup: int = 3, repeats: i
                 if time.perf_counter() - woke >= 0.05:
                     break
             interleaved(names, rounds)
-    return {n: _stats(t) for n, t in times.items()}
+    return {n: summarize(t) | ({"times_ms": t} if raw else {}) for n, t in times.items()}
 
 
 def machine_info() -> dict:

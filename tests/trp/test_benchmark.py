@@ -2,11 +2,13 @@
 timed, unavailable providers say why. No test asserts a speed."""
 
 import json
+import os
 
 import pytest
 import torch
 
 from trp.benchmark import cases as C
+from trp.benchmark import isolated
 from trp.benchmark import providers as P
 from trp.benchmark import runner
 
@@ -85,6 +87,40 @@ def test_model_rows_for_every_provider():
         assert by[name]["status"] == "skipped" and "CUDA" in by[name]["reason"]
     assert by["lowrank_ort"]["baseline"] == "dense_ort" and by["trp_compile"]["baseline"] == "dense_compile"
     assert by["lowrank_eager"]["macs"] < by["lowrank_eager"]["macs_dense"]
+
+
+def test_model_rows_each_in_a_process_of_its_own():
+    """The suite's default for models: every provider checked and timed in a new process that
+    builds the case's bundle from the seed, rounds of processes pooled into one row."""
+    pytest.importorskip("onnxruntime")
+    case = C.ModelCase("resnet8", 16, 1, "cpu", torch.float32)
+    providers = ["trp_eager", "dense_eager", "lowrank_ort"]  # dense_eager runs first: it sets the tolerance
+    seen = []
+    rows = runner.model_case_rows(case, providers, 0.05, seen.append, None, isolate=True, rounds=2)
+    assert [r["provider"] for r in rows] == providers
+    assert [t.split(" (")[0].split()[-1] for t in seen] == ["dense_eager", "trp_eager", "lowrank_ort"] * 2
+    pids = [r["pid"] for r in rows]
+    assert len(set(pids)) == 3 and os.getpid() not in pids
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        here = isolated.fingerprint(P.model_bundle(case, torch.Generator().manual_seed(0)))
+    for r in rows:
+        assert ROW_KEYS <= set(r) and r["status"] == "ok", (r["provider"], r["reason"])
+        assert r["rounds"] == 2 and r["repeats"] >= 2 * runner.MIN_REPEATS
+        assert r["min_ms"] <= r["p25_ms"] <= r["median_ms"] <= r["p75_ms"] <= r["max_ms"]
+        assert r["fingerprint"] == pytest.approx(here, rel=1e-12)  # the case as built here from seed 0
+        assert r["max_rel_err"] < 1e-4
+    by = {r["provider"]: r for r in rows}
+    assert by["trp_eager"]["speedup"] == pytest.approx(by["dense_eager"]["median_ms"] / by["trp_eager"]["median_ms"])
+
+
+def test_a_provider_whose_process_dies_is_a_failed_row():
+    case = C.ModelCase("resnet-nosuch", 16, 1, "cpu", torch.float32)
+    rows = runner.model_case_rows(case, ["dense_eager"], 0.01, _quiet, None, isolate=True)
+    assert rows[0]["status"] == "failed" and rows[0]["median_ms"] is None
+    assert rows[0]["reason"].startswith("its process exited with code 1: ValueError")
+    with pytest.raises(ValueError, match="rounds must be >= 1, got 0"):
+        runner.model_case_rows(case, ["dense_eager"], 0.01, _quiet, None, isolate=True, rounds=0)
 
 
 def test_case_lists():

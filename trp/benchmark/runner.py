@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import datetime
 import json
+import subprocess
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -19,7 +21,7 @@ import torch
 from trp import files
 from trp.benchmark import cases as C
 from trp.benchmark import providers as P
-from trp.timing import compare, machine_info
+from trp.timing import compare, machine_info, summarize
 
 # Relative-L2 slack on top of twice the dense provider's own error (DESIGN.md, convention 3).
 ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -81,9 +83,10 @@ def prepare_checked(row: dict, prepare, ref: torch.Tensor, tol: Optional[float])
     return fn
 
 
-def _time_side_by_side(rows: list[dict], fns: dict, budget_s: float, device: str) -> None:
+def _time_side_by_side(rows: list[dict], fns: dict, budget_s: float, device: str, raw: bool = False) -> None:
     """Time every checked provider of a case (:func:`trp.timing.compare`: each in blocks of
-    its own, the blocks alternating), about ``budget_s`` of calls per provider."""
+    its own, the blocks alternating), about ``budget_s`` of calls per provider; ``raw``: the
+    rows also get the call times (``"times_ms"``)."""
     if not fns:
         return
     with torch.inference_mode():
@@ -95,7 +98,7 @@ def _time_side_by_side(rows: list[dict], fns: dict, budget_s: float, device: str
                 torch.cuda.synchronize()
             slowest = max(slowest, time.perf_counter() - t0)
         repeats = int(min(MAX_REPEATS, max(MIN_REPEATS, budget_s / max(slowest, 1e-6))))
-        stats = compare(fns, warmup=1, repeats=repeats, device=device, pools={n: P.pool(n) for n in fns})
+        stats = compare(fns, warmup=1, repeats=repeats, device=device, pools={n: P.pool(n) for n in fns}, raw=raw)
     for row in rows:
         if row["provider"] in stats:
             row.update(stats[row["provider"]], status="ok")
@@ -137,7 +140,36 @@ def layer_case_rows(case: C.LayerCase, providers: Iterable[str], budget_s: float
     return rows
 
 
-def model_case_rows(case: C.ModelCase, providers: Iterable[str], budget_s: float, progress, g) -> list[dict]:
+def _in_own_process(case: C.ModelCase, provider: str, budget_s: float, tol: Optional[float],
+                    seed: int) -> tuple[dict, list]:
+    """(row, call times in ms) of ``provider`` checked and timed in a new Python process
+    (:mod:`trp.benchmark.isolated`); a process that dies is a failed row saying how."""
+    from trp.benchmark import isolated
+
+    spec = isolated.spec(case, provider, budget_s, tol, seed, torch.get_num_threads())
+    proc = subprocess.run([sys.executable, "-m", "trp.benchmark.isolated"], input=json.dumps(spec),
+                          capture_output=True, text=True)
+    sys.stderr.write(proc.stderr)  # the provider's warnings and tracebacks, as in one process
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(isolated.RESULT_MARK)]
+    if proc.returncode == 0 and lines:
+        result = json.loads(lines[-1][len(isolated.RESULT_MARK):])
+        return result["row"], result["times_ms"]
+    row = make_row("models", case.name, provider, case, None, case.rank_rule, 0, 0)
+    last = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
+    row.update(status="failed", reason=f"its process exited with code {proc.returncode}: {last}")
+    return row, []
+
+
+def model_case_rows(case: C.ModelCase, providers: Iterable[str], budget_s: float, progress, g,
+                    isolate: bool = False, rounds: int = 1, seed: int = 0) -> list[dict]:
+    """One row per provider. ``isolate``: each provider is checked and timed in a process of
+    its own (:mod:`trp.benchmark.isolated`), the case's bundle built there from ``seed``
+    (``g`` is then unused), ``rounds`` processes per provider in turn (each with
+    ``budget_s / rounds`` of calls; the row's statistics pool their calls), so that drift of
+    a shared machine reaches every provider. Otherwise every provider runs in this process,
+    timed in blocks of its own (:func:`_time_side_by_side`)."""
+    if isolate:
+        return _isolated_rows(case, list(providers), budget_s, progress, rounds, seed)
     progress(f"{case.name} b{case.batch}: building")
     bundle = P.model_bundle(case, g)
     rows, fns, dense_err = [], {}, None
@@ -158,6 +190,40 @@ def model_case_rows(case: C.ModelCase, providers: Iterable[str], budget_s: float
     return rows
 
 
+def _isolated_rows(case: C.ModelCase, providers: list[str], budget_s: float, progress, rounds: int,
+                   seed: int) -> list[dict]:
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    # dense_eager's error sets the others' tolerance: it runs first
+    order = sorted(providers, key=lambda p: p != "dense_eager")
+    rows: dict[str, dict] = {}
+    times: dict[str, list] = {p: [] for p in order}
+    tol = None
+    for r in range(rounds):
+        for provider in order:
+            if r and rows[provider]["status"] != "ok":
+                continue  # skipped or failed: once is enough
+            progress(f"{case.name} b{case.batch} {provider} (own process{f', round {r + 1}' if rounds > 1 else ''})")
+            row, t = _in_own_process(case, provider, budget_s / rounds, tol, seed)
+            if r == 0:
+                rows[provider] = row
+                if provider == "dense_eager" and row["max_rel_err"] is not None:
+                    tol = tolerance(row["max_rel_err"], case.dtype, layers=10)
+            elif row["status"] != "ok":  # a later round failed: the row says so, untimed
+                rows[provider] = row
+                times[provider] = []
+                continue
+            times[provider] += t
+    out = []
+    for provider in providers:
+        row = rows[provider]
+        if row["status"] == "ok":
+            row.update(summarize(times[provider]), rounds=rounds)
+        out.append(row)
+    _finish(out, lambda p: P.MODEL_BASELINE[p])
+    return out
+
+
 def _write_json(path: Path, payload: dict) -> None:
     """Atomic: a crash mid-run leaves the previous complete file, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -167,11 +233,14 @@ def _write_json(path: Path, payload: dict) -> None:
 def run(suite: str = "all", device: str = "cpu", quick: bool = False, json_path=None, out_dir=None,
         threads: Optional[int] = None, providers: Optional[list[str]] = None, select: Optional[str] = None,
         budget_s: Optional[float] = None, command: str = "", show_progress: bool = True,
-        deadline: Optional[float] = None, dtypes: Optional[tuple] = None) -> dict:
+        deadline: Optional[float] = None, dtypes: Optional[tuple] = None, isolate: bool = True,
+        rounds: int = 1) -> dict:
     """Run the suite and return ``{"environment", "command", "rows"}``; the JSON file (if
     given) is rewritten after every case, so an interrupted run keeps what it measured.
     ``deadline`` (a ``time.monotonic()`` value): no case starts after it, and the payload's
-    ``"not_run"`` lists the cases left; ``dtypes`` keeps only cases of those dtypes."""
+    ``"not_run"`` lists the cases left; ``dtypes`` keeps only cases of those dtypes.
+    ``isolate``: every model provider is checked and timed in a process of its own,
+    ``rounds`` processes each (:func:`model_case_rows`); the layer suite runs in this one."""
     if suite not in (*SUITES, "all"):
         raise ValueError(f"suite must be one of {(*SUITES, 'all')}, got {suite!r}")
     if device not in ("cpu", "cuda"):
@@ -189,6 +258,8 @@ def run(suite: str = "all", device: str = "cpu", quick: bool = False, json_path=
                                                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
                                                     timespec="seconds")},
                "command": command, "rows": []}
+    payload["environment"]["model_timing"] = (f"each provider in a process of its own, {rounds} round(s)" if isolate
+                                              else "every provider in one process, in blocks of its own")
     from tqdm import tqdm
     bar = tqdm(desc="trp bench", unit="run", disable=not show_progress, dynamic_ncols=True)
 
@@ -218,7 +289,10 @@ def run(suite: str = "all", device: str = "cpu", quick: bool = False, json_path=
                     payload.setdefault("not_run", []).append(
                         f"{s} {getattr(case, 'name', None) or case.shape.name} b{case.batch} {_dtype_name(case.dtype)}")
                     continue
-                payload["rows"] += case_rows(case, chosen, budget_s, progress, g)
+                if case_rows is model_case_rows:
+                    payload["rows"] += model_case_rows(case, chosen, budget_s, progress, g, isolate, rounds)
+                else:
+                    payload["rows"] += case_rows(case, chosen, budget_s, progress, g)
                 if json_path:
                     _write_json(Path(json_path), payload)
     finally:
