@@ -107,7 +107,11 @@ def run_suite(suite: str, dry_run: bool, out: Path, budget_s: float, deadline: f
     payload = runner.run(suite, "cuda", json_path=out / f"{suite}.json", out_dir=out / suite, providers=providers,
                          select="resnet" if suite == "layers" else None, budget_s=budget_s,
                          command=f"benches/gpu_run.py ({suite})",
-                         show_progress=False, deadline=deadline, dtypes=dtypes)
+                         show_progress=False, deadline=deadline, dtypes=dtypes,
+                         # one process: a process per provider would start CUDA and autotune again
+                         # each time, out of a device budget of minutes; GPU work runs on the GPU's
+                         # queue, not the CPU pools that made the CPU suite isolate its runtimes
+                         isolate=False)
     if suite == "models":  # ResNet-18/50 only: drop the CIFAR cases' rows if any ran
         payload["rows"] = [r for r in payload["rows"] if r["case"].startswith(("resnet18", "resnet50"))]
     return payload

@@ -6,12 +6,10 @@ model, in one process, call by call, the order alternating (same caches, same dr
     (results: benches/results/kept-plans.txt)
 """
 import argparse
-import statistics
-import time
 
 import torch
 
-from trp.benchmark import cases as C, providers as P
+from model_ab import alternate, report, resnet50_case
 from trp_kernels import ops
 
 
@@ -20,9 +18,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--calls", type=int, default=300)
     args = p.parse_args()
-    case = C.ModelCase("resnet50", 224, args.batch, "cpu", torch.float32, scheme=("tucker", "pointwise"))
-    bundle = P.model_bundle(case, torch.Generator().manual_seed(0))
-    model, x = bundle["trp"], bundle["x"]
+    case, model, x = resnet50_case(args.batch)
     kept = ops.run_kept
     hits = [0]
 
@@ -31,8 +27,11 @@ def main() -> None:
         hits[0] += out is not None
         return out
 
-    variants = {"kept": counting, "checked": lambda *a, **k: None}
-    times = {name: [] for name in variants}
+    def use(fn):
+        def switch():
+            ops.run_kept = fn
+        return switch
+
     try:
         with torch.inference_mode():
             ops.run_kept = counting
@@ -40,21 +39,12 @@ def main() -> None:
             hits[0] = 0
             model(x)
             layers = hits[0]
-            for i in range(args.calls):
-                for name in (("kept", "checked") if i % 2 else ("checked", "kept")):
-                    ops.run_kept = variants[name]
-                    t0 = time.perf_counter()
-                    model(x)
-                    times[name].append(time.perf_counter() - t0)
+        times = alternate(model, x, {"kept": use(counting), "checked": use(lambda *a, **k: None)}, args.calls)
     finally:
         ops.run_kept = kept
-    ratio = statistics.median(a / b for a, b in zip(times["kept"], times["checked"]))
     print(f"{case.name} batch {args.batch}: {layers} layers run what their last call kept; "
           f"{args.calls} calls each, alternating")
-    for name, t in times.items():
-        print(f"  {name:8s} median {statistics.median(t) * 1e3:.3f} ms")
-    print(f"  kept / checked, median of per-pair ratios: {ratio:.3f}")
-    print(f"  torch {torch.__version__}, {torch.get_num_threads()} threads")
+    report(times)
 
 
 if __name__ == "__main__":

@@ -445,6 +445,10 @@ PYBIND11_MODULE(_C, m) {
     m.def("isa", &trp::lowrank_isa, "Name of the active fused-kernel build: generic, avx2 or avx512.");
     m.def("set_isa", [](const std::string& name) { return trp::lowrank_set_isa(name.c_str()); },
           py::arg("name"), "Switch the fused kernels to another build; False if unavailable here.");
+    m.def("stream_bytes", &trp::lowrank_stream_bytes,
+          "Outputs of at least this many bytes are written past the caches (streaming stores).");
+    m.def("set_stream_bytes", &trp::lowrank_set_stream_bytes, py::arg("bytes"),
+          "Set that threshold (0: never stream). For tests and benchmarks.");
     m.def("conv2d_direct", &conv2d_direct, py::arg("input"), py::arg("weight"),
           py::arg("bias").none(true), py::arg("stride"), py::arg("padding"),
           py::arg("dilation"),

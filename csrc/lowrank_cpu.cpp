@@ -79,11 +79,29 @@ Kernels active() {
     }
 }
 
+// 4 MB: on the 2-core AMD EPYC, ResNet-50 tucker+pointwise took 0.91x the time at batch 8
+// with it (0.92x from 1 MB, 0.94x from 8 MB, 0.96x from 16 MB) and 1.00x at batch 1, where
+// no output reaches 4 MB; streaming those 1-3 MB outputs too took 1.02x, the next layer no
+// longer finding them in L3 (benches/results/streaming-stores.txt, benches/streaming_ab.py).
+std::atomic<int64_t>& stream_bytes() {
+    static std::atomic<int64_t> bytes{4000000};
+    return bytes;
+}
+
+LowRankConvArgs with_stream(const LowRankConvArgs& a) {
+    LowRankConvArgs b = a;
+    b.stream_bytes = stream_bytes().load();
+    return b;
+}
+
 }  // namespace
 
-bool lowrank_conv_channel(const LowRankConvArgs& a) { return active().channel(a); }
-bool lowrank_conv_spatial(const LowRankConvArgs& a) { return active().spatial(a); }
-bool lowrank_conv_tucker(const LowRankConvArgs& a) { return active().tucker(a); }
-bool lowrank_conv_dense(const LowRankConvArgs& a) { return active().dense(a); }
+int64_t lowrank_stream_bytes() { return stream_bytes().load(); }
+void lowrank_set_stream_bytes(int64_t bytes) { stream_bytes().store(bytes < 0 ? 0 : bytes); }
+
+bool lowrank_conv_channel(const LowRankConvArgs& a) { return active().channel(with_stream(a)); }
+bool lowrank_conv_spatial(const LowRankConvArgs& a) { return active().spatial(with_stream(a)); }
+bool lowrank_conv_tucker(const LowRankConvArgs& a) { return active().tucker(with_stream(a)); }
+bool lowrank_conv_dense(const LowRankConvArgs& a) { return active().dense(with_stream(a)); }
 
 }  // namespace trp

@@ -34,6 +34,9 @@ struct LowRankConvArgs {
     int64_t stride_h, stride_w, pad_top, pad_left, dil_h, dil_w;
     bool relu;
     int threads;              // OpenMP threads (torch.get_num_threads() on the Python side)
+    int64_t stream_bytes = 0; // outputs of at least this many bytes are stored past the caches
+                              // (0: none); the lowrank_conv_* entry points set it
+                              // (lowrank_stream_bytes)
 };
 
 // channel scheme: kh x kw conv in_c -> rank, then 1x1 rank -> out_c.
@@ -67,6 +70,11 @@ const char* lowrank_isa();
 // Switch to the named build ("generic", "avx2", "avx512"); false if this CPU (or this
 // build of the extension) lacks it. For tests.
 bool lowrank_set_isa(const char* name);
+// Outputs of at least this many bytes are written by streaming stores, past the caches
+// (lowrank_kernels.inc, streams(): why, and what it bought). The default is measured; a
+// test sets it low to run that path on small shapes, a benchmark high to time without it.
+int64_t lowrank_stream_bytes();
+void lowrank_set_stream_bytes(int64_t bytes);
 
 namespace isa_avx512 {
 bool conv_channel(const LowRankConvArgs& a);

@@ -151,6 +151,49 @@ def test_rows_crowding_one_cache_set(shape, kind, threads, isa):
     check_chain(kind, *helpers.chain_case(kind, *shape, "channels_last", "residual_relu"))
 
 
+@pytest.fixture
+def stream_bytes(request):
+    """Outputs of at least ``request.param`` bytes go to memory by streaming stores."""
+    lib = cpp._require()
+    default = lib.stream_bytes()
+    lib.set_stream_bytes(request.param)
+    yield request.param
+    lib.set_stream_bytes(default)
+
+
+# Outputs whose channels are whole AVX-512 vectors (and so AVX2 and portable ones), with the
+# threshold at one byte every such output is stored past the caches (`streams` in
+# csrc/lowrank_kernels.inc); out_c 40 streams with AVX2 and the portable build only, and
+# its last 8 channels come through the tail sliver. The per-thread tiles, the split path of
+# few pixels, and several Tucker bands.
+STREAMED_SHAPES = [
+    (2, 24, 32, (17, 19), (3, 3), 16, (1, 1), (1, 1), 1),
+    (1, 40, 48, (7, 7), (1, 1), 24, (1, 1), (1, 1), 0),
+    (1, 16, 40, (300, 12), (3, 3), 8, (2, 1), (1, 1), 1),
+]
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
+@pytest.mark.parametrize("stream_bytes", [1, 0], indirect=True, ids=["streamed", "cached"])
+@pytest.mark.parametrize("kind", ["channel", "spatial", "tucker", "dense"])
+@pytest.mark.parametrize("epilogue", ["none", "residual_relu"])
+@pytest.mark.parametrize("shape", STREAMED_SHAPES, ids=[f"t{i}" for i in range(len(STREAMED_SHAPES))])
+def test_outputs_stored_past_the_caches(shape, epilogue, kind, stream_bytes, threads, isa):
+    check_chain(kind, *helpers.chain_case(kind, *shape, "channels_last", epilogue))
+
+
+def test_the_streaming_threshold_is_a_setting_of_the_extension():
+    lib = cpp._require()
+    default = lib.stream_bytes()
+    assert default == 4_000_000  # the measured choice (benches/results/streaming-stores.txt)
+    try:
+        lib.set_stream_bytes(-5)
+        assert lib.stream_bytes() == 0  # never
+    finally:
+        lib.set_stream_bytes(default)
+
+
 @pytest.mark.parametrize("kind", helpers.CHAIN_KINDS)
 def test_op_runs_every_fused_chain(kind, monkeypatch):
     """The op (backend='cpp') reaches the fused kernel for every chain it has, gradients

@@ -1,0 +1,42 @@
+"""Two variants of one whole compiled model, in one process, call by call, the order
+alternating (same caches, same drift): what benches/kept_ab.py and streaming_ab.py share."""
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+from trp.benchmark import cases as C, providers as P
+
+
+def resnet50_case(batch: int):
+    """The model and input of the benchmark's ResNet-50 tucker+pointwise case."""
+    case = C.ModelCase("resnet50", 224, batch, "cpu", torch.float32, scheme=("tucker", "pointwise"))
+    torch.manual_seed(0)
+    bundle = P.model_bundle(case, torch.Generator().manual_seed(0))
+    return case, bundle["trp"], bundle["x"]
+
+
+def alternate(model, x, variants: dict[str, Callable[[], None]], calls: int) -> dict[str, list]:
+    """Call times (s) of ``model(x)`` under each of two variants, ``variants[name]()`` switching
+    to it before each call; the pair's order swaps every round."""
+    a, b = variants
+    times = {a: [], b: []}
+    with torch.inference_mode():
+        for i in range(calls):
+            for name in ((a, b) if i % 2 else (b, a)):
+                variants[name]()
+                t0 = time.perf_counter()
+                model(x)
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def report(times: dict[str, list]) -> None:
+    """Medians and the median of the per-pair ratios (first variant / second)."""
+    a, b = times
+    for name, t in times.items():
+        print(f"  {name:8s} median {statistics.median(t) * 1e3:.3f} ms")
+    ratio = statistics.median(p / q for p, q in zip(times[a], times[b]))
+    print(f"  {a} / {b}, median of per-pair ratios: {ratio:.3f}")
+    print(f"  torch {torch.__version__}, {torch.get_num_threads()} threads")
