@@ -25,8 +25,7 @@ def child(case_name: str, batch: int, before: str, calls: int) -> None:
     from trp.benchmark import providers as P
 
     case = next(c for c in C.model_cases("cpu") if c.name == case_name and c.batch == batch)
-    torch.manual_seed(0)
-    bundle = P.model_bundle(case, torch.Generator().manual_seed(0))
+    bundle = P.seeded_bundle(case)
     model, x = bundle["trp"], bundle["x"]
     with torch.inference_mode():
         if before != "alone":

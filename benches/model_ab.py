@@ -12,8 +12,7 @@ from trp.benchmark import cases as C, providers as P
 def resnet50_case(batch: int):
     """The model and input of the benchmark's ResNet-50 tucker+pointwise case."""
     case = C.ModelCase("resnet50", 224, batch, "cpu", torch.float32, scheme=("tucker", "pointwise"))
-    torch.manual_seed(0)
-    bundle = P.model_bundle(case, torch.Generator().manual_seed(0))
+    bundle = P.seeded_bundle(case)
     return case, bundle["trp"], bundle["x"]
 
 

@@ -2,12 +2,17 @@
 extension's ``stream_bytes``) against plain stores, on a whole compiled model, in one
 process, call by call, the order alternating (same caches, same drift).
 
-    python benches/streaming_ab.py [--batch 8] [--calls 40] [--bytes 4000000]
+    python benches/streaming_ab.py [--batch 8] [--calls 40] [--bytes 4000000] [--layers]
     (results: benches/results/streaming-stores.txt)
 
 ``--bytes``: the threshold to time (default: the extension's); the other variant never streams.
+``--layers``: instead of the model, each of benches/ab_builds.py's layers alone, hot.
 """
 import argparse
+import statistics
+import time
+
+import torch
 
 from model_ab import alternate, report, resnet50_case
 from trp_kernels import cpp
@@ -18,10 +23,17 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--calls", type=int, default=40)
     p.add_argument("--bytes", type=int, default=None)
+    p.add_argument("--layers", action="store_true")
     args = p.parse_args()
     lib = cpp._require()
     default = lib.stream_bytes()
     threshold = default if args.bytes is None else args.bytes
+    if args.layers:
+        try:
+            layers(lib, threshold, args.batch, args.calls)
+        finally:
+            lib.set_stream_bytes(default)
+        return
     case, model, x = resnet50_case(args.batch)
     try:
         times = alternate(model, x, {"streamed": lambda: lib.set_stream_bytes(threshold),
@@ -31,6 +43,27 @@ def main() -> None:
     print(f"{case.name} batch {args.batch}: outputs of >= {threshold} bytes streamed, or none; "
           f"{args.calls} calls each, alternating")
     report(times)
+
+
+def layers(lib, threshold: int, batch: int, calls: int) -> None:
+    import ab_builds as A
+
+    torch.manual_seed(0)
+    for case in A.CASES:
+        x, ws, bias, r, out = t = A._tensors(case, batch)
+        plan = A._plan(lib, case, t)
+        times = {"streamed": [], "cached": []}
+        for i in range(calls + 5):
+            for name in (("streamed", "cached") if i % 2 else ("cached", "streamed")):
+                lib.set_stream_bytes(threshold if name == "streamed" else 0)
+                t0 = time.perf_counter()
+                plan.run(x.data_ptr(), out.data_ptr(), 0 if r is None else r.data_ptr(), torch.get_num_threads())
+                if i >= 5:
+                    times[name].append(time.perf_counter() - t0)
+        ratio = statistics.median(a / b for a, b in zip(times["streamed"], times["cached"]))
+        print(f"{case[0]:26s} b{batch} output {out.numel() * 4 / 1e6:5.1f} MB  streamed "
+              f"{statistics.median(times['streamed']) * 1e3:.3f}  cached {statistics.median(times['cached']) * 1e3:.3f} ms"
+              f"  streamed/cached {ratio:.3f}")
 
 
 if __name__ == "__main__":

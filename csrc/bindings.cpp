@@ -449,6 +449,8 @@ PYBIND11_MODULE(_C, m) {
           "Outputs of at least this many bytes are written past the caches (streaming stores).");
     m.def("set_stream_bytes", &trp::lowrank_set_stream_bytes, py::arg("bytes"),
           "Set that threshold (0: never stream). For tests and benchmarks.");
+    m.def("streamed_calls", &trp::lowrank_streamed_calls,
+          "Kernel calls whose output was stored past the caches, since the extension was loaded.");
     m.def("conv2d_direct", &conv2d_direct, py::arg("input"), py::arg("weight"),
           py::arg("bias").none(true), py::arg("stride"), py::arg("padding"),
           py::arg("dilation"),

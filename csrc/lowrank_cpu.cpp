@@ -2,6 +2,7 @@
 #include "lowrank_cpu.h"
 
 #include <atomic>
+#include <cstdint>
 #include <cstring>
 
 #if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
@@ -59,7 +60,7 @@ bool lowrank_set_isa(const char* name) {
 
 namespace {
 
-// The active build's kernels.
+// A build's kernels.
 struct Kernels {
     bool (*channel)(const LowRankConvArgs&);
     bool (*spatial)(const LowRankConvArgs&);
@@ -67,8 +68,8 @@ struct Kernels {
     bool (*dense)(const LowRankConvArgs&);
 };
 
-Kernels active() {
-    switch (current().load()) {
+Kernels kernels(int isa) {
+    switch (isa) {
 #ifdef TRP_HAVE_AVX512_KERNELS
         case kAvx512: return {isa_avx512::conv_channel, isa_avx512::conv_spatial, isa_avx512::conv_tucker, isa_avx512::conv_dense};
 #endif
@@ -79,18 +80,34 @@ Kernels active() {
     }
 }
 
-// 4 MB: on the 2-core AMD EPYC, ResNet-50 tucker+pointwise took 0.91x the time at batch 8
-// with it (0.92x from 1 MB, 0.94x from 8 MB, 0.96x from 16 MB) and 1.00x at batch 1, where
-// no output reaches 4 MB; streaming those 1-3 MB outputs too took 1.02x, the next layer no
+// Outputs stored past the caches (streaming stores). An output of several MB (batch 8:
+// a 56x56 layer's is 6.4-25.7 MB) does not stay in cache for the next layer anyway, and a
+// plain store first reads each line it writes (read for ownership); a streaming store
+// does not: a third less memory traffic for a layer that reads a residual. 4 MB: on the
+// 2-core AMD EPYC, ResNet-50 tucker+pointwise took 0.91x the time at batch 8 with it
+// (0.92x from 1 MB, 0.94x from 8 MB, 0.96x from 16 MB) and 1.00x at batch 1, where no
+// output reaches 4 MB; streaming those 1-3 MB outputs too took 1.02x, the next layer no
 // longer finding them in L3 (benches/results/streaming-stores.txt, benches/streaming_ab.py).
 std::atomic<int64_t>& stream_bytes() {
     static std::atomic<int64_t> bytes{4000000};
     return bytes;
 }
 
-LowRankConvArgs with_stream(const LowRankConvArgs& a) {
+std::atomic<int64_t>& streamed() {
+    static std::atomic<int64_t> calls{0};
+    return calls;
+}
+
+// The call with its `stream` decided for this build: whole aligned vectors only (the
+// output's rows a multiple of the vector, its start aligned to it), and only the vector
+// builds have a streaming store.
+LowRankConvArgs for_build(const LowRankConvArgs& a, int isa) {
     LowRankConvArgs b = a;
-    b.stream_bytes = stream_bytes().load();
+    const int64_t vl = kIsaWidths[isa], threshold = stream_bytes().load();
+    const int64_t bytes = a.batch * a.out_h * a.out_w * a.out_c * int64_t(sizeof(float));
+    b.stream = isa != kGeneric && threshold > 0 && bytes >= threshold && a.out_c % vl == 0 &&
+               reinterpret_cast<uintptr_t>(a.out) % (vl * sizeof(float)) == 0;
+    if (b.stream) streamed().fetch_add(1, std::memory_order_relaxed);
     return b;
 }
 
@@ -98,10 +115,23 @@ LowRankConvArgs with_stream(const LowRankConvArgs& a) {
 
 int64_t lowrank_stream_bytes() { return stream_bytes().load(); }
 void lowrank_set_stream_bytes(int64_t bytes) { stream_bytes().store(bytes < 0 ? 0 : bytes); }
+int64_t lowrank_streamed_calls() { return streamed().load(); }
 
-bool lowrank_conv_channel(const LowRankConvArgs& a) { return active().channel(with_stream(a)); }
-bool lowrank_conv_spatial(const LowRankConvArgs& a) { return active().spatial(with_stream(a)); }
-bool lowrank_conv_tucker(const LowRankConvArgs& a) { return active().tucker(with_stream(a)); }
-bool lowrank_conv_dense(const LowRankConvArgs& a) { return active().dense(with_stream(a)); }
+bool lowrank_conv_channel(const LowRankConvArgs& a) {
+    const int isa = current().load();
+    return kernels(isa).channel(for_build(a, isa));
+}
+bool lowrank_conv_spatial(const LowRankConvArgs& a) {
+    const int isa = current().load();
+    return kernels(isa).spatial(for_build(a, isa));
+}
+bool lowrank_conv_tucker(const LowRankConvArgs& a) {
+    const int isa = current().load();
+    return kernels(isa).tucker(for_build(a, isa));
+}
+bool lowrank_conv_dense(const LowRankConvArgs& a) {
+    const int isa = current().load();
+    return kernels(isa).dense(for_build(a, isa));
+}
 
 }  // namespace trp

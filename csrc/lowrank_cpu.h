@@ -34,9 +34,9 @@ struct LowRankConvArgs {
     int64_t stride_h, stride_w, pad_top, pad_left, dil_h, dil_w;
     bool relu;
     int threads;              // OpenMP threads (torch.get_num_threads() on the Python side)
-    int64_t stream_bytes = 0; // outputs of at least this many bytes are stored past the caches
-                              // (0: none); the lowrank_conv_* entry points set it
-                              // (lowrank_stream_bytes)
+    bool stream = false;      // the output is stored past the caches (streaming stores, whole
+                              // aligned vectors); the lowrank_conv_* entry points decide
+                              // (lowrank_stream_bytes), whatever the caller set
 };
 
 // channel scheme: kh x kw conv in_c -> rank, then 1x1 rank -> out_c.
@@ -75,6 +75,8 @@ bool lowrank_set_isa(const char* name);
 // test sets it low to run that path on small shapes, a benchmark high to time without it.
 int64_t lowrank_stream_bytes();
 void lowrank_set_stream_bytes(int64_t bytes);
+// Calls whose output was stored so, since the extension was loaded (for tests).
+int64_t lowrank_streamed_calls();
 
 namespace isa_avx512 {
 bool conv_channel(const LowRankConvArgs& a);

@@ -102,8 +102,7 @@ def test_model_rows_each_in_a_process_of_its_own():
     pids = [r["pid"] for r in rows]
     assert len(set(pids)) == 3 and os.getpid() not in pids
     with torch.random.fork_rng():
-        torch.manual_seed(0)
-        here = isolated.fingerprint(P.model_bundle(case, torch.Generator().manual_seed(0)))
+        here = isolated.fingerprint(P.seeded_bundle(case))
     for r in rows:
         assert ROW_KEYS <= set(r) and r["status"] == "ok", (r["provider"], r["reason"])
         assert r["rounds"] == 2 and r["repeats"] >= 2 * runner.MIN_REPEATS
@@ -115,12 +114,18 @@ def test_model_rows_each_in_a_process_of_its_own():
 
 
 def test_a_provider_whose_process_dies_is_a_failed_row():
+    from trp.benchmark import report
+
     case = C.ModelCase("resnet-nosuch", 16, 1, "cpu", torch.float32)
-    rows = runner.model_case_rows(case, ["dense_eager"], 0.01, _quiet, None, isolate=True)
-    assert rows[0]["status"] == "failed" and rows[0]["median_ms"] is None
-    assert rows[0]["reason"].startswith("its process exited with code 1: ValueError")
+    rows = runner.model_case_rows(case, ["dense_eager", "trp_eager"], 0.01, _quiet, None, isolate=True)
+    for r in rows:
+        assert r["status"] == "failed" and r["median_ms"] is None and r["macs"] == 0  # never counted
+        assert r["reason"].startswith("its process exited with code 1: ValueError")
+    assert "| resnet-nosuch @16 | 1 | – | dense_eager | failed" in report.markdown(rows, {}, "")
     with pytest.raises(ValueError, match="rounds must be >= 1, got 0"):
         runner.model_case_rows(case, ["dense_eager"], 0.01, _quiet, None, isolate=True, rounds=0)
+    with pytest.raises(ValueError, match="rounds must be >= 1 .* and 1 when isolate is False"):
+        runner.run("models", isolate=False, rounds=2, show_progress=False)
 
 
 def test_case_lists():

@@ -1,11 +1,13 @@
 """One model provider of one case, checked and timed in a process of its own.
 
 The suite's model rows are measured so by default (``python -m trp bench``; see
-:func:`trp.benchmark.runner.model_case_rows`): a user runs one model in a process, and a
-runtime that ran earlier in the same process leaves it slower even when its thread pool
-has gone idle. Measured on the 2-core AMD EPYC: trp.compile's ResNet-50 at batch 8 took
-1.3-1.4x as long after ONNX Runtime had run the dense model in the same process, slept
-1 s, and stopped spinning (benches/results/timing-method/isolation.txt).
+:func:`trp.benchmark.runner.model_case_rows`): a user runs one model in a process, and what
+ran earlier in the same process can change the next model's time even when its thread pool
+has gone idle. Measured on the 2-core AMD EPYC (benches/results/timing-method/isolation.txt):
+trp.compile's ResNet-50 at batch 8 ran 71-77 ms in each of 5 processes where ONNX Runtime
+had run the dense model first, and 50-74 ms alone (the time is bimodal from one process to
+the next); in the suite's one-process method, with ONNX Runtime and OpenVINO in the process,
+82-95 ms against 56 ms without them.
 
     python -m trp.benchmark.isolated < spec.json
 
@@ -59,10 +61,8 @@ def run_spec(s: dict) -> dict:
         fields["scheme"] = tuple(fields["scheme"])
     case = C.ModelCase(**fields)
     provider = s["provider"]
-    torch.manual_seed(s["seed"])  # the architectures' own initialisation draws from the global generator
-    bundle = P.model_bundle(case, torch.Generator().manual_seed(s["seed"]))
-    row = runner.make_row("models", case.name, provider, case, None, case.rank_rule, bundle["macs_dense"],
-                          bundle["macs_dense"] if provider.startswith("dense_") else bundle["macs"])
+    bundle = P.seeded_bundle(case, s["seed"])
+    row = runner.model_row(case, provider, bundle)
     row.update(pid=os.getpid(), fingerprint=fingerprint(bundle))
     fn = runner.prepare_checked(row, lambda: P.prepare_model(provider, case, bundle), bundle["ref"], s["tol"])
     times = []

@@ -280,6 +280,13 @@ def _build(name: str) -> nn.Module:
     return models.resnet_cifar(int(name[len("resnet"):]))
 
 
+def seeded_bundle(case: ModelCase, seed: int = 0) -> dict:
+    """:func:`model_bundle` built from ``seed`` alone: the global generator too (the
+    architectures draw their initial weights from it), so that any process builds the same."""
+    torch.manual_seed(seed)
+    return model_bundle(case, torch.Generator().manual_seed(seed))
+
+
 def model_bundle(case: ModelCase, generator: torch.Generator) -> dict:
     """The dense model (BN folded) with exact-rank layers (the channel scheme's 3×3 convs,
     or every layer the case's families take), its low-rank form run by the plain conv

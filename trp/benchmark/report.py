@@ -74,9 +74,10 @@ def _validate(rows, environment=None, command=None, *, check_env: bool = False) 
         if rank is not None and not _is_int(rank) and not (
                 isinstance(rank, (list, tuple)) and rank and all(_is_int(r) for r in rank)):
             raise TypeError(f"{where}: 'rank' must be an int, a list of ints (one per stage) or None, got {rank!r}")
-        for key in ("macs_dense", "macs"):
-            if not _is_int(row[key]) or row[key] <= 0:
-                raise ValueError(f"{where}: {key!r} must be a positive int, got {row[key]!r}")
+        for key in ("macs_dense", "macs"):  # 0: unknown, on a row whose process died before it counted them
+            if not _is_int(row[key]) or row[key] < (1 if row["status"] == "ok" else 0):
+                raise ValueError(f"{where}: {key!r} must be a positive int"
+                                 f"{'' if row['status'] == 'ok' else ' (or 0: unknown)'}, got {row[key]!r}")
         if row["status"] != "ok":
             continue
         for key in OK_KEYS:
@@ -147,7 +148,9 @@ def fmt_ms(v: float) -> str:
 
 
 def fmt_macs(n: int) -> str:
-    """MAC count in G, M or k with two decimals: 1.23G, 45.60M."""
+    """MAC count in G, M or k with two decimals: 1.23G, 45.60M; 0 (unknown) as a dash."""
+    if n == 0:
+        return DASH
     for scale, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
         if n >= scale:
             return f"{n / scale:.2f}{unit}"

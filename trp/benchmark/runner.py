@@ -140,24 +140,47 @@ def layer_case_rows(case: C.LayerCase, providers: Iterable[str], budget_s: float
     return rows
 
 
+CHILD_TIMEOUT_S = 1800  # building, checking and timing one provider of one case (torch.compile included)
+
+
 def _in_own_process(case: C.ModelCase, provider: str, budget_s: float, tol: Optional[float],
                     seed: int) -> tuple[dict, list]:
     """(row, call times in ms) of ``provider`` checked and timed in a new Python process
-    (:mod:`trp.benchmark.isolated`); a process that dies is a failed row saying how."""
+    (:mod:`trp.benchmark.isolated`); a process that dies or hangs before it reports is a
+    failed row saying how (its MACs unknown: 0)."""
     from trp.benchmark import isolated
 
     spec = isolated.spec(case, provider, budget_s, tol, seed, torch.get_num_threads())
-    proc = subprocess.run([sys.executable, "-m", "trp.benchmark.isolated"], input=json.dumps(spec),
-                          capture_output=True, text=True)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "trp.benchmark.isolated"], input=json.dumps(spec),
+                              capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        row = model_row(case, provider, None)
+        row.update(status="failed", reason=f"its process did not finish in {CHILD_TIMEOUT_S} s")
+        return row, []
     sys.stderr.write(proc.stderr)  # the provider's warnings and tracebacks, as in one process
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(isolated.RESULT_MARK)]
-    if proc.returncode == 0 and lines:
+    if lines:  # reported: a crash while the process shut down does not undo the measurement
         result = json.loads(lines[-1][len(isolated.RESULT_MARK):])
         return result["row"], result["times_ms"]
-    row = make_row("models", case.name, provider, case, None, case.rank_rule, 0, 0)
+    row = model_row(case, provider, None)
     last = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
     row.update(status="failed", reason=f"its process exited with code {proc.returncode}: {last}")
     return row, []
+
+
+def model_row(case: C.ModelCase, provider: str, bundle: Optional[dict]) -> dict:
+    """A model provider's row before it is checked: the bundle's MACs (dense for a dense_*
+    provider), or 0 (unknown) without a bundle."""
+    dense = provider.startswith("dense_")
+    macs_dense = bundle["macs_dense"] if bundle else 0
+    return make_row("models", case.name, provider, case, None, case.rank_rule, macs_dense,
+                    macs_dense if dense or not bundle else bundle["macs"])
+
+
+def model_tolerance(dense_err: Optional[float], dtype: torch.dtype) -> Optional[float]:
+    """A whole model's :func:`tolerance` from dense_eager's error: ~20-50 layers of rounding."""
+    return tolerance(dense_err, dtype, layers=10)
 
 
 def model_case_rows(case: C.ModelCase, providers: Iterable[str], budget_s: float, progress, g,
@@ -174,11 +197,9 @@ def model_case_rows(case: C.ModelCase, providers: Iterable[str], budget_s: float
     bundle = P.model_bundle(case, g)
     rows, fns, dense_err = [], {}, None
     for provider in providers:
-        is_dense = provider.startswith("dense_")
-        row = make_row("models", case.name, provider, case, None, case.rank_rule, bundle["macs_dense"],
-                   bundle["macs_dense"] if is_dense else bundle["macs"])
+        row = model_row(case, provider, bundle)
         progress(f"{case.name} b{case.batch} {provider}")
-        tol = tolerance(dense_err, case.dtype, layers=10)  # ~20-50 layers of rounding
+        tol = model_tolerance(dense_err, case.dtype)
         fn = prepare_checked(row, lambda: P.prepare_model(provider, case, bundle), bundle["ref"], tol)
         if fn is not None:
             fns[provider] = fn
@@ -194,25 +215,32 @@ def _isolated_rows(case: C.ModelCase, providers: list[str], budget_s: float, pro
                    seed: int) -> list[dict]:
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
-    # dense_eager's error sets the others' tolerance: it runs first
-    order = sorted(providers, key=lambda p: p != "dense_eager")
+    order = sorted(providers, key=lambda p: p != "dense_eager")  # its error sets the others' tolerance
     rows: dict[str, dict] = {}
     times: dict[str, list] = {p: [] for p in order}
-    tol = None
+    tol, built = None, None  # built: the fingerprint of the case as the first process built it
     for r in range(rounds):
         for provider in order:
             if r and rows[provider]["status"] != "ok":
                 continue  # skipped or failed: once is enough
             progress(f"{case.name} b{case.batch} {provider} (own process{f', round {r + 1}' if rounds > 1 else ''})")
             row, t = _in_own_process(case, provider, budget_s / rounds, tol, seed)
+            reason = row["reason"]
+            if row["status"] == "ok" and built is not None and row.get("fingerprint") != built:
+                reason = (f"its process built another case (fingerprint {row.get('fingerprint')!r}, the first "
+                          f"process's {built!r}); not pooled")
+            elif row["status"] != "ok" and r:
+                reason = f"round {r + 1}: {reason}"
+            if reason != row["reason"]:  # failed now: the round-1 row (its MACs) says why, untimed
+                rows[provider] = dict(rows.get(provider, row), status="failed", reason=reason)
+                times[provider] = []
+                continue
             if r == 0:
                 rows[provider] = row
                 if provider == "dense_eager" and row["max_rel_err"] is not None:
-                    tol = tolerance(row["max_rel_err"], case.dtype, layers=10)
-            elif row["status"] != "ok":  # a later round failed: the row says so, untimed
-                rows[provider] = row
-                times[provider] = []
-                continue
+                    tol = model_tolerance(row["max_rel_err"], case.dtype)
+            if row["status"] == "ok" and built is None:
+                built = row.get("fingerprint")
             times[provider] += t
     out = []
     for provider in providers:
@@ -245,6 +273,9 @@ def run(suite: str = "all", device: str = "cpu", quick: bool = False, json_path=
         raise ValueError(f"suite must be one of {(*SUITES, 'all')}, got {suite!r}")
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    if rounds < 1 or (rounds != 1 and not isolate):
+        raise ValueError(f"rounds must be >= 1 (processes per model provider), and 1 when isolate is False, "
+                         f"got rounds={rounds}, isolate={isolate}")
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device='cuda' but torch.cuda.is_available() is False")
     known = set(P.LAYER_PROVIDERS) | set(P.MODEL_PROVIDERS)
