@@ -111,27 +111,21 @@ LowRankConvArgs for_build(const LowRankConvArgs& a, int isa) {
     return b;
 }
 
+// One of the active build's kernels, on the call as that build takes it.
+bool run_active(bool (*Kernels::*kernel)(const LowRankConvArgs&), const LowRankConvArgs& a) {
+    const int isa = current().load();
+    return (kernels(isa).*kernel)(for_build(a, isa));
+}
+
 }  // namespace
 
 int64_t lowrank_stream_bytes() { return stream_bytes().load(); }
 void lowrank_set_stream_bytes(int64_t bytes) { stream_bytes().store(bytes < 0 ? 0 : bytes); }
 int64_t lowrank_streamed_calls() { return streamed().load(); }
 
-bool lowrank_conv_channel(const LowRankConvArgs& a) {
-    const int isa = current().load();
-    return kernels(isa).channel(for_build(a, isa));
-}
-bool lowrank_conv_spatial(const LowRankConvArgs& a) {
-    const int isa = current().load();
-    return kernels(isa).spatial(for_build(a, isa));
-}
-bool lowrank_conv_tucker(const LowRankConvArgs& a) {
-    const int isa = current().load();
-    return kernels(isa).tucker(for_build(a, isa));
-}
-bool lowrank_conv_dense(const LowRankConvArgs& a) {
-    const int isa = current().load();
-    return kernels(isa).dense(for_build(a, isa));
-}
+bool lowrank_conv_channel(const LowRankConvArgs& a) { return run_active(&Kernels::channel, a); }
+bool lowrank_conv_spatial(const LowRankConvArgs& a) { return run_active(&Kernels::spatial, a); }
+bool lowrank_conv_tucker(const LowRankConvArgs& a) { return run_active(&Kernels::tucker, a); }
+bool lowrank_conv_dense(const LowRankConvArgs& a) { return run_active(&Kernels::dense, a); }
 
 }  // namespace trp
