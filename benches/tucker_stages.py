@@ -1,6 +1,8 @@
 """The Tucker-2 layer 64->64 3x3 @56 with ranks (16, 16) at batch 8, stage by stage: each
 stage alone as the fused C++ kernel's one-stage (dense) form against PyTorch's oneDNN conv,
-and the fused three-stage kernel against the three oneDNN convs; hot, one process.
+and the fused three-stage kernel against the three oneDNN convs; hot, one process. Then the
+same MACs per pixel as the core (144) as one 1x1 stage of 16, 32 or 64 output channels: the
+register-blocked loop with one vector of columns against two.
 
     python benches/tucker_stages.py   (results: benches/results/cpu-layers-tucker-epyc-streaming/summary.txt)
 """
@@ -49,6 +51,15 @@ def main() -> None:
             a, b = _median_ms(ours), _median_ms(theirs)
             print(f"{name:22s} trp C++ {a:.3f} ms ({pixels * macs / a / 1e6:5.0f} GMAC/s)  oneDNN {b:.3f} ms "
                   f"({pixels * macs / b / 1e6:5.0f} GMAC/s)")
+        for cout in (16, 32, 64):
+            xi = torch.randn(batch, 144, 56, 56).contiguous(memory_format=cl)
+            w = torch.randn(cout, 144, 1, 1) * 0.1
+            lw = cpp.kernel_layout(w)
+            a = _median_ms(lambda: cpp.fused_chain(xi, [lw], None, "dense", *one))
+            b = _median_ms(lambda: F.conv2d(xi, w))
+            macs = pixels * 144 * cout
+            print(f"1x1 144->{cout:<3d}            trp C++ {a:.3f} ms ({macs / a / 1e6:5.0f} GMAC/s)  oneDNN {b:.3f} ms "
+                  f"({macs / b / 1e6:5.0f} GMAC/s)")
 
 
 if __name__ == "__main__":
