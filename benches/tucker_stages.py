@@ -6,24 +6,11 @@ register-blocked loop with one vector of columns against two.
 
     python benches/tucker_stages.py   (results: benches/results/cpu-layers-tucker-epyc-streaming/summary.txt)
 """
-import statistics
-import time
-
 import torch
 import torch.nn.functional as F
 
+from channel_stride_probe import _median_ms
 from trp_kernels import cpp
-
-
-def _median_ms(fn, calls=100, warmup=10):
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) * 1e3
 
 
 def main() -> None:
