@@ -1,5 +1,6 @@
-"""Two variants of one whole compiled model, in one process, call by call, the order
-alternating (same caches, same drift): what benches/kept_ab.py and streaming_ab.py share."""
+"""Two variants of one computation (a whole compiled model, a layer), in one process, call by
+call, the order alternating (same caches, same drift): what benches/kept_ab.py and
+streaming_ab.py share."""
 import statistics
 import time
 from typing import Callable
@@ -16,19 +17,27 @@ def resnet50_case(batch: int):
     return case, bundle["trp"], bundle["x"]
 
 
-def alternate(model, x, variants: dict[str, Callable[[], None]], calls: int) -> dict[str, list]:
-    """Call times (s) of ``model(x)`` under each of two variants, ``variants[name]()`` switching
-    to it before each call; the pair's order swaps every round."""
+def alternate(call: Callable[[], object], variants: dict[str, Callable[[], None]], calls: int,
+              warmup: int = 0) -> dict[str, list]:
+    """Times (s) of ``call()`` under each of two variants, ``variants[name]()`` switching to it
+    before each call; the pair's order swaps every round; the first ``warmup`` rounds untimed."""
     a, b = variants
     times = {a: [], b: []}
     with torch.inference_mode():
-        for i in range(calls):
+        for i in range(warmup + calls):
             for name in ((a, b) if i % 2 else (b, a)):
                 variants[name]()
                 t0 = time.perf_counter()
-                model(x)
-                times[name].append(time.perf_counter() - t0)
+                call()
+                if i >= warmup:
+                    times[name].append(time.perf_counter() - t0)
     return times
+
+
+def pair_ratio(times: dict[str, list]) -> float:
+    """The median of the per-pair ratios, first variant / second."""
+    a, b = times
+    return statistics.median(p / q for p, q in zip(times[a], times[b]))
 
 
 def report(times: dict[str, list]) -> None:
@@ -36,6 +45,5 @@ def report(times: dict[str, list]) -> None:
     a, b = times
     for name, t in times.items():
         print(f"  {name:8s} median {statistics.median(t) * 1e3:.3f} ms")
-    ratio = statistics.median(p / q for p, q in zip(times[a], times[b]))
-    print(f"  {a} / {b}, median of per-pair ratios: {ratio:.3f}")
+    print(f"  {a} / {b}, median of per-pair ratios: {pair_ratio(times):.3f}")
     print(f"  torch {torch.__version__}, {torch.get_num_threads()} threads")

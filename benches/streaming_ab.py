@@ -10,11 +10,10 @@ process, call by call, the order alternating (same caches, same drift).
 """
 import argparse
 import statistics
-import time
 
 import torch
 
-from model_ab import alternate, report, resnet50_case
+from model_ab import alternate, pair_ratio, report, resnet50_case
 from trp_kernels import cpp
 
 
@@ -36,13 +35,16 @@ def main() -> None:
         return
     case, model, x = resnet50_case(args.batch)
     try:
-        times = alternate(model, x, {"streamed": lambda: lib.set_stream_bytes(threshold),
-                                     "cached": lambda: lib.set_stream_bytes(0)}, args.calls)
+        times = alternate(lambda: model(x), switch(lib, threshold), args.calls)
     finally:
         lib.set_stream_bytes(default)
     print(f"{case.name} batch {args.batch}: outputs of >= {threshold} bytes streamed, or none; "
           f"{args.calls} calls each, alternating")
     report(times)
+
+
+def switch(lib, threshold: int) -> dict:
+    return {"streamed": lambda: lib.set_stream_bytes(threshold), "cached": lambda: lib.set_stream_bytes(0)}
 
 
 def layers(lib, threshold: int, batch: int, calls: int) -> None:
@@ -52,18 +54,11 @@ def layers(lib, threshold: int, batch: int, calls: int) -> None:
     for case in A.CASES:
         x, ws, bias, r, out = t = A._tensors(case, batch)
         plan = A._plan(lib, case, t)
-        times = {"streamed": [], "cached": []}
-        for i in range(calls + 5):
-            for name in (("streamed", "cached") if i % 2 else ("cached", "streamed")):
-                lib.set_stream_bytes(threshold if name == "streamed" else 0)
-                t0 = time.perf_counter()
-                plan.run(x.data_ptr(), out.data_ptr(), 0 if r is None else r.data_ptr(), torch.get_num_threads())
-                if i >= 5:
-                    times[name].append(time.perf_counter() - t0)
-        ratio = statistics.median(a / b for a, b in zip(times["streamed"], times["cached"]))
+        times = alternate(lambda: plan.run(x.data_ptr(), out.data_ptr(), 0 if r is None else r.data_ptr(),
+                                           torch.get_num_threads()), switch(lib, threshold), calls, warmup=5)
         print(f"{case[0]:26s} b{batch} output {out.numel() * 4 / 1e6:5.1f} MB  streamed "
               f"{statistics.median(times['streamed']) * 1e3:.3f}  cached {statistics.median(times['cached']) * 1e3:.3f} ms"
-              f"  streamed/cached {ratio:.3f}")
+              f"  streamed/cached {pair_ratio(times):.3f}")
 
 
 if __name__ == "__main__":

@@ -447,8 +447,14 @@ PYBIND11_MODULE(_C, m) {
           py::arg("name"), "Switch the fused kernels to another build; False if unavailable here.");
     m.def("stream_bytes", &trp::lowrank_stream_bytes,
           "Outputs of at least this many bytes are written past the caches (streaming stores).");
-    m.def("set_stream_bytes", &trp::lowrank_set_stream_bytes, py::arg("bytes"),
-          "Set that threshold (0: never stream). For tests and benchmarks.");
+    m.def("set_stream_bytes",
+          [](int64_t bytes) {
+              if (bytes < 0)
+                  throw py::value_error("set_stream_bytes: bytes must be >= 0 (0: never stream), got " +
+                                        std::to_string(bytes));
+              trp::lowrank_set_stream_bytes(bytes);
+          },
+          py::arg("bytes"), "Set that threshold (0: never stream). For tests and benchmarks.");
     m.def("streamed_calls", &trp::lowrank_streamed_calls,
           "Kernel calls whose output was stored past the caches, since the extension was loaded.");
     m.def("conv2d_direct", &conv2d_direct, py::arg("input"), py::arg("weight"),

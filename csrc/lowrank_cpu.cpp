@@ -120,7 +120,7 @@ bool run_active(bool (*Kernels::*kernel)(const LowRankConvArgs&), const LowRankC
 }  // namespace
 
 int64_t lowrank_stream_bytes() { return stream_bytes().load(); }
-void lowrank_set_stream_bytes(int64_t bytes) { stream_bytes().store(bytes < 0 ? 0 : bytes); }
+void lowrank_set_stream_bytes(int64_t bytes) { stream_bytes().store(bytes); }
 int64_t lowrank_streamed_calls() { return streamed().load(); }
 
 bool lowrank_conv_channel(const LowRankConvArgs& a) { return run_active(&Kernels::channel, a); }

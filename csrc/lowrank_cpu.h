@@ -70,9 +70,10 @@ const char* lowrank_isa();
 // Switch to the named build ("generic", "avx2", "avx512"); false if this CPU (or this
 // build of the extension) lacks it. For tests.
 bool lowrank_set_isa(const char* name);
-// Outputs of at least this many bytes are written by streaming stores, past the caches
-// (lowrank_kernels.inc, streams(): why, and what it bought). The default is measured; a
-// test sets it low to run that path on small shapes, a benchmark high to time without it.
+// Outputs of at least this many bytes (0: none) are written by streaming stores, past the
+// caches (lowrank_cpu.cpp, for_build: when, why, and what it bought). The default is
+// measured; a test sets it low to run that path on small shapes, a benchmark to 0 to time
+// without it.
 int64_t lowrank_stream_bytes();
 void lowrank_set_stream_bytes(int64_t bytes);
 // Calls whose output was stored so, since the extension was loaded (for tests).

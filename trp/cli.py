@@ -137,6 +137,9 @@ def bench(args: argparse.Namespace) -> dict:
     from trp.benchmark import runner
 
     command = "python -m trp " + " ".join(args.argv)
+    if args.one_process and args.rounds != 1:
+        raise UsageError(f"--rounds {args.rounds} counts processes per model provider; with --one-process there is "
+                         f"one process: drop one of the two")
     payload = runner.run(args.suite, args.device, args.quick, args.json, args.out, args.threads,
                          args.providers, args.select, args.budget, command, isolate=not args.one_process,
                          rounds=args.rounds)

@@ -32,6 +32,14 @@ def test_module_entry_point_and_bad_arguments():
     assert run.returncode == 2 and "invalid choice: 'kernels'" in run.stderr
 
 
+def test_bench_rounds_need_processes_of_their_own(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--suite", "models", "--quick", "--one-process", "--rounds", "2"])
+    assert exit_info.value.code == 2
+    assert "--rounds 2 counts processes per model provider; with --one-process there is one process" in \
+        capsys.readouterr().err
+
+
 def test_no_command_is_an_error():
     with pytest.raises(SystemExit):
         main([])

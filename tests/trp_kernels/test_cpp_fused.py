@@ -162,8 +162,8 @@ def stream_bytes(request):
 
 
 # Outputs whose channels are whole AVX-512 vectors (and so AVX2 and portable ones): with the
-# threshold at one byte every such output is stored past the caches (`streams` in
-# csrc/lowrank_kernels.inc; the portable build has no streaming store and stores as usual);
+# threshold at one byte every such output is stored past the caches (`for_build` in
+# csrc/lowrank_cpu.cpp; the portable build has no streaming store and stores as usual);
 # out_c 40 streams with AVX2 only (its last 8 channels a one-vector sliver), and with
 # AVX-512 takes the tail sliver, unstreamed. The per-thread tiles, the split path of few
 # pixels, and several Tucker bands.
@@ -192,11 +192,9 @@ def test_the_streaming_threshold_is_a_setting_of_the_extension():
     lib = cpp._require()
     default = lib.stream_bytes()
     assert default == 4_000_000  # the measured choice (benches/results/streaming-stores.txt)
-    try:
+    with pytest.raises(ValueError, match=r"set_stream_bytes: bytes must be >= 0 \(0: never stream\), got -5"):
         lib.set_stream_bytes(-5)
-        assert lib.stream_bytes() == 0  # never
-    finally:
-        lib.set_stream_bytes(default)
+    assert lib.stream_bytes() == default
 
 
 @pytest.mark.parametrize("kind", helpers.CHAIN_KINDS)
