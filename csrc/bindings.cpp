@@ -457,6 +457,8 @@ PYBIND11_MODULE(_C, m) {
           py::arg("bytes"), "Set that threshold (0: never stream). For tests and benchmarks.");
     m.def("streamed_calls", &trp::lowrank_streamed_calls,
           "Kernel calls whose output was stored past the caches, since the extension was loaded.");
+    m.def("flat_tucker_calls", &trp::lowrank_flat_tucker_calls,
+          "Tucker kernel calls that took the stride-1 path (padded band buffer), since the extension was loaded.");
     m.def("conv2d_direct", &conv2d_direct, py::arg("input"), py::arg("weight"),
           py::arg("bias").none(true), py::arg("stride"), py::arg("padding"),
           py::arg("dilation"),

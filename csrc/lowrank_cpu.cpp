@@ -123,6 +123,15 @@ int64_t lowrank_stream_bytes() { return stream_bytes().load(); }
 void lowrank_set_stream_bytes(int64_t bytes) { stream_bytes().store(bytes); }
 int64_t lowrank_streamed_calls() { return streamed().load(); }
 
+namespace {
+std::atomic<int64_t>& flat_tucker() {
+    static std::atomic<int64_t> calls{0};
+    return calls;
+}
+}  // namespace
+int64_t lowrank_flat_tucker_calls() { return flat_tucker().load(); }
+void lowrank_count_flat_tucker() { flat_tucker().fetch_add(1, std::memory_order_relaxed); }
+
 bool lowrank_conv_channel(const LowRankConvArgs& a) { return run_active(&Kernels::channel, a); }
 bool lowrank_conv_spatial(const LowRankConvArgs& a) { return run_active(&Kernels::spatial, a); }
 bool lowrank_conv_tucker(const LowRankConvArgs& a) { return run_active(&Kernels::tucker, a); }

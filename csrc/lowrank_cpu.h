@@ -78,6 +78,11 @@ int64_t lowrank_stream_bytes();
 void lowrank_set_stream_bytes(int64_t bytes);
 // Calls whose output was stored so, since the extension was loaded (for tests).
 int64_t lowrank_streamed_calls();
+// Tucker calls that ran the stride-1 kernel with the padded band buffer (lowrank_kernels.inc,
+// tucker_flat), since the extension was loaded (for tests: which layers take it), and the
+// count's increment, called by that kernel.
+int64_t lowrank_flat_tucker_calls();
+void lowrank_count_flat_tucker();
 
 namespace isa_avx512 {
 bool conv_channel(const LowRankConvArgs& a);

@@ -130,6 +130,68 @@ def test_chain_grid(shape, layout, epilogue, kind, threads, isa):
     assert out.is_contiguous(memory_format=torch.channels_last)
 
 
+def flat_rank_pairs(vl):
+    """Tucker rank pairs (first 1x1, core) whose padded widths are 1-4 vectors and 1-2
+    vectors of a build with ``vl`` floats a vector: every instantiation of the stride-1
+    Tucker kernel (``tucker_flat`` in csrc/lowrank_kernels.inc), each width both whole and
+    padded. ``helpers.chain_case`` ties the core's rank to the first's and so reaches few."""
+    return [(vl * ldv - ldv % 2, vl * nv - (3 if nv == 1 else 0)) for ldv in (1, 2, 3, 4) for nv in (1, 2)]
+
+
+# Stride-1 geometries (kernel, dilation, padding): 3-tap kernel rows one pixel apart (run a
+# kernel row at a time), dilated rows, other kernel rows (tap by tap), one-sided padding
+# and none; 27 output columns take every row-block size (14 + 7 + 4 + 2, 7 * 3 + 4 + 2, ...).
+FLAT_GEOMETRIES = [
+    ((3, 3), (1, 1), 1),
+    ((3, 3), (2, 1), (2, 2, 1, 1)),
+    ((3, 5), (1, 2), "same"),
+    ((5, 3), (1, 1), (0, 1, 2, 1)),
+    ((1, 1), (1, 1), 0),
+    ((3, 3), (1, 1), "valid"),
+]
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("geometry", FLAT_GEOMETRIES, ids=[f"g{i}" for i in range(len(FLAT_GEOMETRIES))])
+@pytest.mark.parametrize("pair", range(8))
+def test_tucker_stride_one_kernel(pair, geometry, batch, threads, isa):
+    """The stride-1 Tucker kernel for every rank width it is built for, every kind of
+    kernel row, and one or several bands of rows per image; the call counter proves that
+    path ran."""
+    lib = cpp._require()
+    r1, r2 = flat_rank_pairs(lib.vector_width())[pair]
+    kernel, dilation, padding = geometry
+    torch.manual_seed(pair)
+    x = helpers.make_input((batch, 13, 11, 27 + 2 * (kernel[1] // 2) * dilation[1]), "channels_last")
+    weights = [torch.randn(r1, 13, 1, 1) / 13 ** 0.5, torch.randn(r2, r1, *kernel) / (r1 * kernel[0] * kernel[1]) ** 0.5,
+               torch.randn(20, r2, 1, 1) / r2 ** 0.5]
+    pad4 = reference.resolve_padding(padding, kernel, dilation)
+    hw_out = reference.conv_output_hw(x.shape[2:], kernel, (1, 1), pad4, dilation)
+    residual = helpers.make_input((batch, 20, *hw_out), "channels_last")
+    before = lib.flat_tucker_calls()
+    check_chain("tucker", x, weights, torch.randn(20), residual, ((1, 1), pad4, dilation), True)
+    assert lib.flat_tucker_calls() - before == 3
+
+
+def test_tucker_stride_one_kernel_bands_and_other_layers():
+    """Several bands of one image for the band buffer (not only for the threads); the
+    layers that do not take the stride-1 kernel (a stride, a core too wide) do not."""
+    lib = cpp._require()
+    before = lib.flat_tucker_calls()
+    x, w, b, res, geometry, relu = helpers.chain_case("tucker", 1, 4, 6, (700, 40), (3, 3), 3, (1, 1), (1, 1), 1,
+                                                      "channels_last", "residual_relu")
+    check_chain("tucker", x, w, b, res, geometry, relu)  # 700 rows of 42 x (3 -> 1 vector) floats: 2+ bands
+    assert lib.flat_tucker_calls() - before == 3
+    vl = lib.vector_width()
+    for stride, rank in [((2, 1), 3), ((1, 2), 3), ((1, 1), 4 * vl + 1), ((1, 1), 2 * vl)]:  # rank + 5: core too wide
+        before = lib.flat_tucker_calls()
+        check_chain("tucker", *helpers.chain_case("tucker", 1, 6, 5, (9, 11), (3, 3), rank, stride, (1, 1), 1,
+                                                  "channels_last", "bias"))
+        assert lib.flat_tucker_calls() == before, (stride, rank)
+
+
 # Pixels 4 or 8 KiB apart (1024 or 2048 input channels, NHWC): a row block's reads all fall
 # in one L1 set, and the kernels run those rows in blocks of MR / 2 (`crowded` in
 # csrc/lowrank_kernels.inc; AVX-512's MR of 12 only): its 6-row blocks, their 4- and 1-3-row
