@@ -40,6 +40,7 @@ CASES = [
     ("tucker 64 r16 @56", 64, (16, 16), 64, 56, 3, 1, False, "tucker"),
     ("tucker 64 r32 @56", 64, (32, 32), 64, 56, 3, 1, False, "tucker"),
     ("tucker 128 r32 @28", 128, (32, 32), 128, 28, 3, 1, False, "tucker"),
+    ("tucker 128 r64 @28", 128, (64, 64), 128, 28, 3, 1, False, "tucker"),
     ("tucker 256 r64 @14", 256, (64, 64), 256, 14, 3, 1, False, "tucker"),
     ("tucker 512 r128 @7", 512, (128, 128), 512, 7, 3, 1, False, "tucker"),
     ("tucker 128 r32 @28 s2", 128, (32, 32), 128, 28, 3, 2, False, "tucker"),

@@ -50,11 +50,11 @@ for isa in ("avx512", "avx2", "generic"):
                         out = cpp.fused_chain(x, k, bias, kind, st, pad, dil, res, True)
                         assert (out - exp).abs().max() <= 1e-4 * exp.abs().max(), (isa, kind, b, c)
                 n += 1
-        # The stride-1 Tucker kernel (tucker_flat): every rank width it is built for (first
-        # 1x1 of 1-4 vectors, core of 1-2), a kernel row at a time, tap by tap, one-sided
+        # The stride-1 Tucker kernel (tucker_flat): every first-rank width it is built for
+        # (1-4 vectors), cores of 1-3 vectors, a kernel row at a time, tap by tap, one-sided
         # padding; its reads reach the band buffer's last pixel.
         vl = mod.vector_width()
-        for r1, r2 in [(vl * ldv - ldv % 2, vl * nv - (3 if nv == 1 else 0)) for ldv in (1, 2, 3, 4) for nv in (1, 2)]:
+        for r1, r2 in [(vl * ldv - ldv % 2, r2) for ldv in (1, 2, 3, 4) for r2 in (vl - 3, 2 * vl, 3 * vl - 1)]:
             for kernel, dil, pad in [((3, 3), (1, 1), (1, 1, 1, 1)), ((5, 3), (1, 1), (0, 1, 2, 1)), ((3, 5), (1, 2), (1, 1, 4, 4))]:
                 x = torch.randn(2, 5, 7, 17).contiguous(memory_format=torch.channels_last)
                 ws = [torch.randn(r1, 5, 1, 1), torch.randn(r2, r1, *kernel), torch.randn(6, r2, 1, 1)]

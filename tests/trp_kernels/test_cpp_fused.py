@@ -131,11 +131,12 @@ def test_chain_grid(shape, layout, epilogue, kind, threads, isa):
 
 
 def flat_rank_pairs(vl):
-    """Tucker rank pairs (first 1x1, core) whose padded widths are 1-4 vectors and 1-2
-    vectors of a build with ``vl`` floats a vector: every instantiation of the stride-1
-    Tucker kernel (``tucker_flat`` in csrc/lowrank_kernels.inc), each width both whole and
-    padded. ``helpers.chain_case`` ties the core's rank to the first's and so reaches few."""
-    return [(vl * ldv - ldv % 2, vl * nv - (3 if nv == 1 else 0)) for ldv in (1, 2, 3, 4) for nv in (1, 2)]
+    """Tucker rank pairs (first 1x1, core) for a build with ``vl`` floats a vector: the first
+    1x1 1-4 vectors wide (every instantiation of the stride-1 Tucker kernel, ``tucker_flat``
+    in csrc/lowrank_kernels.inc), the core 1-4 (its column slivers: one, two, two and one
+    partly padded, two and two), each both whole and padded. ``helpers.chain_case`` ties the
+    core's rank to the first's and so reaches few."""
+    return [(vl * ldv - ldv % 2, r2) for ldv in (1, 2, 3, 4) for r2 in (vl - 3, 2 * vl, 3 * vl - 1, 4 * vl)]
 
 
 # Stride-1 geometries (kernel, dilation, padding): 3-tap kernel rows one pixel apart (run a
@@ -155,9 +156,9 @@ FLAT_GEOMETRIES = [
 @pytest.mark.parametrize("threads", [1, 2], indirect=True)
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("geometry", FLAT_GEOMETRIES, ids=[f"g{i}" for i in range(len(FLAT_GEOMETRIES))])
-@pytest.mark.parametrize("pair", range(8))
+@pytest.mark.parametrize("pair", range(16))
 def test_tucker_stride_one_kernel(pair, geometry, batch, threads, isa):
-    """The stride-1 Tucker kernel for every rank width it is built for, every kind of
+    """The stride-1 Tucker kernel for every first-rank width it is built for, every kind of
     kernel row, and one or several bands of rows per image; the call counter proves that
     path ran."""
     lib = cpp._require()
@@ -177,7 +178,7 @@ def test_tucker_stride_one_kernel(pair, geometry, batch, threads, isa):
 
 def test_tucker_stride_one_kernel_bands_and_other_layers():
     """Several bands of one image for the band buffer (not only for the threads); the
-    layers that do not take the stride-1 kernel (a stride, a core too wide) do not."""
+    layers that do not take the stride-1 kernel (a stride, a first rank too wide) do not."""
     lib = cpp._require()
     before = lib.flat_tucker_calls()
     x, w, b, res, geometry, relu = helpers.chain_case("tucker", 1, 4, 6, (700, 40), (3, 3), 3, (1, 1), (1, 1), 1,
@@ -185,7 +186,7 @@ def test_tucker_stride_one_kernel_bands_and_other_layers():
     check_chain("tucker", x, w, b, res, geometry, relu)  # 700 rows of 42 x (3 -> 1 vector) floats: 2+ bands
     assert lib.flat_tucker_calls() - before == 3
     vl = lib.vector_width()
-    for stride, rank in [((2, 1), 3), ((1, 2), 3), ((1, 1), 4 * vl + 1), ((1, 1), 2 * vl)]:  # rank + 5: core too wide
+    for stride, rank in [((2, 1), 3), ((1, 2), 3), ((1, 1), 4 * vl + 1)]:
         before = lib.flat_tucker_calls()
         check_chain("tucker", *helpers.chain_case("tucker", 1, 6, 5, (9, 11), (3, 3), rank, stride, (1, 1), 1,
                                                   "channels_last", "bias"))
