@@ -141,7 +141,9 @@ def flat_rank_pairs(vl):
 
 # Stride-1 geometries (kernel, dilation, padding): 3-tap kernel rows one pixel apart (run a
 # kernel row at a time), dilated rows, other kernel rows (tap by tap), one-sided padding
-# and none; 27 output columns take every row-block size (14 + 7 + 4 + 2, 7 * 3 + 4 + 2, ...).
+# and none. Output rows of 27, 29 and 31 columns take every row-block size: 14 + 7 + 4 + 2,
+# 14 + 14 + 1 and 14 + 14 + 3 with AVX-512's one-vector blocks of 14; 7 * 3 + 4 + 2,
+# 7 * 4 + 1, 7 * 4 + 3 with blocks of 7; 4 * 6 + 3, 4 * 7 + 1, 4 * 7 + 3 with blocks of 4.
 FLAT_GEOMETRIES = [
     ((3, 3), (1, 1), 1),
     ((3, 3), (2, 1), (2, 2, 1, 1)),
@@ -155,9 +157,10 @@ FLAT_GEOMETRIES = [
 @pytest.mark.parametrize("isa", ISAS, indirect=True)
 @pytest.mark.parametrize("threads", [1, 2], indirect=True)
 @pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("out_w", [27, 29, 31])
 @pytest.mark.parametrize("geometry", FLAT_GEOMETRIES, ids=[f"g{i}" for i in range(len(FLAT_GEOMETRIES))])
 @pytest.mark.parametrize("pair", range(16))
-def test_tucker_stride_one_kernel(pair, geometry, batch, threads, isa):
+def test_tucker_stride_one_kernel(pair, geometry, out_w, batch, threads, isa):
     """The stride-1 Tucker kernel for every first-rank width it is built for, every kind of
     kernel row, and one or several bands of rows per image; the call counter proves that
     path ran."""
@@ -165,11 +168,13 @@ def test_tucker_stride_one_kernel(pair, geometry, batch, threads, isa):
     r1, r2 = flat_rank_pairs(lib.vector_width())[pair]
     kernel, dilation, padding = geometry
     torch.manual_seed(pair)
-    x = helpers.make_input((batch, 13, 11, 27 + 2 * (kernel[1] // 2) * dilation[1]), "channels_last")
+    pad4 = reference.resolve_padding(padding, kernel, dilation)
+    in_w = out_w + (kernel[1] - 1) * dilation[1] - pad4[2] - pad4[3]  # stride 1
+    x = helpers.make_input((batch, 13, 11, in_w), "channels_last")
     weights = [torch.randn(r1, 13, 1, 1) / 13 ** 0.5, torch.randn(r2, r1, *kernel) / (r1 * kernel[0] * kernel[1]) ** 0.5,
                torch.randn(20, r2, 1, 1) / r2 ** 0.5]
-    pad4 = reference.resolve_padding(padding, kernel, dilation)
     hw_out = reference.conv_output_hw(x.shape[2:], kernel, (1, 1), pad4, dilation)
+    assert hw_out[1] == out_w
     residual = helpers.make_input((batch, 20, *hw_out), "channels_last")
     before = lib.flat_tucker_calls()
     check_chain("tucker", x, weights, torch.randn(20), residual, ((1, 1), pad4, dilation), True)
