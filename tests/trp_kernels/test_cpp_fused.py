@@ -198,6 +198,27 @@ def test_tucker_stride_one_kernel_bands_and_other_layers():
         assert lib.flat_tucker_calls() == before, (stride, rank)
 
 
+# 1x1 layers with enough pixels for the per-thread tiles, input pixels not crowding an L1
+# set: the first factor reads its rows by a stride (micro_strided in csrc/lowrank_kernels.inc).
+# Ranks of one vector and less, two, and two and a padded one, for every build; a tile's
+# row blocks of MR, 4 and 1-3; 1024 channels (crowded) go by row pointers.
+STRIDED_SHAPES = [
+    (2, 40, 33, (15, 17), (1, 1), 5, (1, 1), (1, 1), 0),
+    (1, 64, 24, (30, 31), (1, 1), 16, (1, 1), (1, 1), 0),
+    (3, 17, 50, (9, 23), (1, 1), 27, (1, 1), (1, 1), 0),
+    (1, 200, 8, (20, 21), (1, 1), 40, (1, 1), (1, 1), 0),
+    (1, 1024, 8, (17, 15), (1, 1), 12, (1, 1), (1, 1), 0),
+]
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
+@pytest.mark.parametrize("epilogue", helpers.EPILOGUES)
+@pytest.mark.parametrize("shape", STRIDED_SHAPES, ids=[f"p{i}" for i in range(len(STRIDED_SHAPES))])
+def test_pointwise_first_factor_by_stride(shape, epilogue, threads, isa):
+    check(conv_case("channel", *shape, "channels_last", epilogue))
+
+
 # Pixels 4 or 8 KiB apart (1024 or 2048 input channels, NHWC): a row block's reads all fall
 # in one L1 set, and the kernels run those rows in blocks of MR / 2 (`crowded` in
 # csrc/lowrank_kernels.inc; AVX-512's MR of 12 only): its 6-row blocks, their 4- and 1-3-row
