@@ -2,8 +2,8 @@
 Runtime running the same factor convs and epilogue: each distinct low-rank layer (one of each shape, ranks,
 family, stride and epilogue) on the input and residual it gets in the model (captured by forward hooks),
 hot. trp: the compiled module's call (its Python included) and its kernel alone (cpp.fused_chain on the
-kernel-layout weights); ONNX Runtime: the layer's chain (trp_kernels.reference.conv_chain: plain convs, the
-bias, + residual, ReLU) exported as the model suite's lowrank_ort provider exports a model. Every trp
+kernel-layout weights); ONNX Runtime: the same layer of the bundle's plain-conv model (its factor convs, the
+bias, + residual, ReLU) exported as the model suite's lowrank_ort provider exports that model. Every trp
 timing runs before the first ORT session exists, so ORT's spinning thread pool never overlaps trp's calls.
 
     python benches/layers_vs_ort.py [batch]   (results: benches/results/ort-layers/)
@@ -12,12 +12,14 @@ import statistics
 import sys
 import time
 
+import onnxruntime as ort
 import torch
-import torch.nn as nn
 
-from trp.benchmark import cases as C, providers as P
+from model_ab import resnet50_bundle
+from ort_layers import ort_runs
+from trp.benchmark import providers as P
 from trp.modules import LowRankConv2d
-from trp_kernels import cpp, ops, reference
+from trp_kernels import cpp, ops
 
 
 def median_ms(fn, budget_s: float = 0.5, min_calls: int = 20) -> float:
@@ -31,65 +33,21 @@ def median_ms(fn, budget_s: float = 0.5, min_calls: int = 20) -> float:
     return statistics.median(ts) * 1e3
 
 
-class Chain(nn.Module):
-    """A low-rank layer as plain convs (what ONNX Runtime gets)."""
-
-    def __init__(self, mod: LowRankConv2d):
-        super().__init__()
-        self.weights = nn.ParameterList([nn.Parameter(w.detach().clone()) for w in mod.stage_weights()])
-        self.bias = None if mod.bias is None else nn.Parameter(mod.bias.detach().clone())
-        self.geometry = (mod._strides, mod._paddings, mod._dilations)
-        self.relu = mod.relu
-
-    def forward(self, x, residual=None):
-        return reference.conv_chain(x, list(self.weights), *self.geometry, self.bias, residual, self.relu)
-
-
-def ort_nodes_ms(model_bytes: bytes, feed: dict, runs: int = 60) -> float:
-    """The median over runs of ONNX Runtime's node times (its profiler) for one call, its
-    layout reorders left out: what the layer's convs cost inside a model, where ORT converts
-    to and from its blocked layout once, and without session.run's own time."""
-    import json
-    import os
-    import tempfile
-
-    import onnxruntime as ort
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.enable_profiling = True
-    options.profile_file_prefix = os.path.join(tempfile.mkdtemp(), "ort")
-    session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
-    for _ in range(5):
-        session.run(None, feed)
-    for _ in range(runs):
-        session.run(None, feed)
-    events = json.load(open(session.end_profiling()))
-    # Node events in order; a run's nodes are the same each run: split them evenly.
-    nodes = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
-    k = len(nodes) // (runs + 5)
-    totals = []
-    for r in range(5, runs + 5):
-        group = nodes[r * k:(r + 1) * k]
-        totals.append(sum(e["dur"] for e in group if not e["args"].get("op_name", "").startswith("Reorder")) / 1e3)
-    return statistics.median(totals)
-
-
 def main() -> None:
     batch = int(sys.argv[1]) if len(sys.argv) > 1 else 1
-    case = C.ModelCase("resnet50", 224, batch, "cpu", torch.float32, scheme=("tucker", "pointwise"))
-    b = P.model_bundle(case, torch.Generator().manual_seed(0))
+    _, b = resnet50_bundle(batch)
     model, x = b["trp"], b["x"]
     seen, layers = set(), []
-    captured = {}
+    captured, handles = {}, []
     for name, mod in model.named_modules():
         if isinstance(mod, LowRankConv2d):
             def hook(m, args, kwargs, out, name=name):
                 captured[name] = (args[0], kwargs.get("residual", args[1] if len(args) > 1 else None))
-            mod.register_forward_hook(hook, with_kwargs=True)
+            handles.append(mod.register_forward_hook(hook, with_kwargs=True))
     with torch.inference_mode():
         model(x)
+    for h in handles:
+        h.remove()
     for name, mod in model.named_modules():
         if name not in captured:
             continue
@@ -99,8 +57,6 @@ def main() -> None:
         if key not in seen:
             seen.add(key)
             layers.append((name, mod, xi, res))
-    for _, mod, _, _ in layers:
-        mod._forward_hooks.clear()
 
     rows = []
     with torch.inference_mode():
@@ -111,19 +67,20 @@ def main() -> None:
             t_mod = median_ms(lambda: mod(xi, residual=res) if res is not None else mod(xi))
             t_kernel = median_ms(lambda: cpp.fused_chain(xi, laid, mod.bias, *kernel, res, mod.relu))
             rows.append([name, mod, xi, res, t_mod, t_kernel])
-    import onnxruntime as ort  # noqa: E402 - only now: no ORT thread pool during trp's calls
-    for row in rows:
+    for row in rows:  # then ORT (its sessions made only now: no ORT pool spins during trp's calls)
         name, mod, xi, res = row[:4]
-        chain = Chain(mod).eval()
+        plain = b["lowrank"].get_submodule(name)  # the same layer as plain convs, as lowrank_ort exports it
         args = (xi.contiguous(),) if res is None else (xi.contiguous(), res.contiguous())
-        buf = __import__("io").BytesIO()
-        with torch.no_grad():
-            torch.onnx.export(chain, args, dynamo=True, verbose=False).save(buf)
-        session = P._ort_session(buf.getvalue())
+        data = P._onnx_bytes(plain, *args)
+        session = P._ort_session(data)
         feed = {i.name: a.numpy() for i, a in zip(session.get_inputs(), args)}
         row.append(median_ms(lambda: session.run(None, feed)))
         del session
-        row.append(ort_nodes_ms(buf.getvalue(), feed))
+        # Node times without the layout reorders: inside a model ORT converts to and from
+        # its blocked layout once, and session.run's own time is paid once a model.
+        runs = ort_runs(data, args, 60, warmup=5)
+        row.append(statistics.median(sum(e["dur"] for e in nodes if not e["args"].get("op_name", "").startswith("Reorder"))
+                                     / 1e3 for _, nodes in runs))
     print(f"ResNet-50 @224 tucker+pointwise ratio=0.25, batch {batch}, {torch.get_num_threads()} threads, each distinct "
           f"low-rank layer on its input from the model, hot; torch {torch.__version__}, onnxruntime {ort.__version__}")
     print("module: trp.compile's module call; kernel: cpp.fused_chain alone; ORT run: session.run (with its own "

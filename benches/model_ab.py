@@ -10,10 +10,15 @@ import torch
 from trp.benchmark import cases as C, providers as P
 
 
+def resnet50_bundle(batch: int):
+    """The benchmark's ResNet-50 tucker+pointwise case and its bundle (providers.seeded_bundle)."""
+    case = C.ModelCase("resnet50", 224, batch, "cpu", torch.float32, scheme=("tucker", "pointwise"))
+    return case, P.seeded_bundle(case)
+
+
 def resnet50_case(batch: int):
     """The model and input of the benchmark's ResNet-50 tucker+pointwise case."""
-    case = C.ModelCase("resnet50", 224, batch, "cpu", torch.float32, scheme=("tucker", "pointwise"))
-    bundle = P.seeded_bundle(case)
+    case, bundle = resnet50_bundle(batch)
     return case, bundle["trp"], bundle["x"]
 
 

@@ -4,29 +4,20 @@ in turn, each in a process of its own:
 
     for r in 1 2 3; do PYTHONPATH=/tmp/before python benches/model_time.py 8 before; python benches/model_time.py 8 after; done
 """
-import statistics
 import sys
-import time
 
 import torch
 
-from trp.benchmark import cases as C, providers as P
+from channel_stride_probe import _median_ms
+from model_ab import resnet50_case
 
 
 def main() -> None:
     batch, label = int(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else ""
-    case = C.ModelCase("resnet50", 224, batch, "cpu", torch.float32, scheme=("tucker", "pointwise"))
-    b = P.model_bundle(case, torch.Generator().manual_seed(0))
-    m, x = b["trp"], b["x"]
+    _, m, x = resnet50_case(batch)
     with torch.inference_mode():
-        for _ in range(5):
-            m(x)
-        ts = []
-        for _ in range(30 if batch == 1 else 12):
-            t0 = time.perf_counter()
-            m(x)
-            ts.append(time.perf_counter() - t0)
-    print(f"{label} b{batch} {statistics.median(ts) * 1e3:.2f} ms")
+        ms = _median_ms(lambda: m(x), calls=30 if batch == 1 else 12, warmup=5)
+    print(f"{label} b{batch} {ms:.2f} ms")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ module (ORT's layout reorders) to glue.
     python benches/ort_layers.py [batch]   (results: benches/results/ort-layers/)
 """
 import collections
-import glob
 import json
 import os
 import statistics
@@ -23,7 +22,8 @@ import onnxruntime as ort
 import torch
 
 import trp
-from trp.benchmark import cases as C, providers as P
+from model_ab import resnet50_bundle
+from trp.benchmark import providers as P
 from trp.breakdown import PARTS, part_of
 from trp.compile import find_stem
 
@@ -61,35 +61,35 @@ def onnx_modules(model_bytes: bytes) -> dict:
     return out
 
 
+def ort_runs(model_bytes: bytes, inputs, runs: int, warmup: int = 0) -> list:
+    """ONNX Runtime (the providers' session, its profiler on) called ``warmup`` + ``runs``
+    times on ``inputs``: per timed run, (its ms, its node events: each a profiler event with
+    "dur" in us and "args"["op_name"])."""
+    session = P._ort_session(model_bytes, os.path.join(tempfile.mkdtemp(), "ort"))
+    feed = {i.name: t.contiguous().numpy() for i, t in zip(session.get_inputs(), inputs)}
+    for _ in range(warmup + runs):
+        session.run(None, feed)
+    events = json.load(open(session.end_profiling()))
+    model_runs = [e for e in events if e.get("cat") == "Session" and e["name"] == "model_run"][warmup:]
+    nodes = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    return [(r["dur"] / 1e3, [e for e in nodes if r["ts"] <= e["ts"] <= r["ts"] + r["dur"]]) for r in model_runs]
+
+
 def main() -> None:
     batch = int(sys.argv[1]) if len(sys.argv) > 1 else 1
-    torch.manual_seed(0)
-    case = C.ModelCase("resnet50", 224, batch, "cpu", torch.float32, scheme=("tucker", "pointwise"))
-    b = P.model_bundle(case, torch.Generator().manual_seed(0))
+    _, b = resnet50_bundle(batch)
     bd = trp.breakdown(b["trp"], b["x"], repeats=30)
     lowrank = b["lowrank"]
     stem = find_stem(lowrank)
 
     data = P._onnx_bytes(lowrank, b["x"])
     scopes = onnx_modules(data)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.enable_profiling = True
-    tmp = tempfile.mkdtemp()
-    options.profile_file_prefix = os.path.join(tmp, "ort")
-    session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
-    feed = {session.get_inputs()[0].name: b["x"].contiguous().numpy()}
-    runs = 40 if batch == 1 else 12
-    for _ in range(runs):
-        session.run(None, feed)
-    events = json.load(open(session.end_profiling()))
+    runs = ort_runs(data, [b["x"]], 40 if batch == 1 else 12)
     node_ms = collections.defaultdict(list)
-    for e in events:
-        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+    for _, nodes in runs:
+        for e in nodes:
             node_ms[(e["name"][: -len("_kernel_time")], e["args"].get("op_name", ""))].append(e["dur"] / 1e3)
-    whole = statistics.median(e["dur"] / 1e3 for e in events if e.get("cat") == "Session" and e["name"] == "model_run")
+    whole = statistics.median(ms for ms, _ in runs)
 
     ort_module = collections.defaultdict(float)
     ort_part = collections.defaultdict(float)
@@ -113,7 +113,7 @@ def main() -> None:
     print(f"ResNet-50 @224 tucker+pointwise ratio=0.25, batch {batch}, {torch.get_num_threads()} threads; "
           f"torch {torch.__version__}, onnxruntime {ort.__version__}")
     print(f"whole model: trp.compile {bd.plain_ms:.3f} ms (plain call, median of {bd.repeats}); "
-          f"ONNX Runtime {whole:.3f} ms (profiled model_run, median of {runs})")
+          f"ONNX Runtime {whole:.3f} ms (profiled model_run, median of {len(runs)})")
     print(f"{'part':18s} {'trp ms':>8s} {'ORT ms':>8s} {'trp/ORT':>8s}")
     for part in PARTS:
         t = bd.parts[part]["median_ms"] if part in bd.parts else 0.0

@@ -7,7 +7,7 @@ import copy
 import io
 import logging
 import warnings
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -83,7 +83,9 @@ def _compile(fn_or_module, device: str):
     return torch.compile(fn_or_module, mode=mode, dynamic=False)
 
 
-def _ort_session(model_bytes: bytes):
+def _ort_session(model_bytes: bytes, profile_prefix: Optional[str] = None):
+    """An ONNX Runtime CPU session as the providers run it; with ``profile_prefix``, its
+    profiler on, writing there (``session.end_profiling()`` names the file)."""
     try:
         import onnxruntime as ort
     except ImportError as e:
@@ -92,6 +94,9 @@ def _ort_session(model_bytes: bytes):
     options.intra_op_num_threads = torch.get_num_threads()  # same threads as the torch providers
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
     # ORT's default, spinning threads, as users run it: its idle threads busy-wait after a
     # run, which is why the runner never times it call by call against another runtime.
     return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
@@ -320,7 +325,7 @@ def model_bundle(case: ModelCase, generator: torch.Generator) -> dict:
     return bundle
 
 
-def _onnx_bytes(model: nn.Module, x: torch.Tensor) -> bytes:
+def _onnx_bytes(model: nn.Module, *inputs: torch.Tensor) -> bytes:
     buf = io.BytesIO()
     quiet = logging.getLogger("torch.onnx")
     level = quiet.level
@@ -328,7 +333,7 @@ def _onnx_bytes(model: nn.Module, x: torch.Tensor) -> bytes:
         quiet.setLevel(logging.ERROR)  # the exporter logs a line per missing torchvision op
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            program = torch.onnx.export(model, (x,), dynamo=True, verbose=False)
+            program = torch.onnx.export(model, inputs, dynamo=True, verbose=False)
         program.save(buf)
     except Exception as e:  # noqa: BLE001 - an exporter failure is this provider's reason
         raise Unavailable(f"torch.onnx.export failed: {type(e).__name__}: {e}") from None
