@@ -3,10 +3,14 @@
 // and hyper-parameter has been validated.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <array>
 #include <climits>
 #include <cstdint>
+#include <cstdlib>
+#include <memory>
+#include <vector>
 #include <sstream>
 #include <string>
 
@@ -325,16 +329,21 @@ CheckedCall check_lowrank_conv(py::handle x_obj, py::handle w1_obj, py::handle w
     return CheckedCall{a, kernel, x, w1, w2, w3, bias, res, out};
 }
 
+// The kernel's call (the GIL released by the caller); false when scratch memory ran out.
+bool call_kernel(const trp::LowRankConvArgs& a, Kernel kernel) {
+    switch (kernel) {
+        case Kernel::kChannel: return trp::lowrank_conv_channel(a);
+        case Kernel::kSpatial: return trp::lowrank_conv_spatial(a);
+        case Kernel::kTucker: return trp::lowrank_conv_tucker(a);
+        default: return trp::lowrank_conv_dense(a);
+    }
+}
+
 void run_lowrank_conv(const trp::LowRankConvArgs& a, Kernel kernel) {
     bool ok;
     {
         py::gil_scoped_release nogil;
-        switch (kernel) {
-            case Kernel::kChannel: ok = trp::lowrank_conv_channel(a); break;
-            case Kernel::kSpatial: ok = trp::lowrank_conv_spatial(a); break;
-            case Kernel::kTucker: ok = trp::lowrank_conv_tucker(a); break;
-            default: ok = trp::lowrank_conv_dense(a); break;
-        }
+        ok = call_kernel(a, kernel);
     }
     if (!ok) throw std::bad_alloc();
 }
@@ -386,9 +395,184 @@ public:
         run_lowrank_conv(a, call_.kernel);
     }
 
+    const trp::LowRankConvArgs& args() const { return call_.a; }
+    Kernel kernel() const { return call_.kernel; }
+    bool has_residual() const { return has_residual_; }
+
 private:
     CheckedCall call_;
     bool has_residual_ = false;
+};
+
+// A sequence of steps (kept plans, max pools, global average pools, adds) over numbered
+// float32 NHWC slots, run in one call with the GIL released: a stretch of a model that
+// trp.program found it can run without Python between its layers. Slots 0 .. n_inputs-1
+// are the caller's inputs and the next n_outputs its outputs (data pointers given to run);
+// the rest are buffers the program owns. Every step is checked when added: its slots exist,
+// hold what it reads and writes (the sizes given at construction), and a conv or pool
+// never writes the slot it reads. The caller (trp/program.py) guarantees that the pointers
+// it passes to run point to that many floats.
+class Program {
+public:
+    Program(std::vector<int64_t> slot_floats, int n_inputs, int n_outputs)
+        : sizes_(std::move(slot_floats)), n_inputs_(n_inputs), n_outputs_(n_outputs) {
+        Checking checking("Program");
+        if (n_inputs < 0 || n_outputs < 0 || int64_t(n_inputs) + n_outputs > int64_t(sizes_.size())) {
+            value_error("n_inputs and n_outputs must be >= 0 and together at most the slots' count (" +
+                        std::to_string(sizes_.size()) + "), got " + std::to_string(n_inputs) + " and " +
+                        std::to_string(n_outputs));
+        }
+        for (size_t i = 0; i < sizes_.size(); ++i) {
+            if (sizes_[i] < 0) value_error("slot " + std::to_string(i) + " has a negative size");
+            if (int64_t(i) >= n_inputs + n_outputs) {
+                // Whole 64-byte lines, at least one: aligned_alloc wants a multiple of the alignment.
+                const int64_t bytes = (sizes_[i] * int64_t(sizeof(float)) + 63) / 64 * 64 + 64;
+                float* p = static_cast<float*>(std::aligned_alloc(64, size_t(bytes)));
+                if (!p) throw std::bad_alloc();
+                owned_.emplace_back(p, &std::free);
+            }
+        }
+    }
+
+    void add_conv(py::object plan_obj, int x, int residual, int out) {
+        Checking checking("Program.add_conv");
+        const LowRankPlan& plan = plan_obj.cast<const LowRankPlan&>();
+        const trp::LowRankConvArgs& a = plan.args();
+        if (plan.has_residual() != (residual >= 0)) {
+            value_error(plan.has_residual() ? "this plan adds a residual: give its slot" : "this plan has no residual: pass -1");
+        }
+        check_slot(x, a.batch * a.in_h * a.in_w * a.in_c, "x");
+        check_slot(out, a.batch * a.out_h * a.out_w * a.out_c, "out");
+        if (residual >= 0) check_slot(residual, a.batch * a.out_h * a.out_w * a.out_c, "residual");
+        if (out == x || out == residual) value_error("out must be another slot than x and residual");
+        Step st{};
+        st.kind = StepKind::kConv;
+        st.conv = a;
+        st.kernel = plan.kernel();
+        st.x = x; st.y = residual; st.out = out;
+        plans_.push_back(std::move(plan_obj));
+        steps_.push_back(st);
+    }
+
+    void add_max_pool(int x, int out, int64_t batch, int64_t in_h, int64_t in_w, int64_t c, int64_t out_h,
+                      int64_t out_w, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, bool relu) {
+        Checking checking("Program.add_max_pool");
+        for (int64_t v : {batch, in_h, in_w, c, out_h, out_w, kh, kw, sh, sw}) {
+            if (v < 1 || v > kMaxDim) value_error("sizes, kernel and stride must be within 1.." + std::to_string(kMaxDim));
+        }
+        if (ph < 0 || pw < 0 || 2 * ph > kh || 2 * pw > kw) value_error("padding must be within 0..kernel/2");
+        // Every window starts inside the padded input and holds one input pixel at least.
+        if ((out_h - 1) * sh - ph >= in_h || (out_w - 1) * sw - pw >= in_w) value_error("out_h/out_w too large");
+        check_slot(x, batch * in_h * in_w * c, "x");
+        check_slot(out, batch * out_h * out_w * c, "out");
+        if (out == x) value_error("out must be another slot than x");
+        Step st{};
+        st.kind = StepKind::kMaxPool;
+        st.pool = trp::PoolArgs{nullptr, nullptr, batch, in_h, in_w, c, out_h, out_w, kh, kw, sh, sw, ph, pw, relu, 1};
+        st.x = x; st.y = -1; st.out = out;
+        steps_.push_back(st);
+    }
+
+    void add_global_avg_pool(int x, int out, int64_t batch, int64_t h, int64_t w, int64_t c) {
+        Checking checking("Program.add_global_avg_pool");
+        for (int64_t v : {batch, h, w, c}) {
+            if (v < 1 || v > kMaxDim) value_error("sizes must be within 1.." + std::to_string(kMaxDim));
+        }
+        check_slot(x, batch * h * w * c, "x");
+        check_slot(out, batch * c, "out");
+        if (out == x) value_error("out must be another slot than x");
+        Step st{};
+        st.kind = StepKind::kAvgPool;
+        st.pool = trp::PoolArgs{nullptr, nullptr, batch, h, w, c, 1, 1, h, w, 1, 1, 0, 0, false, 1};
+        st.x = x; st.y = -1; st.out = out;
+        steps_.push_back(st);
+    }
+
+    void add_add(int x, int y, int out, int64_t n, bool relu) {
+        Checking checking("Program.add_add");
+        if (n < 0) value_error("n must be >= 0");
+        check_slot(x, n, "x");
+        if (y >= 0) check_slot(y, n, "y");
+        check_slot(out, n, "out");
+        Step st{};
+        st.kind = StepKind::kAdd;
+        st.n = n; st.relu = relu;
+        st.x = x; st.y = y; st.out = out;
+        steps_.push_back(st);
+    }
+
+    void run(const std::vector<std::uintptr_t>& inputs, const std::vector<std::uintptr_t>& outputs, int threads) {
+        Checking checking("Program.run");
+        if (int64_t(inputs.size()) != n_inputs_ || int64_t(outputs.size()) != n_outputs_) {
+            value_error("takes " + std::to_string(n_inputs_) + " input and " + std::to_string(n_outputs_) +
+                        " output pointers, got " + std::to_string(inputs.size()) + " and " + std::to_string(outputs.size()));
+        }
+        if (threads < 1) value_error("threads must be >= 1, got " + std::to_string(threads));
+        std::vector<float*> slot(sizes_.size());
+        for (int i = 0; i < n_inputs_; ++i) slot[i] = reinterpret_cast<float*>(inputs[i]);
+        for (int i = 0; i < n_outputs_; ++i) slot[n_inputs_ + i] = reinterpret_cast<float*>(outputs[i]);
+        for (size_t i = 0; i < owned_.size(); ++i) slot[n_inputs_ + n_outputs_ + i] = owned_[i].get();
+        for (size_t i = 0; i < slot.size(); ++i) {
+            if (!slot[i] && sizes_[i] > 0) value_error("slot " + std::to_string(i) + " is a null pointer");
+        }
+        bool ok = true;
+        {
+            py::gil_scoped_release nogil;
+            for (const Step& st : steps_) {
+                const float* x = slot[st.x];
+                const float* y = st.y >= 0 ? slot[st.y] : nullptr;
+                float* out = slot[st.out];
+                if (st.kind == StepKind::kConv) {
+                    trp::LowRankConvArgs a = st.conv;
+                    a.x = x; a.residual = y; a.out = out; a.threads = threads;
+                    if (a.batch * a.out_h * a.out_w * a.out_c == 0) continue;
+                    if (!(ok = call_kernel(a, st.kernel))) break;
+                } else if (st.kind == StepKind::kAdd) {
+                    trp::elementwise_add_relu(x, y, out, st.n, st.relu, threads);
+                } else {
+                    trp::PoolArgs p = st.pool;
+                    p.x = x; p.out = out; p.threads = threads;
+                    if (st.kind == StepKind::kMaxPool) trp::nhwc_max_pool(p);
+                    else trp::nhwc_global_avg_pool(p);
+                }
+            }
+        }
+        if (!ok) throw std::bad_alloc();
+    }
+
+    int64_t steps() const { return int64_t(steps_.size()); }
+
+private:
+    enum class StepKind { kConv, kMaxPool, kAvgPool, kAdd };
+    struct Step {
+        StepKind kind;
+        trp::LowRankConvArgs conv;
+        Kernel kernel;
+        trp::PoolArgs pool;
+        int64_t n;
+        bool relu;
+        int x, y, out;
+    };
+
+    void check_slot(int s, int64_t floats, const char* what) const {
+        if (s < 0 || s >= int64_t(sizes_.size())) {
+            value_error(std::string(what) + " slot " + std::to_string(s) + " does not exist (" +
+                        std::to_string(sizes_.size()) + " slots)");
+        }
+        if (s < n_inputs_ && std::string(what) == "out") {
+            value_error("out slot " + std::to_string(s) + " is one of the caller's inputs, which a program never writes");
+        }
+        if (sizes_[s] < floats) {
+            value_error(std::string(what) + " slot " + std::to_string(s) + " holds " + std::to_string(sizes_[s]) +
+                        " floats, the step needs " + std::to_string(floats));
+        }
+    }
+
+    std::vector<int64_t> sizes_;
+    int n_inputs_, n_outputs_;
+    std::vector<std::unique_ptr<float, decltype(&std::free)>> owned_;
+    std::vector<py::object> plans_;
+    std::vector<Step> steps_;
 };
 
 py::dict build_info_dict() {
@@ -441,6 +625,19 @@ PYBIND11_MODULE(_C, m) {
         .def("run", &LowRankPlan::run, py::arg("x"), py::arg("out"), py::arg("residual"), py::arg("threads"),
              "Run on the buffers at these addresses (residual: 0 for none). Releases the GIL.");
     m.attr("MAX_KERNEL") = kMaxKernel;
+    py::class_<Program>(m, "Program",
+                        "Steps over numbered NHWC float32 slots, run in one call (trp/program.py builds it).")
+        .def(py::init<std::vector<int64_t>, int, int>(), py::arg("slot_floats"), py::arg("n_inputs"),
+             py::arg("n_outputs"))
+        .def("add_conv", &Program::add_conv, py::arg("plan"), py::arg("x"), py::arg("residual"), py::arg("out"))
+        .def("add_max_pool", &Program::add_max_pool, py::arg("x"), py::arg("out"), py::arg("batch"), py::arg("in_h"),
+             py::arg("in_w"), py::arg("c"), py::arg("out_h"), py::arg("out_w"), py::arg("kh"), py::arg("kw"),
+             py::arg("stride_h"), py::arg("stride_w"), py::arg("pad_h"), py::arg("pad_w"), py::arg("relu"))
+        .def("add_global_avg_pool", &Program::add_global_avg_pool, py::arg("x"), py::arg("out"), py::arg("batch"),
+             py::arg("h"), py::arg("w"), py::arg("c"))
+        .def("add_add", &Program::add_add, py::arg("x"), py::arg("y"), py::arg("out"), py::arg("n"), py::arg("relu"))
+        .def("run", &Program::run, py::arg("inputs"), py::arg("outputs"), py::arg("threads"))
+        .def_property_readonly("steps", &Program::steps);
     m.def("vector_width", &trp::lowrank_vector_width, "Floats per vector of the active fused-kernel build.");
     m.def("isa", &trp::lowrank_isa, "Name of the active fused-kernel build: generic, avx2 or avx512.");
     m.def("set_isa", [](const std::string& name) { return trp::lowrank_set_isa(name.c_str()); },

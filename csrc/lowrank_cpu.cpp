@@ -66,17 +66,23 @@ struct Kernels {
     bool (*spatial)(const LowRankConvArgs&);
     bool (*tucker)(const LowRankConvArgs&);
     bool (*dense)(const LowRankConvArgs&);
+    void (*max_pool)(const PoolArgs&);
+    void (*global_avg_pool)(const PoolArgs&);
+    void (*add_relu)(const float*, const float*, float*, int64_t, bool, int);
 };
 
 Kernels kernels(int isa) {
     switch (isa) {
 #ifdef TRP_HAVE_AVX512_KERNELS
-        case kAvx512: return {isa_avx512::conv_channel, isa_avx512::conv_spatial, isa_avx512::conv_tucker, isa_avx512::conv_dense};
+        case kAvx512: return {isa_avx512::conv_channel, isa_avx512::conv_spatial, isa_avx512::conv_tucker, isa_avx512::conv_dense,
+                isa_avx512::max_pool, isa_avx512::global_avg_pool, isa_avx512::add_relu};
 #endif
 #ifdef TRP_HAVE_AVX2_KERNELS
-        case kAvx2: return {isa_avx2::conv_channel, isa_avx2::conv_spatial, isa_avx2::conv_tucker, isa_avx2::conv_dense};
+        case kAvx2: return {isa_avx2::conv_channel, isa_avx2::conv_spatial, isa_avx2::conv_tucker, isa_avx2::conv_dense,
+                isa_avx2::max_pool, isa_avx2::global_avg_pool, isa_avx2::add_relu};
 #endif
-        default: return {isa_generic::conv_channel, isa_generic::conv_spatial, isa_generic::conv_tucker, isa_generic::conv_dense};
+        default: return {isa_generic::conv_channel, isa_generic::conv_spatial, isa_generic::conv_tucker, isa_generic::conv_dense,
+                isa_generic::max_pool, isa_generic::global_avg_pool, isa_generic::add_relu};
     }
 }
 
@@ -136,5 +142,10 @@ bool lowrank_conv_channel(const LowRankConvArgs& a) { return run_active(&Kernels
 bool lowrank_conv_spatial(const LowRankConvArgs& a) { return run_active(&Kernels::spatial, a); }
 bool lowrank_conv_tucker(const LowRankConvArgs& a) { return run_active(&Kernels::tucker, a); }
 bool lowrank_conv_dense(const LowRankConvArgs& a) { return run_active(&Kernels::dense, a); }
+void nhwc_max_pool(const PoolArgs& a) { kernels(current().load()).max_pool(a); }
+void nhwc_global_avg_pool(const PoolArgs& a) { kernels(current().load()).global_avg_pool(a); }
+void elementwise_add_relu(const float* x, const float* y, float* out, int64_t n, bool relu, int threads) {
+    kernels(current().load()).add_relu(x, y, out, n, relu, threads);
+}
 
 }  // namespace trp

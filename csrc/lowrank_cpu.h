@@ -84,19 +84,45 @@ int64_t lowrank_streamed_calls();
 int64_t lowrank_flat_tucker_calls();
 void lowrank_count_flat_tucker();
 
+// The whole-model program's other steps (bindings.cpp, Program), NHWC float32.
+struct PoolArgs {
+    const float* x;           // [batch][in_h][in_w][c]
+    float* out;               // max pool: [batch][out_h][out_w][c]; global average: [batch][c]
+    int64_t batch, in_h, in_w, c;
+    int64_t out_h, out_w, kh, kw, stride_h, stride_w, pad_top, pad_left;  // max pool only
+    bool relu;                // max pool: ReLU after (the same as before: both are monotone)
+    int threads;
+};
+// Max over each window's input pixels (every window must hold one: padding <= kernel / 2,
+// as torch.nn.MaxPool2d requires; dilation 1, floor mode), NaN if any is NaN.
+void nhwc_max_pool(const PoolArgs& a);
+// The mean of each image's pixels, per channel.
+void nhwc_global_avg_pool(const PoolArgs& a);
+// out = x + y (y may be null: out = x), then ReLU if relu; n floats (out may be x or y).
+void elementwise_add_relu(const float* x, const float* y, float* out, int64_t n, bool relu, int threads);
+
 namespace isa_avx512 {
+void max_pool(const PoolArgs& a);
+void global_avg_pool(const PoolArgs& a);
+void add_relu(const float* x, const float* y, float* out, int64_t n, bool relu, int threads);
 bool conv_channel(const LowRankConvArgs& a);
 bool conv_spatial(const LowRankConvArgs& a);
 bool conv_tucker(const LowRankConvArgs& a);
 bool conv_dense(const LowRankConvArgs& a);
 }
 namespace isa_avx2 {
+void max_pool(const PoolArgs& a);
+void global_avg_pool(const PoolArgs& a);
+void add_relu(const float* x, const float* y, float* out, int64_t n, bool relu, int threads);
 bool conv_channel(const LowRankConvArgs& a);
 bool conv_spatial(const LowRankConvArgs& a);
 bool conv_tucker(const LowRankConvArgs& a);
 bool conv_dense(const LowRankConvArgs& a);
 }
 namespace isa_generic {
+void max_pool(const PoolArgs& a);
+void global_avg_pool(const PoolArgs& a);
+void add_relu(const float* x, const float* y, float* out, int64_t n, bool relu, int threads);
 bool conv_channel(const LowRankConvArgs& a);
 bool conv_spatial(const LowRankConvArgs& a);
 bool conv_tucker(const LowRankConvArgs& a);

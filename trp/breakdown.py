@@ -13,6 +13,10 @@ without it, interleaved call by call with the instrumented calls (both on PyTorc
 pool, :func:`trp.timing.compare`), and the sum of the parts' medians is held against that
 plain median: :attr:`Breakdown.discrepancy`, within a few percent on the models of the
 benchmark suite (``python -m trp breakdown``).
+
+Both run the model layer by layer (:func:`trp.program.disabled`): a compiled model's plain
+calls otherwise run whole stretches of layers in one C++ call (:mod:`trp.program`), which
+has no parts to time.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from trp import program
 from trp.compile import find_stem, walk
 from trp.modules import LOWRANK_TYPES
 from trp.timing import compare, summarize
@@ -148,7 +153,7 @@ def breakdown(model: nn.Module, x: torch.Tensor, *, repeats: int = 30, warmup: i
                     m.forward = own
         records.append((whole, clock["acc"]))
 
-    with torch.inference_mode():
+    with torch.inference_mode(), program.disabled():
         stats = compare({"plain": lambda: model(x), "instrumented": instrumented}, warmup=warmup, repeats=repeats,
                         interleave=True)
     measured = records[-repeats:]  # compare() calls each function `warmup` times, then `repeats` times

@@ -17,7 +17,7 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from trp import decompose, epilogue, families, layout
+from trp import decompose, epilogue, families, layout, program
 from trp.modules import LOWRANK_TYPES, NAME_ATTR, LowRankConv2d, check_backend, from_factors
 from trp_kernels import ops
 
@@ -444,4 +444,5 @@ def compile(model: nn.Module, *, energy: Optional[float] = None, rank: Optional[
         model, _ = epilogue.fuse(model)
     if channels_last is None:
         channels_last = cfg.backend != "torch" and any(isinstance(m, LowRankConv2d) for m in model.modules())
-    return layout.set_channels_last(model, bool(channels_last))
+    layout.set_channels_last(model, bool(channels_last))
+    return program.install(model, bool(channels_last))

@@ -34,7 +34,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
-from trp import epilogue, files, layout
+from trp import epilogue, files, layout, program
 from trp.compile import FOLDED_ATTR, NOTE_ATTR, walk
 from trp.epilogue import EPILOGUE_ATTR
 from trp.modules import LOWRANK_TYPES, NAME_ATTR, LowRankConv2d, LowRankLinear
@@ -364,7 +364,8 @@ def _apply(meta: dict, tensors: dict, model: nn.Module, path: Path, device=None)
         if found != meta["epilogues"]:
             raise TrpFileError(f"model does not match the file {path}: its layers' fused epilogues are "
                                f"{meta['epilogues']}, this model's forward gives {found}")
-    return layout.set_channels_last(model, meta.get("channels_last", False))
+    layout.set_channels_last(model, meta.get("channels_last", False))
+    return program.install(model, meta.get("channels_last", False))
 
 
 def load(path, model: nn.Module, *, expected_sha256: Optional[str] = None) -> nn.Module:

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 import trp
-from trp import models
+from trp import models, program
 from trp.breakdown import GLUE, PARTS, TOLERANCE, Breakdown, part_of
 
 
@@ -94,7 +94,9 @@ def test_the_model_is_left_as_it_was():
     with torch.no_grad():
         before = model(x)
     trp.breakdown(model, x, repeats=2, warmup=0)
-    assert not any("forward" in m.__dict__ for m in model.modules())
+    # the model's own forward (trp.program's Runner) is still there, and nothing else is
+    assert [m for m in model.modules() if "forward" in m.__dict__] == [model]
+    assert isinstance(model.__dict__["forward"], program.Runner)
     with torch.no_grad():
         assert torch.equal(model(x), before)
 

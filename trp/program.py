@@ -1,0 +1,517 @@
+"""A compiled model's forward with no Python between its layers where the C++ kernels run
+them all: each stretch of such layers is one C++ call (``trp_kernels._C.Program``).
+
+Per module, a compiled layer's Python costs 11-13 µs a call (its checks, the output's
+allocation, the kept plan's call): about 0.65 ms of ResNet-50's 8.5 ms at batch 1, and most
+of a CIFAR ResNet-20's. :func:`install` (called by ``trp.compile`` and ``trp.load``) puts a
+:class:`Runner` in the model's ``forward``. On a call it can take (below), it runs the
+model's fx graph (traced with the low-rank layers as leaves) in which every maximal stretch
+of steps the C++ side has is one :class:`Segment`:
+
+- a low-rank conv whose call ran a kept C++ plan (``trp_kernels.cpp.Bound``), with its
+  residual and ReLU;
+- ``nn.MaxPool2d`` (dilation 1, floor mode), a ReLU before it folded in;
+- ``nn.AdaptiveAvgPool2d(1)``;
+- ``+`` of two tensors of one shape, a ReLU after it folded in; a ReLU alone;
+- ``nn.Identity`` (what BN folding leaves): no step.
+
+The rest (the stem conv, which oneDNN runs faster than trp's dense kernel, the flatten and
+the fc layer) runs in PyTorch between the segments, as before. A segment's intermediate
+tensors live in buffers its program owns and reuses; only what leaves the segment is a
+new tensor.
+
+A program is built on the first call for an input shape (at most :data:`MAX_SHAPES` kept),
+from that call, which runs the model once (through ``torch.fx.Interpreter``, each module
+called as usual) and records every node's output; each segment is checked on the recorded
+values: its outputs must match the model's within :data:`BUILD_RTOL` (of their largest
+magnitude), or no program is kept for that shape (``Runner.refused`` says why). A call
+takes the program only when it can give exactly what the per-module forward would:
+
+- one positional float32 CPU tensor of a built shape, under ``torch.no_grad`` or
+  ``torch.inference_mode``, outside tracing, ``torch.compile``, ONNX export and dispatch
+  modes;
+- every low-rank layer's parameters the same tensors with the same memory as at build
+  (the plans read them in place, so in-place updates are seen), its ``relu`` and backend
+  unchanged; the traced modules' training flags unchanged;
+- no forward hook, pre-hook or instance ``forward`` on any module a segment runs or the
+  flat graph runs through (a ResNet's blocks), and no global module hook (``trp.breakdown``'s instrumentation makes a call fall back);
+- no other thread in this model's program (its buffers are one call's).
+
+Otherwise the call runs the model's own forward, layer by layer. :func:`disabled` turns
+the programs off for a block of calls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import itertools
+import operator
+import threading
+from typing import Optional
+
+import torch
+import torch.fx
+from torch import nn
+
+from trp.layout import _entry
+
+MAX_SHAPES = 4       # input shapes whose programs a model keeps (their buffers stay allocated)
+BUILD_RTOL = 1e-4    # a segment's outputs on the building call against the model's, relative to their max
+
+_RELU_FNS = (torch.relu, torch.nn.functional.relu, torch.relu_)
+_ADD_FNS = (operator.add, operator.iadd, torch.add)
+_DISABLED = threading.local()
+
+
+@contextlib.contextmanager
+def disabled():
+    """Calls in this block (this thread) run the models' per-module forward."""
+    before = getattr(_DISABLED, "on", False)
+    _DISABLED.on = True
+    try:
+        yield
+    finally:
+        _DISABLED.on = before
+
+
+def _plannable(t) -> bool:
+    from trp_kernels import cpp
+
+    return isinstance(t, torch.Tensor) and t.dim() == 4 and cpp._plannable(t)
+
+
+def _global_hooks() -> bool:
+    mod = torch.nn.modules.module
+    return bool(mod._global_forward_hooks or mod._global_forward_pre_hooks or mod._global_backward_hooks
+                or getattr(mod, "_global_backward_pre_hooks", None) or getattr(mod, "_global_forward_hooks_always_called", None))
+
+
+def _untouched(m: nn.Module) -> bool:
+    """No hook and no instance forward on ``m`` (but the entry conversion to channels_last,
+    which a segment's input checks make moot)."""
+    return not (m._forward_hooks or "forward" in m.__dict__
+                or any(h is not _entry for h in m._forward_pre_hooks.values()))
+
+
+class _Step:
+    """A node of a stretch: what it does in C++ (``op``), the nodes it reads, its flags."""
+
+    __slots__ = ("node", "op", "reads", "relu", "module")
+
+    def __init__(self, node, op, reads, module=None):
+        self.node, self.op, self.reads, self.relu, self.module = node, op, list(reads), False, module
+
+
+def _classify(node: torch.fx.Node, modules: dict, values: dict) -> Optional[_Step]:
+    """The step ``node`` becomes, or None when the C++ side has none for it."""
+    from trp.modules import LowRankConv2d
+
+    def tensor_args(*ns):
+        return all(isinstance(n, torch.fx.Node) and _plannable(values.get(n)) for n in ns)
+
+    if node.op == "call_module":
+        m = modules[node.target]
+        if not _untouched(m):
+            return None
+        if isinstance(m, nn.Identity) and len(node.args) == 1 and not node.kwargs and tensor_args(node.args[0]):
+            return _Step(node, "alias", node.args, m)
+        if isinstance(m, LowRankConv2d):
+            bound = m._kept[0]
+            res = node.kwargs.get("residual")
+            if (bound is None or len(node.args) != 1 or set(node.kwargs) - {"residual"} or not tensor_args(node.args[0])
+                    or bound.x_shape != values[node.args[0]].shape or bound.residual != (res is not None)
+                    or (res is not None and not tensor_args(res)) or not _plannable(values.get(node))):
+                return None
+            return _Step(node, "conv", [node.args[0]] + ([res] if res is not None else []), m)
+        if isinstance(m, nn.MaxPool2d) and len(node.args) == 1 and not node.kwargs and tensor_args(node.args[0]):
+            pair = nn.modules.utils._pair
+            if (m.ceil_mode or m.return_indices or pair(m.dilation) != (1, 1)
+                    or not _plannable(values.get(node))):
+                return None
+            return _Step(node, "maxpool", node.args, m)
+        if (isinstance(m, nn.AdaptiveAvgPool2d) and m.output_size in (1, (1, 1)) and len(node.args) == 1
+                and not node.kwargs and tensor_args(node.args[0])):
+            return _Step(node, "gap", node.args, m)
+        if isinstance(m, nn.ReLU) and len(node.args) == 1 and not node.kwargs and tensor_args(node.args[0]):
+            if m.inplace and len(node.args[0].users) > 1:  # others read the input after it is overwritten
+                return None
+            return _Step(node, "relu", node.args, m)
+        return None
+    if node.op == "call_function":
+        if node.target in _RELU_FNS and len(node.args) == 1 and not node.kwargs and tensor_args(node.args[0]):
+            if node.target is torch.relu_ and len(node.args[0].users) > 1:
+                return None
+            return _Step(node, "relu", node.args)
+        if (node.target in _ADD_FNS and len(node.args) == 2 and not node.kwargs and tensor_args(*node.args)
+                and values[node.args[0]].shape == values[node.args[1]].shape):
+            if node.target is operator.iadd and len(node.args[0].users) > 1:
+                return None
+            return _Step(node, "add", node.args)
+    return None
+
+
+class Segment(nn.Module):
+    """One stretch of steps as one C++ program; ``fallback`` (a GraphModule of the same
+    nodes) runs a call whose inputs are not what the program was built for."""
+
+    def __init__(self, program, input_shapes, output_shapes, fallback: torch.fx.GraphModule):
+        super().__init__()
+        self.program, self.input_shapes, self.output_shapes = program, input_shapes, output_shapes
+        self.fallback = fallback
+
+    def forward(self, *inputs):
+        for t, shape in zip(inputs, self.input_shapes):
+            if t.shape != shape or not _plannable(t):
+                return self.fallback(*inputs)
+        cl = torch.channels_last
+        outs = tuple(torch.empty(s, dtype=torch.float32, memory_format=cl) for s in self.output_shapes)
+        self.program.run([t.data_ptr() for t in inputs], [o.data_ptr() for o in outs], torch.get_num_threads())
+        return outs
+
+
+def _floats(t: torch.Tensor) -> int:
+    return t.numel()
+
+
+def _segments(graph: torch.fx.Graph, modules: dict, values: dict) -> list[list[_Step]]:
+    """The graph's maximal runs of consecutive nodes that are C++ steps, with ReLUs folded
+    into the max pool after them or the add before them."""
+    runs, cur = [], []
+    for node in graph.nodes:
+        step = _classify(node, modules, values)
+        if step is not None:
+            cur.append(step)
+        elif cur:
+            runs.append(cur)
+            cur = []
+    if cur:
+        runs.append(cur)
+    out = []
+    for run in runs:
+        by_node = {s.node: s for s in run}
+        kept = []
+        for s in run:
+            if s.op == "relu":
+                src = by_node.get(s.reads[0])
+                users = list(s.node.users)
+                if src is not None and src.op == "add" and not src.relu and len(src.node.users) == 1:
+                    src.relu = True            # add, then ReLU: one step
+                    s.op = "alias"
+                elif len(users) == 1 and by_node.get(users[0]) is not None and by_node[users[0]].op == "maxpool":
+                    by_node[users[0]].relu = True   # ReLU, then max pool: the pool applies it
+                    by_node[users[0]].reads = list(s.reads)
+                    s.op = "dead"
+            kept.append(s)
+        if any(s.op not in ("alias", "dead") for s in kept):
+            out.append(kept)
+    return out
+
+
+def _build_segment(run: list[_Step], values: dict, graph_out_users: set, modules: dict):
+    from trp_kernels import cpp
+
+    lib = cpp._require()
+    in_run = {s.node for s in run}
+    root: dict = {}
+
+    def resolve(n):
+        while n in root:
+            n = root[n]
+        return n
+
+    inputs: list = []
+    for s in run:
+        if s.op == "alias":
+            root[s.node] = s.reads[0]
+        for r in s.reads:
+            r = resolve(r)
+            if r not in in_run and r not in inputs:
+                inputs.append(r)
+    live = [s for s in run if s.op not in ("alias", "dead")]
+    outputs: list = []
+    for s in run:
+        if s.op == "dead":
+            continue
+        if any(u not in in_run for u in s.node.users) or s.node in graph_out_users:
+            r = resolve(s.node)
+            if r not in inputs and r not in outputs:
+                outputs.append(r)
+    # slots: inputs, outputs, then buffers reused once their last reader is done
+    slot = {n: i for i, n in enumerate(inputs)}
+    slot.update({n: len(inputs) + i for i, n in enumerate(outputs)})
+    sizes = [_floats(values[n]) for n in inputs] + [_floats(values[n]) for n in outputs]
+    last_read = {}
+    for i, s in enumerate(live):
+        for r in s.reads:
+            last_read[resolve(r)] = i
+    free: list[int] = []
+    for i, s in enumerate(live):
+        n = s.node
+        if n not in slot:
+            need = _floats(values[n])
+            if free:
+                b = min(free, key=lambda k: (sizes[k] < need, abs(sizes[k] - need)))
+                free.remove(b)
+                sizes[b] = max(sizes[b], need)
+            else:
+                b = len(sizes)
+                sizes.append(need)
+            slot[n] = b
+        for r in {resolve(r) for r in s.reads}:
+            if last_read.get(r) == i and slot[r] >= len(inputs) + len(outputs):
+                free.append(slot[r])
+    prog = lib.Program(sizes, len(inputs), len(outputs))
+    plans = []
+    for s in live:
+        reads = [slot[resolve(r)] for r in s.reads]
+        out = slot[s.node]
+        if s.op == "conv":
+            bound = s.module._kept[0]
+            prog.add_conv(bound.plan, reads[0], reads[1] if len(reads) > 1 else -1, out)
+            plans.append((s.module, bound))
+        elif s.op == "maxpool":
+            x, y, m = values[resolve(s.reads[0])], values[s.node], s.module
+            pair = nn.modules.utils._pair
+            (kh, kw), (sh, sw), (ph, pw) = pair(m.kernel_size), pair(m.stride or m.kernel_size), pair(m.padding)
+            n_, c, h, w = x.shape
+            prog.add_max_pool(reads[0], out, n_, h, w, c, y.shape[2], y.shape[3], kh, kw, sh, sw, ph, pw, s.relu)
+        elif s.op == "gap":
+            n_, c, h, w = values[resolve(s.reads[0])].shape
+            prog.add_global_avg_pool(reads[0], out, n_, h, w, c)
+        elif s.op == "add":
+            prog.add_add(reads[0], reads[1], out, _floats(values[s.node]), s.relu)
+        elif s.op == "relu":
+            prog.add_add(reads[0], -1, out, _floats(values[s.node]), True)
+        else:  # pragma: no cover - every op is handled above
+            raise AssertionError(s.op)
+    # the same nodes as a graph of their own, for inputs the program was not built for
+    sub = torch.fx.Graph()
+    env = {n: sub.placeholder(f"in{i}") for i, n in enumerate(inputs)}
+    for s in run:
+        env[s.node] = sub.node_copy(s.node, lambda a: env[a])
+    sub.output(tuple(env[n] for n in outputs))
+    targets = {s.node.target for s in run if s.node.op == "call_module"}
+    fallback = torch.fx.GraphModule({t: modules[t] for t in targets}, sub)
+    seg = Segment(prog, [values[n].shape for n in inputs], [values[n].shape for n in outputs], fallback)
+    return seg, inputs, outputs, root, plans
+
+
+class Program:
+    """A model's forward for one input shape: its fx graph with the C++ stretches as
+    :class:`Segment` calls (``module``), and what a call checks first (:meth:`holds`)."""
+
+    def __init__(self, model: nn.Module, x: torch.Tensor):
+        from trp.compile import _Tracer
+
+        self.shape = x.shape
+        tracer = _Tracer()
+        graph = tracer.trace(model)
+        modules = dict(model.named_modules())
+        self.traced = [m for m in modules.values() if not tracer.is_leaf_module(m, "")]
+        inner = [m for m in self.traced if m is not model]  # their hooks would not run in the flat graph
+        if not all(map(_untouched, inner)):
+            raise ValueError("a module the flat graph runs through has a hook or its own forward")
+        self.training = [m.training for m in self.traced]
+        values: dict = {}
+        gm = torch.fx.GraphModule(model, graph)
+
+        class Recorder(torch.fx.Interpreter):
+            def run_node(self, n):
+                out = super().run_node(n)
+                values[n] = out
+                return out
+
+        with torch.no_grad():
+            self.reference = Recorder(gm).run(x)  # the call's output: the model runs once, as a plain call
+        self.failed = None
+        try:
+            self._build(model, graph, modules, values, inner)
+        except Exception as e:  # noqa: BLE001 - anything the program cannot do: the model's own forward
+            self.failed = f"{type(e).__name__}: {e}"
+
+    def _build(self, model, graph, modules, values, inner):
+        out_node = next(n for n in graph.nodes if n.op == "output")
+        graph_out_users = set(out_node.all_input_nodes)
+        self.segments, self.plans, self.leaves = [], [], []
+        by_first, members = {}, set()
+        for run in _segments(graph, modules, values):
+            seg, inputs, outputs, root, plans = _build_segment(run, values, graph_out_users, modules)
+            got = seg(*(values[n] for n in inputs))
+            for o, g in zip(outputs, got):
+                _check_same(g, values[o])
+            self.segments.append(seg)
+            self.plans.extend(plans)
+            self.leaves.extend(modules[s.node.target] for s in run if s.node.op == "call_module")
+            by_first[run[0].node] = (len(self.segments) - 1, inputs, outputs, root, run)
+            members.update(s.node for s in run)
+        if not self.segments:
+            raise ValueError("no stretch of the model runs in C++")
+        self.leaves.extend(inner)
+        new = torch.fx.Graph()
+        env: dict = {}
+        for n in graph.nodes:
+            if n in by_first:
+                k, inputs, outputs, root, run = by_first[n]
+                call = new.call_module(f"_trp_segment_{k}", tuple(env[i] for i in inputs))
+                for j, o in enumerate(outputs):
+                    env[o] = new.call_function(operator.getitem, (call, j))
+                for s in run:
+                    r = s.node
+                    while r in root:
+                        r = root[r]
+                    if r in env and s.node not in env:
+                        env[s.node] = env[r]
+            elif n not in members:
+                env[n] = new.node_copy(n, lambda a: env[a])
+        targets = {n.target for n in new.nodes if n.op == "call_module"}
+        owners = {t: modules[t] for t in targets if t in modules}
+        owners.update({f"_trp_segment_{k}": seg for k, seg in enumerate(self.segments)})
+        for n in new.nodes:
+            if n.op == "get_attr":
+                owners[n.target] = _attr(model, n.target)
+        self.module = torch.fx.GraphModule(owners, new)
+        # what every call checks (holds): each plan's parameters, the same objects with the same
+        # memory (their dicts, names, objects, addresses), its relu and backend (the layer's
+        # __dict__ entries), the traced modules' training flags, no hook on what is bypassed
+        self._dicts, self._names, self._objects = [], [], []
+        for m, _ in self.plans:
+            for name, p in m._parameters.items():
+                if p is not None:
+                    self._dicts.append(m._parameters)
+                    self._names.append(name)
+                    self._objects.append(p)
+        self._tensors = [t for _, bound in self.plans for t, *_ in bound.params if t is not None]
+        self._ptrs = [tag[0] for _, bound in self.plans for t, *tag in bound.params if t is not None]
+        self._layer_dicts = [m.__dict__ for m, _ in self.plans]
+        self._layer_state = [(m.relu, m._backend) for m, _ in self.plans]
+        self._hooks = [d for m in self.leaves for d in (m._forward_hooks, m._forward_pre_hooks)]
+        self._hook_keys = list(map(tuple, self._hooks))
+        self._leaf_dicts = [m.__dict__ for m in self.leaves]
+
+    def holds(self) -> bool:
+        """Whether a call now gets from the program what the per-module forward gives."""
+        return (all(map(operator.is_, map(dict.get, self._dicts, self._names), self._objects))
+                and list(map(torch.Tensor.data_ptr, self._tensors)) == self._ptrs
+                and [(d.get("relu", False), d["_backend"]) for d in self._layer_dicts] == self._layer_state
+                and list(map(_training, self.traced)) == self.training
+                and list(map(tuple, self._hooks)) == self._hook_keys
+                and not any(map(operator.contains, self._leaf_dicts, itertools.repeat("forward"))))
+
+
+_training = operator.attrgetter("training")
+
+
+def _attr(model: nn.Module, target: str):
+    obj = model
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _check_same(got, want) -> None:
+    if isinstance(want, torch.Tensor):
+        if not isinstance(got, torch.Tensor) or got.shape != want.shape:
+            raise ValueError("the program's output does not have the model's shape")
+        scale = float(want.abs().max()) if want.numel() else 0.0
+        err = float((got - want).abs().max()) if want.numel() else 0.0
+        if not err <= BUILD_RTOL * max(scale, 1e-30):
+            raise ValueError(f"the program's output differs from the model's by {err:.3g} (max |y| {scale:.3g})")
+        return
+    if isinstance(want, (tuple, list)) and isinstance(got, (tuple, list)) and len(got) == len(want):
+        for g, w in zip(got, want):
+            _check_same(g, w)
+        return
+    if isinstance(want, dict) and isinstance(got, dict) and got.keys() == want.keys():
+        for k in want:
+            _check_same(got[k], want[k])
+        return
+    if got is not want and got != want:
+        raise ValueError("the program's output does not match the model's")
+
+
+class Runner:
+    """A model's ``forward``: the model's :class:`Program` for the call's input shape when
+    the call can take it (see the module doc), else the model's own forward."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.programs: dict = {}
+        self.refused: dict = {}   # input shape -> why no program was built
+        self.calls = 0            # calls that ran a program
+        self.lock = threading.Lock()
+
+    def __getstate__(self):
+        return {"model": self.model}
+
+    def __setstate__(self, state):
+        self.__init__(state["model"])
+
+    def _forward(self, *args, **kwargs):
+        return type(self.model).forward(self.model, *args, **kwargs)
+
+    @property
+    def __signature__(self):  # what inspect.signature(model.forward) reads (torch.onnx.export)
+        return inspect.signature(self._forward)
+
+    @property
+    def __code__(self):  # what torch.export reads of model.forward
+        return type(self.model).forward.__code__
+
+    def __call__(self, *args, **kwargs):
+        if torch.compiler.is_compiling() or len(args) != 1 or kwargs:
+            return self._forward(*args, **kwargs)
+        x = args[0]
+        if (type(x) is not torch.Tensor or x.dtype is not torch.float32 or not x.is_cpu or torch.is_grad_enabled()
+                or getattr(_DISABLED, "on", False) or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+                or torch._C._len_torch_dispatch_stack() > 0 or _global_hooks()):
+            return self._forward(x)
+        if not self.lock.acquire(blocking=False):
+            return self._forward(x)
+        try:
+            prog = self.programs.get(x.shape)
+            if prog is None:
+                if x.shape in self.refused:
+                    return self._forward(x)
+                return self._build(x)
+            if not prog.holds():
+                del self.programs[x.shape]  # built again on the next call that can take one
+                return self._forward(x)
+            out = prog.module(x)
+            self.calls += 1
+            return out
+        finally:
+            self.lock.release()
+
+    def _build(self, x):
+        try:
+            prog = Program(self.model, x)
+        except Exception as e:  # noqa: BLE001 - refused before the model ran: the model's own forward
+            self.refused[x.shape] = f"{type(e).__name__}: {e}"
+            return self._forward(x)
+        if prog.failed is not None:
+            self.refused[x.shape] = prog.failed
+            return prog.reference
+        if len(self.programs) >= MAX_SHAPES:
+            self.programs.pop(next(iter(self.programs)))
+        self.programs[x.shape] = prog
+        return prog.reference
+
+
+def install(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Give ``model`` a :class:`Runner` as its ``forward`` (``enabled``), or take it away.
+    Models without a low-rank conv are left as they are."""
+    from trp.modules import LowRankConv2d
+
+    runner = model.__dict__.get("forward")
+    if isinstance(runner, Runner):
+        del model.forward
+    if enabled and any(isinstance(m, LowRankConv2d) for m in model.modules()):
+        model.forward = Runner(model)
+    return model
+
+
+def runner(model: nn.Module) -> Optional[Runner]:
+    """The model's :class:`Runner`, if it has one."""
+    r = model.__dict__.get("forward")
+    return r if isinstance(r, Runner) else None
