@@ -51,9 +51,11 @@ class Fusion:
 class _ChildrenAsLeaves(torch.fx.Tracer):
     """Traces one module's own forward: every child module is a leaf."""
 
-    def __init__(self, root: nn.Module):
+    def __init__(self, root: Optional[nn.Module] = None):
+        # (no root: a GraphModule being unpickled retraces with a subclass of its tracer
+        # whose every module is a leaf)
         super().__init__()
-        self._children = {id(m) for m in root.children()}
+        self._children = set() if root is None else {id(m) for m in root.children()}
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return id(m) in self._children or super().is_leaf_module(m, qualname)

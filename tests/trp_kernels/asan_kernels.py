@@ -67,4 +67,19 @@ for isa in ("avx512", "avx2", "generic"):
                 assert (out - exp).abs().max() <= 1e-4 * exp.abs().max(), (isa, r1, r2, kernel)
                 assert mod.flat_tucker_calls() == before + 1
                 n += 1
+        # The whole-model program's own steps (trp.program): max pool with ReLU, global average
+        # pool, add; each slot exactly the size its step reads or writes.
+        for (b, c, h, w, k, st, p) in [(2, 19, 9, 11, 3, 2, 1), (1, 3, 5, 4, 2, 1, 0), (1, 33, 3, 3, 3, 1, 1)]:
+            x = torch.randn(b, c, h, w).contiguous(memory_format=torch.channels_last)
+            ref = torch.nn.functional.max_pool2d(torch.relu(x), k, st, p)
+            out = torch.empty_like(ref).contiguous(memory_format=torch.channels_last)
+            gap = torch.empty(b, c, 1, 1)
+            prog = mod.Program([x.numel(), ref.numel(), b * c, x.numel()], 1, 2)
+            prog.add_max_pool(0, 1, b, h, w, c, ref.shape[2], ref.shape[3], k, k, st, st, p, p, True)
+            prog.add_add(0, 0, 3, x.numel(), False)
+            prog.add_global_avg_pool(3, 2, b, h, w, c)
+            prog.run([x.data_ptr()], [out.data_ptr(), gap.data_ptr()], threads)
+            assert torch.equal(out, ref), (isa, b, c)
+            assert (gap - 2 * x.mean((2, 3), keepdim=True)).abs().max() <= 1e-5, (isa, b, c)
+            n += 1
 print("ok", n)
