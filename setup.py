@@ -184,6 +184,8 @@ setup(
         # no triton: the CPU paths never import it, and CUDA builds of torch bring their own
     ],
     extras_require={
+        # trp.deploy / python -m trp deploy: the ONNX exporter, and ONNX Runtime to check the file
+        "deploy": ["onnx>=1.16", "onnxscript>=0.1", "onnxruntime>=1.17"],
         "dev": [
             "pytest>=7",
             "pytest-benchmark>=4",

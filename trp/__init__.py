@@ -3,11 +3,13 @@
     model = trp.compile(model)        # fold BN, factor k×k convs, swap in low-rank modules
     print(trp.summary(model, x))      # MACs and params per layer, before and after
     trp.save(model, "m.safetensors"); trp.load("m.safetensors", fresh_model)
+    trp.deploy(model, x, "m.onnx")    # ONNX of standard operators, checked in ONNX Runtime
 """
 
 from trp.breakdown import Breakdown, breakdown
 from trp.compile import CompileConfig, compile, default_filter
 from trp.decompose import RankSpec, select_rank
+from trp.deploy import Deployed, DeployError, deploy
 from trp.io import load, save
 from trp.modules import LowRankConv2d, LowRankLinear
 from trp.summary import Summary, summary
@@ -18,4 +20,4 @@ __version__ = "0.1.0"
 
 __all__ = ["compile", "CompileConfig", "default_filter", "RankSpec", "select_rank", "save", "load",
            "LowRankConv2d", "LowRankLinear", "summary", "Summary", "BackendError", "TRP", "fit", "evaluate",
-           "breakdown", "Breakdown", "__version__"]
+           "breakdown", "Breakdown", "deploy", "Deployed", "DeployError", "__version__"]

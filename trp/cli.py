@@ -318,6 +318,35 @@ def compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def deploy(args: argparse.Namespace) -> int:
+    """The user's model, compiled (or loaded with --load), as an ONNX file, checked in ONNX Runtime."""
+    import trp
+    from trp.deploy import DeployError
+
+    if args.load:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        given = [f"--{k}" for k in ("weights", "energy", "rank", "ratio") if getattr(args, k) is not None]
+        if given:
+            raise UsageError(f"--load reads the factors from its file: drop {', '.join(given)}")
+        model = load_user_model(args.model, None, args.allow_pickle)
+        try:
+            compiled = trp.load(args.load, model)
+        except Exception as e:  # noqa: BLE001 - a file that does not fit MODEL, or a bad file
+            raise UsageError(f"--load {args.load}: {type(e).__name__}: {e}") from None
+        x = torch.randn(*args.input)
+    else:
+        compiled, x, err = _compiled(args)
+        _print_compiled(compiled, x, err)
+    try:
+        report = trp.deploy(compiled, x, args.out, check=not args.no_check and "auto", time_it=args.time)
+    except (DeployError, ValueError) as e:
+        print(f"trp deploy: FAILED: {e}", file=sys.stderr)
+        return 1
+    print(report)
+    return 0
+
+
 def verify(args: argparse.Namespace) -> int:
     """Check a saved model file's checksums (and its SHA-256 against --sha256)."""
     from trp.io import TrpFileError, verify as verify_file
@@ -450,7 +479,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, what, func in (("summary", "what trp.compile does to your model: per-layer MACs, params, rank, "
                                           "scheme, backend and notes", summary),
-                             ("compress", "trp.compile your model and save it as a .safetensors file", compress)):
+                             ("compress", "trp.compile your model and save it as a .safetensors file", compress),
+                             ("deploy", "trp.compile your model (or --load the file compress wrote) and write it as an "
+                                        "ONNX file of standard operators for ONNX Runtime or OpenVINO, checked in ONNX "
+                                        "Runtime on a random input", deploy)):
         c = sub.add_parser(name, help=what, description=what + ". MODEL is 'package.module:callable' "
                            "(e.g. torchvision.models:resnet18) or 'file.py:callable'; the callable is called with "
                            "no arguments and returns an nn.Module (any nn.Module: torchvision, timm, your own).")
@@ -477,6 +509,14 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--threads", type=_positive(int), default=None, help="CPU threads")
         if name == "compress":
             c.add_argument("--out", required=True, metavar="FILE.safetensors", help="where to write the model")
+        if name == "deploy":
+            c.add_argument("--out", required=True, metavar="FILE.onnx", help="where to write the ONNX file")
+            c.add_argument("--load", default=None, metavar="FILE.safetensors",
+                           help="the compressed model that compress (or trp.save) wrote: MODEL is built fresh and "
+                                "this file's factors loaded into it, instead of compiling")
+            c.add_argument("--no-check", action="store_true", help="do not run the file in ONNX Runtime")
+            c.add_argument("--time", action="store_true",
+                           help="also time the model and the ONNX Runtime session on the input (a rough reading)")
         c.set_defaults(func=func)
 
     v = sub.add_parser("verify", help="check a file written by trp.save: its checksums, and its SHA-256 with --sha256")

@@ -75,7 +75,7 @@ def test_model_rows_for_every_provider():
     assert list(by) == list(P.MODEL_PROVIDERS)
     for name in ("dense_eager", "dense_compile", "dense_compile_frozen", "dense_ort", "dense_openvino",
                  "lowrank_eager", "lowrank_compile", "lowrank_compile_frozen", "lowrank_ort", "lowrank_openvino",
-                 "trp_eager", "trp_compile", "trp_compile_frozen"):
+                 "trp_eager", "trp_compile", "trp_compile_frozen", "trp_ort", "trp_openvino"):
         assert by[name]["status"] == "ok", (name, by[name]["reason"])
         assert by[name]["max_rel_err"] < 1e-4 and by[name]["precision"] == "float32"
     for name in ("dense_openvino_default", "lowrank_openvino_default"):  # bfloat16 where the CPU has it

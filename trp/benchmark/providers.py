@@ -4,9 +4,6 @@
 from __future__ import annotations
 
 import copy
-import io
-import logging
-import warnings
 from typing import Callable, Optional
 
 import torch
@@ -33,7 +30,7 @@ LAYER_PROVIDERS = ("dense_torch", "lowrank_torch", "lowrank_torch_cl", "lowrank_
 MODEL_PROVIDERS = ("dense_eager", "dense_eager_cl", "dense_compile", "dense_compile_frozen", "dense_ort",
                    "dense_openvino", "dense_openvino_default", "lowrank_eager", "lowrank_eager_cl", "lowrank_compile",
                    "lowrank_compile_frozen", "lowrank_ort", "lowrank_openvino", "lowrank_openvino_default",
-                   "trp_eager", "trp_compile", "trp_compile_frozen", "cpp_eager", "cpp_compile", "dense_cudagraph",
+                   "trp_eager", "trp_compile", "trp_compile_frozen", "trp_ort", "trp_openvino", "cpp_eager", "cpp_compile", "dense_cudagraph",
                    "lowrank_cudagraph", "trp_cudagraph")
 # What each model provider's speed-up is measured against: the dense model in the same runtime.
 MODEL_BASELINE = {p: "dense_" + p.split("_", 1)[1] for p in MODEL_PROVIDERS}
@@ -87,19 +84,14 @@ def _ort_session(model_bytes: bytes, profile_prefix: Optional[str] = None):
     """An ONNX Runtime CPU session as the providers run it; with ``profile_prefix``, its
     profiler on, writing there (``session.end_profiling()`` names the file)."""
     try:
-        import onnxruntime as ort
+        import onnxruntime  # noqa: F401
     except ImportError as e:
         raise Unavailable(f"onnxruntime is not installed ({e})") from None
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()  # same threads as the torch providers
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if profile_prefix is not None:
-        options.enable_profiling = True
-        options.profile_file_prefix = profile_prefix
+    from trp.deploy import ort_session
+
     # ORT's default, spinning threads, as users run it: its idle threads busy-wait after a
     # run, which is why the runner never times it call by call against another runtime.
-    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+    return ort_session(model_bytes, profile_prefix=profile_prefix)
 
 
 def _openvino_fn(model_bytes: bytes, x: torch.Tensor, f32: bool) -> Fn:
@@ -326,20 +318,13 @@ def model_bundle(case: ModelCase, generator: torch.Generator) -> dict:
 
 
 def _onnx_bytes(model: nn.Module, *inputs: torch.Tensor) -> bytes:
-    buf = io.BytesIO()
-    quiet = logging.getLogger("torch.onnx")
-    level = quiet.level
+    """The model as ONNX, exported the way ``trp.deploy`` does (:func:`trp.deploy.onnx_bytes`)."""
+    from trp.deploy import DeployError, onnx_bytes
+
     try:
-        quiet.setLevel(logging.ERROR)  # the exporter logs a line per missing torchvision op
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(model, inputs, dynamo=True, verbose=False)
-        program.save(buf)
-    except Exception as e:  # noqa: BLE001 - an exporter failure is this provider's reason
-        raise Unavailable(f"torch.onnx.export failed: {type(e).__name__}: {e}") from None
-    finally:
-        quiet.setLevel(level)
-    return buf.getvalue()
+        return onnx_bytes(model, *inputs)
+    except DeployError as e:  # an exporter failure is this provider's reason
+        raise Unavailable(str(e)) from None
 
 
 EAGER_MODEL_PROVIDERS = tuple(p for p in MODEL_PROVIDERS if p.endswith(("_eager", "_eager_cl")))
