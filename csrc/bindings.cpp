@@ -6,6 +6,7 @@
 #include <pybind11/stl.h>
 
 #include <array>
+#include <chrono>
 #include <climits>
 #include <cstdint>
 #include <cstdlib>
@@ -518,6 +519,9 @@ public:
         bool ok = true;
         {
             py::gil_scoped_release nogil;
+            std::vector<double> times;
+            if (profile_) times.reserve(steps_.size());
+            auto t0 = std::chrono::steady_clock::now();
             for (const Step& st : steps_) {
                 const float* x = slot[st.x];
                 const float* y = st.y >= 0 ? slot[st.y] : nullptr;
@@ -535,12 +539,26 @@ public:
                     if (st.kind == StepKind::kMaxPool) trp::nhwc_max_pool(p);
                     else trp::nhwc_global_avg_pool(p);
                 }
+                if (profile_) {
+                    const auto t1 = std::chrono::steady_clock::now();
+                    times.push_back(std::chrono::duration<double>(t1 - t0).count());
+                    t0 = t1;
+                }
             }
+            if (profile_ && ok) samples_.push_back(std::move(times));
         }
         if (!ok) throw std::bad_alloc();
     }
 
     int64_t steps() const { return int64_t(steps_.size()); }
+
+    // Step times for a diagnosis (benches/program_steps.py): while on, each run records each
+    // step's seconds (a clock read between steps); turning it on or off forgets the records.
+    void set_profile(bool on) {
+        profile_ = on;
+        samples_.clear();
+    }
+    const std::vector<std::vector<double>>& profile() const { return samples_; }
 
 private:
     enum class StepKind { kConv, kMaxPool, kAvgPool, kAdd };
@@ -573,6 +591,8 @@ private:
     std::vector<std::unique_ptr<float, decltype(&std::free)>> owned_;
     std::vector<py::object> plans_;
     std::vector<Step> steps_;
+    bool profile_ = false;
+    std::vector<std::vector<double>> samples_;
 };
 
 py::dict build_info_dict() {
@@ -637,7 +657,9 @@ PYBIND11_MODULE(_C, m) {
              py::arg("h"), py::arg("w"), py::arg("c"))
         .def("add_add", &Program::add_add, py::arg("x"), py::arg("y"), py::arg("out"), py::arg("n"), py::arg("relu"))
         .def("run", &Program::run, py::arg("inputs"), py::arg("outputs"), py::arg("threads"))
-        .def_property_readonly("steps", &Program::steps);
+        .def_property_readonly("steps", &Program::steps)
+        .def("set_profile", &Program::set_profile, py::arg("on"))
+        .def("profile", &Program::profile, "Per profiled run, each step's seconds.");
     m.def("vector_width", &trp::lowrank_vector_width, "Floats per vector of the active fused-kernel build.");
     m.def("isa", &trp::lowrank_isa, "Name of the active fused-kernel build: generic, avx2 or avx512.");
     m.def("set_isa", [](const std::string& name) { return trp::lowrank_set_isa(name.c_str()); },

@@ -155,10 +155,11 @@ class Segment(nn.Module):
     """One stretch of steps as one C++ program; ``fallback`` (a GraphModule of the same
     nodes) runs a call whose inputs are not what the program was built for."""
 
-    def __init__(self, program, input_shapes, output_shapes, fallback: torch.fx.GraphModule):
+    def __init__(self, program, input_shapes, output_shapes, fallback: torch.fx.GraphModule, step_names=()):
         super().__init__()
         self.program, self.input_shapes, self.output_shapes = program, input_shapes, output_shapes
         self.fallback = fallback
+        self.step_names = list(step_names)  # per C++ step: the module's fqn, or the op ("add", "relu")
 
     def forward(self, *inputs):
         for t, shape in zip(inputs, self.input_shapes):
@@ -293,7 +294,8 @@ def _build_segment(run: list[_Step], values: dict, graph_out_users: set, modules
     sub.output(tuple(env[n] for n in outputs))
     targets = {s.node.target for s in run if s.node.op == "call_module"}
     fallback = torch.fx.GraphModule({t: modules[t] for t in targets}, sub)
-    seg = Segment(prog, [values[n].shape for n in inputs], [values[n].shape for n in outputs], fallback)
+    names = [s.node.target if s.node.op == "call_module" else s.op for s in live]
+    seg = Segment(prog, [values[n].shape for n in inputs], [values[n].shape for n in outputs], fallback, names)
     return seg, inputs, outputs, root, plans
 
 

@@ -1,0 +1,91 @@
+"""Where the time goes in trp.compile's whole-model program (trp.program), step by step, against ONNX
+Runtime running the same factors node by node: a model suite case (seed 0), in one process, trp first.
+
+trp: the compiled model called under inference_mode (its program: the stretches of C++ steps in one call
+each, the stem and fc in PyTorch between); each C++ step's time from the program's own clock reads
+(_C.Program.set_profile: a steady_clock read between steps, no Python), median over the runs; "outside
+the segments" is the whole call's median less the segments' step sums (the stem conv, the fc layer, the
+Python of the call and its checks). ONNX Runtime: the lowrank_ort provider's export of the same factors,
+its profiler's node times counted to modules as benches/ort_layers.py does, after trp is done.
+
+    python benches/program_steps.py MODEL BATCH [SCHEME]     e.g. resnet50 1 tucker+pointwise
+"""
+import collections
+import statistics
+import sys
+import time
+
+import torch
+
+from ort_layers import CONV_OPS, onnx_modules, ort_runs
+from trp import program
+from trp.benchmark import providers as P
+from trp.benchmark.cases import ModelCase
+
+
+def main() -> None:
+    model_name, batch = sys.argv[1], int(sys.argv[2])
+    scheme = tuple(sys.argv[3].split("+")) if len(sys.argv) > 3 else "channel"
+    hw = 224 if model_name in ("resnet18", "resnet50") else 32
+    case = ModelCase(model_name, hw, batch, "cpu", torch.float32, scheme=scheme)
+    b = P.seeded_bundle(case)
+    model, x = b["trp"], b["x"]
+    runs = 40 if batch == 1 else 12
+    with torch.inference_mode():
+        for _ in range(5):
+            model(x)
+        prog = program.runner(model).programs[x.shape]
+        whole = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            model(x)
+            whole.append((time.perf_counter() - t0) * 1e3)
+        for seg in prog.segments:
+            seg.program.set_profile(True)
+        for _ in range(runs):
+            model(x)
+    steps = []  # (segment, name, median ms)
+    for k, seg in enumerate(prog.segments):
+        samples = seg.program.profile()
+        seg.program.set_profile(False)
+        for j, name in enumerate(seg.step_names):
+            steps.append((k, name, statistics.median(s[j] for s in samples) * 1e3))
+    whole_ms = statistics.median(whole)
+
+    data = P._onnx_bytes(b["lowrank"], x)
+    scopes = onnx_modules(data)
+    ort = ort_runs(data, [x], runs, warmup=5)
+    node_ms = collections.defaultdict(list)
+    for _, nodes in ort:
+        for e in nodes:
+            node_ms[(e["name"][: -len("_kernel_time")], e["args"].get("op_name", ""))].append(e["dur"] / 1e3)
+    ort_module = collections.defaultdict(float)
+    for (name, op), ds in node_ms.items():
+        base = name[: -len("_nchwc")] if name.endswith("_nchwc") else name
+        plain, conv = scopes.get(base, (None, None))
+        fqn = (conv if op in CONV_OPS and conv else plain) or f"({op})"
+        ort_module[fqn] += statistics.median(ds)
+    ort_whole = statistics.median(ms for ms, _ in ort)
+
+    print(f"{case.name} batch {batch}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"whole model: trp.compile (program) {whole_ms:.3f} ms, ONNX Runtime {ort_whole:.3f} ms "
+          f"(medians of {runs} calls; ORT: profiled model_run)")
+    in_steps = sum(ms for _, _, ms in steps)
+    print(f"trp: {len(steps)} C++ steps in {len(prog.segments)} segments {in_steps:.3f} ms; outside them "
+          f"{whole_ms - in_steps:.3f} ms")
+    matched = 0.0
+    print(f"{'step':28s} {'trp ms':>8s} {'ORT ms':>8s} {'trp/ORT':>8s}")
+    for k, name, ms in steps:
+        o = ort_module.pop(name, None)
+        if o is not None:
+            matched += o
+        ratio = f"{ms / o:8.2f}" if o else f"{'':8s}"
+        print(f"{name:28s} {ms:8.3f} {o if o is not None else float('nan'):8.3f} {ratio}")
+    print(f"ORT nodes of modules outside trp's steps (stem, fc, ...) and ORT's own: "
+          + ", ".join(f"{k} {v:.3f}" for k, v in sorted(ort_module.items(), key=lambda kv: -kv[1])[:12]))
+    print(f"sum over the matched steps: trp {sum(ms for _, n, ms in steps if n not in ('add', 'relu')):.3f} ms, "
+          f"ORT {matched:.3f} ms")
+
+
+if __name__ == "__main__":
+    main()
