@@ -10,13 +10,19 @@ of steps the C++ side has is one :class:`Segment`:
 
 - a low-rank conv whose call ran a kept C++ plan (``trp_kernels.cpp.Bound``), with its
   residual and ReLU;
+- a dense ``nn.Conv2d`` (groups 1, zero padding) that trp's dense kernel runs faster than
+  PyTorch on the building call's input (each timed 5 times in turn; within
+  :data:`DENSE_MARGIN`), with a ``+ residual`` and a ReLU after it folded into its
+  epilogue. Its weight parameter then takes the kernel's layout (same values and shape,
+  permuted strides: PyTorch's conv reads any), so that the kernel reads the parameter's
+  own memory and sees every write to it, ``.data`` writes included;
 - ``nn.MaxPool2d`` (dilation 1, floor mode), a ReLU before it folded in;
 - ``nn.AdaptiveAvgPool2d(1)``;
 - ``+`` of two tensors of one shape, a ReLU after it folded in; a ReLU alone;
 - ``nn.Identity`` (what BN folding leaves): no step.
 
-The rest (the stem conv, which oneDNN runs faster than trp's dense kernel, the flatten and
-the fc layer) runs in PyTorch between the segments, as before. A segment's intermediate
+The rest (a dense conv PyTorch runs faster, as oneDNN does ResNet's 7×7 stem, the flatten
+and the fc layer) runs in PyTorch between the segments, as before. A segment's intermediate
 tensors live in buffers its program owns and reuses; only what leaves the segment is a
 new tensor.
 
@@ -48,6 +54,7 @@ import inspect
 import itertools
 import operator
 import threading
+import time
 from typing import Optional
 
 import torch
@@ -95,12 +102,56 @@ def _untouched(m: nn.Module) -> bool:
 
 
 class _Step:
-    """A node of a stretch: what it does in C++ (``op``), the nodes it reads, its flags."""
+    """A node of a stretch: what it does in C++ (``op``), the nodes it reads, its flags;
+    ``laid``: a dense conv's weight in the kernel's layout."""
 
-    __slots__ = ("node", "op", "reads", "relu", "module")
+    __slots__ = ("node", "op", "reads", "relu", "module", "laid", "name", "into")
 
-    def __init__(self, node, op, reads, module=None):
-        self.node, self.op, self.reads, self.relu, self.module = node, op, list(reads), False, module
+    def __init__(self, node, op, reads, module=None, laid=None):
+        self.node, self.op, self.reads, self.relu, self.module, self.laid = node, op, list(reads), False, module, laid
+        self.name = node.target if node.op == "call_module" else op  # what profiles call it
+        self.into = None  # a "dead" step's node: the node whose step does its work now
+
+
+DENSE_MARGIN = 0.9  # a dense conv joins a program when trp's kernel takes at most this much of PyTorch's time
+
+
+def _conv_geometry(m: nn.Conv2d) -> tuple:
+    from trp_kernels.reference import resolve_padding
+
+    pad = 0 if m.padding == "valid" else m.padding
+    return tuple(m.stride), tuple(resolve_padding(pad, m.kernel_size, m.dilation)), tuple(m.dilation)
+
+
+def _dense_choice(m: nn.Conv2d, x, y) -> Optional[torch.Tensor]:
+    """The weight of a dense conv in the kernel's layout when trp's dense kernel runs it on
+    ``x`` faster than PyTorch does (each timed 5 times, in turn; :data:`DENSE_MARGIN`), else
+    None. Only convs the kernel takes: float32, groups 1, zero padding, on a plannable input."""
+    from trp_kernels import cpp, ops
+
+    w = m.weight
+    if (m.groups != 1 or m.padding_mode != "zeros" or w.dtype is not torch.float32 or not w.is_cpu
+            or not _plannable(y) or max(m.kernel_size) > 64):
+        return None
+    stride, pad, dil = _conv_geometry(m)
+    if ops.backend_kernel("cpp", [w.shape], list(stride), list(pad), list(dil)) is None:
+        return None
+    with torch.inference_mode(False):  # a normal tensor: it may become the parameter's memory, which autograd uses
+        laid = cpp.kernel_layout(w.detach())
+    bias = None if m.bias is None else m.bias.detach()
+    ours = lambda: cpp.fused_chain(x, [laid], bias, "dense", stride, pad, dil)  # noqa: E731
+    theirs = lambda: m._conv_forward(x, w, m.bias)  # noqa: E731
+    out = ours()
+    if not (out - y).abs().max() <= BUILD_RTOL * max(float(y.abs().max()), 1e-30):
+        return None
+    times = {ours: [], theirs: []}
+    for _ in range(5):
+        for fn in (ours, theirs):
+            t0 = time.perf_counter()
+            fn()
+            times[fn].append(time.perf_counter() - t0)
+    med = {fn: sorted(t)[2] for fn, t in times.items()}
+    return laid if med[ours] <= DENSE_MARGIN * med[theirs] else None
 
 
 def _classify(node: torch.fx.Node, modules: dict, values: dict) -> Optional[_Step]:
@@ -124,6 +175,9 @@ def _classify(node: torch.fx.Node, modules: dict, values: dict) -> Optional[_Ste
                     or (res is not None and not tensor_args(res)) or not _plannable(values.get(node))):
                 return None
             return _Step(node, "conv", [node.args[0]] + ([res] if res is not None else []), m)
+        if type(m) is nn.Conv2d and len(node.args) == 1 and not node.kwargs and tensor_args(node.args[0]):
+            laid = _dense_choice(m, values[node.args[0]], values.get(node))
+            return None if laid is None else _Step(node, "dense", node.args, m, laid)
         if isinstance(m, nn.MaxPool2d) and len(node.args) == 1 and not node.kwargs and tensor_args(node.args[0]):
             pair = nn.modules.utils._pair
             if (m.ceil_mode or m.return_indices or pair(m.dilation) != (1, 1)
@@ -197,16 +251,55 @@ def _segments(graph: torch.fx.Graph, modules: dict, values: dict) -> list[list[_
                 src = by_node.get(s.reads[0])
                 users = list(s.node.users)
                 if src is not None and src.op == "add" and not src.relu and len(src.node.users) == 1:
-                    src.relu = True            # add, then ReLU: one step
-                    s.op = "alias"
+                    # add, then ReLU: one step, at the ReLU (whose value the add's users see)
+                    s.op, s.reads, s.relu, s.name = "add", src.reads, True, "add"
+                    src.op, src.into = "dead", s.node
+                elif (prod := _through_aliases(by_node, s.reads[0])) is not None and prod.op == "dense" \
+                        and len(prod.reads) == 1 and not prod.relu and _single_use(by_node, prod.node, s.node):
+                    # a dense conv, then ReLU: the conv's step with the ReLU in its epilogue, at the ReLU
+                    s.op, s.module, s.laid, s.name, s.reads, s.relu = "dense", prod.module, prod.laid, prod.name, \
+                        prod.reads, True
+                    prod.op, prod.into = "dead", s.node
                 elif len(users) == 1 and by_node.get(users[0]) is not None and by_node[users[0]].op == "maxpool":
                     by_node[users[0]].relu = True   # ReLU, then max pool: the pool applies it
                     by_node[users[0]].reads = list(s.reads)
-                    s.op = "dead"
+                    s.op, s.into = "dead", users[0]
             kept.append(s)
+        for s in kept:  # a dense conv, then + residual (then ReLU): one step, at the add, the plan's epilogue
+            if s.op != "add":
+                continue
+            for k in (0, 1):
+                prod, other = _through_aliases(by_node, s.reads[k]), s.reads[1 - k]
+                if (prod is not None and prod.op == "dense" and len(prod.reads) == 1 and not prod.relu
+                        and _single_use(by_node, prod.node, s.node)):
+                    s.op, s.module, s.laid, s.name = "dense", prod.module, prod.laid, prod.name
+                    s.reads = [prod.reads[0], other]
+                    prod.op, prod.into = "dead", s.node
+                    break
         if any(s.op not in ("alias", "dead") for s in kept):
             out.append(kept)
     return out
+
+
+def _through_aliases(by_node: dict, node) -> Optional[_Step]:
+    """The step that computes ``node``'s value, past aliases (nn.Identity) in the stretch."""
+    step = by_node.get(node)
+    while step is not None and step.op == "alias":
+        step = by_node.get(step.reads[0])
+    return step
+
+
+def _single_use(by_node: dict, node, user) -> bool:
+    """Whether ``node``'s value reaches nothing but ``user``, through aliases of the stretch
+    and steps whose work ``user``'s step does now."""
+    for u in node.users:
+        step = by_node.get(u)
+        if u is user:
+            continue
+        through = step is not None and (step.op == "alias" or (step.op == "dead" and step.into is user))
+        if not through or not _single_use(by_node, u, user):
+            return False
+    return True
 
 
 def _build_segment(run: list[_Step], values: dict, graph_out_users: set, modules: dict):
@@ -263,7 +356,7 @@ def _build_segment(run: list[_Step], values: dict, graph_out_users: set, modules
             if last_read.get(r) == i and slot[r] >= len(inputs) + len(outputs):
                 free.append(slot[r])
     prog = lib.Program(sizes, len(inputs), len(outputs))
-    plans = []
+    plans, dense = [], []
     for s in live:
         reads = [slot[resolve(r)] for r in s.reads]
         out = slot[s.node]
@@ -271,6 +364,17 @@ def _build_segment(run: list[_Step], values: dict, graph_out_users: set, modules
             bound = s.module._kept[0]
             prog.add_conv(bound.plan, reads[0], reads[1] if len(reads) > 1 else -1, out)
             plans.append((s.module, bound))
+        elif s.op == "dense":
+            m = s.module
+            stride, pad, dil = _conv_geometry(m)
+            res = values[resolve(s.reads[1])] if len(s.reads) > 1 else None
+            bias = None if m.bias is None else m.bias.detach()
+            _, bound = cpp.bound_chain(values[resolve(s.reads[0])], [s.laid], bias, "dense", stride, pad, dil,
+                                       res, s.relu)
+            if bound is None:
+                raise ValueError(f"no plan kept for the dense conv {s.node.target}")
+            prog.add_conv(bound.plan, reads[0], reads[1] if len(reads) > 1 else -1, out)
+            dense.append((m, s.laid, bound))
         elif s.op == "maxpool":
             x, y, m = values[resolve(s.reads[0])], values[s.node], s.module
             pair = nn.modules.utils._pair
@@ -294,9 +398,9 @@ def _build_segment(run: list[_Step], values: dict, graph_out_users: set, modules
     sub.output(tuple(env[n] for n in outputs))
     targets = {s.node.target for s in run if s.node.op == "call_module"}
     fallback = torch.fx.GraphModule({t: modules[t] for t in targets}, sub)
-    names = [s.node.target if s.node.op == "call_module" else s.op for s in live]
+    names = [s.name for s in live]
     seg = Segment(prog, [values[n].shape for n in inputs], [values[n].shape for n in outputs], fallback, names)
-    return seg, inputs, outputs, root, plans
+    return seg, inputs, outputs, root, plans, dense
 
 
 class Program:
@@ -321,7 +425,9 @@ class Program:
         class Recorder(torch.fx.Interpreter):
             def run_node(self, n):
                 out = super().run_node(n)
-                values[n] = out
+                # a copy: a later in-place op (ReLU(inplace=True), +=) must not change what
+                # this node gave, which the segments are checked against
+                values[n] = out.clone() if isinstance(out, torch.Tensor) else out
                 return out
 
         with torch.no_grad():
@@ -335,10 +441,11 @@ class Program:
     def _build(self, model, graph, modules, values, inner):
         out_node = next(n for n in graph.nodes if n.op == "output")
         graph_out_users = set(out_node.all_input_nodes)
-        self.segments, self.plans, self.leaves = [], [], []
+        self.segments, self.plans, self.leaves, self.dense = [], [], [], []
         by_first, members = {}, set()
         for run in _segments(graph, modules, values):
-            seg, inputs, outputs, root, plans = _build_segment(run, values, graph_out_users, modules)
+            seg, inputs, outputs, root, plans, dense = _build_segment(run, values, graph_out_users, modules)
+            self.dense.extend(dense)
             got = seg(*(values[n] for n in inputs))
             for o, g in zip(outputs, got):
                 _check_same(g, values[o])
@@ -377,7 +484,7 @@ class Program:
         # memory (their dicts, names, objects, addresses), its relu and backend (the layer's
         # __dict__ entries), the traced modules' training flags, no hook on what is bypassed
         self._dicts, self._names, self._objects = [], [], []
-        for m, _ in self.plans:
+        for m in [m for m, _ in self.plans] + [m for m, _, _ in self.dense]:
             for name, p in m._parameters.items():
                 if p is not None:
                     self._dicts.append(m._parameters)
@@ -385,6 +492,15 @@ class Program:
                     self._objects.append(p)
         self._tensors = [t for _, bound in self.plans for t, *_ in bound.params if t is not None]
         self._ptrs = [tag[0] for _, bound in self.plans for t, *tag in bound.params if t is not None]
+        # A dense conv that joins the program reads its weight in the kernel's layout: the
+        # parameter takes that layout now (same values; PyTorch's conv reads any strides), so
+        # that the plan reads the parameter's own memory and sees every later write to it.
+        with torch.no_grad():
+            for m, laid, _ in self.dense:
+                if m.weight.data_ptr() != laid.data_ptr():
+                    m.weight.data = laid
+                self._tensors += [t for t in (m.weight, m.bias) if t is not None]
+                self._ptrs += [t.data_ptr() for t in (m.weight, m.bias) if t is not None]
         self._layer_dicts = [m.__dict__ for m, _ in self.plans]
         self._layer_state = [(m.relu, m._backend) for m, _ in self.plans]
         self._hooks = [d for m in self.leaves for d in (m._forward_hooks, m._forward_pre_hooks)]

@@ -285,3 +285,50 @@ def test_program_checks_its_steps():
         prog.run([], [1], 1)
     with pytest.raises(ValueError, match="slot 0 is a null pointer"):
         prog.run([0], [1], 1)
+
+
+# ---- dense convs as steps
+
+
+def _dense_layer1():
+    """CIFAR ResNet-8 whose 16-channel layer stays dense (ratio 0.25 rounded up to 16: full rank)."""
+    model = models.resnet_cifar(8).eval()
+    models.randomize_batchnorm(model, torch.Generator().manual_seed(0))
+    return trp.compile(model, ratio=0.25)
+
+
+@pytest.mark.parametrize("margin", [1e9, 0.0])
+def test_dense_convs_join_the_program_when_faster(monkeypatch, margin):
+    monkeypatch.setattr(program, "DENSE_MARGIN", margin)  # always faster / never faster
+    model = _dense_layer1()
+    conv = model.layer1[0].conv2
+    assert type(conv) is nn.Conv2d
+    x = torch.randn(2, 3, 16, 16)
+    _run(model, x)
+    got = _run(model, x)
+    assert program.runner(model).calls == 1
+    names = [n for s in program.runner(model).programs[x.shape].segments for n in s.step_names]
+    if margin:
+        # the dense convs are steps, their residual add and ReLU in the conv's epilogue
+        assert "layer1.0.conv1" in names and "layer1.0.conv2" in names and "add" not in names
+        assert cpp.in_kernel_layout(conv.weight) and not conv.weight.is_inference()
+    else:
+        assert "layer1.0.conv2" not in names and conv.weight.is_contiguous()
+    want = _per_module(model, x)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_a_dense_step_sees_writes_to_its_weight(monkeypatch):
+    monkeypatch.setattr(program, "DENSE_MARGIN", 1e9)
+    model = _dense_layer1()
+    x = torch.randn(2, 3, 16, 16)
+    _run(model, x)
+    conv = model.layer1[0].conv1
+    conv.weight.data.mul_(-1.5)          # through .data: no version counter sees it
+    got = _run(model, x)
+    assert program.runner(model).calls == 1
+    want = _per_module(model, x)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    y = model(x)                          # grad mode: the per-module forward, and backward through the relaid weight
+    y.sum().backward()
+    assert conv.weight.grad is not None and conv.weight.grad.shape == conv.weight.shape
