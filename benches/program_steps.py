@@ -5,7 +5,9 @@ trp: the compiled model called under inference_mode (its program: the stretches 
 each, the stem and fc in PyTorch between); each C++ step's time from the program's own clock reads
 (_C.Program.set_profile: a steady_clock read between steps, no Python), median over the runs; "outside
 the segments" is the whole call's median less the segments' step sums (the stem conv, the fc layer, the
-Python of the call and its checks). ONNX Runtime: the lowrank_ort provider's export of the same factors,
+Python of the call and its checks). At the end, the same per part of the model (trp.breakdown's parts): the
+modules PyTorch runs between the segments timed by hooks on them (which leave the program in place), glue
+the rest of the call (Python, the checks, the adds and ReLUs outside the kernels). ONNX Runtime: the lowrank_ort provider's export of the same factors,
 its profiler's node times counted to modules as benches/ort_layers.py does, after trp is done.
 
     python benches/program_steps.py MODEL BATCH [SCHEME]     e.g. resnet50 1 tucker+pointwise
@@ -19,6 +21,8 @@ import torch
 
 from ort_layers import CONV_OPS, onnx_modules, ort_runs
 from trp import program
+from trp.breakdown import GLUE, PARTS, part_of
+from trp.compile import find_stem
 from trp.benchmark import providers as P
 from trp.benchmark.cases import ModelCase
 
@@ -42,8 +46,23 @@ def main() -> None:
             whole.append((time.perf_counter() - t0) * 1e3)
         for seg in prog.segments:
             seg.program.set_profile(True)
+        # the modules PyTorch runs between the segments (stem, fc, dense convs it runs faster),
+        # each between two clock reads (hooks there leave the program as it is)
+        outside = {n.target: [] for n in prog.module.graph.nodes
+                   if n.op == "call_module" and not n.target.startswith("_trp_segment")}
+        clock = {}
+        hooks = []
+        for fqn in outside:
+            m = model.get_submodule(fqn)
+            hooks.append(m.register_forward_pre_hook(lambda mod, a, fqn=fqn: clock.__setitem__(fqn, time.perf_counter())))
+            hooks.append(m.register_forward_hook(
+                lambda mod, a, out, fqn=fqn: outside[fqn].append((time.perf_counter() - clock[fqn]) * 1e3)))
+        calls_before = program.runner(model).calls
         for _ in range(runs):
             model(x)
+        assert program.runner(model).calls == calls_before + runs  # the program ran every profiled call
+        for h in hooks:
+            h.remove()
     steps = []  # (segment, name, median ms)
     for k, seg in enumerate(prog.segments):
         samples = seg.program.profile()
@@ -85,6 +104,33 @@ def main() -> None:
           + ", ".join(f"{k} {v:.3f}" for k, v in sorted(ort_module.items(), key=lambda kv: -kv[1])[:12]))
     print(f"sum over the matched steps: trp {sum(ms for _, n, ms in steps if n not in ('add', 'relu')):.3f} ms, "
           f"ORT {matched:.3f} ms")
+
+    # per part of the model (trp.breakdown's parts): trp's steps and outside modules, ORT's nodes
+    stem = find_stem(b["lowrank"])
+    trp_part, ort_part = collections.defaultdict(float), collections.defaultdict(float)
+    for _, name, ms in steps:
+        part = None
+        if name not in ("add", "relu"):
+            part = part_of(name, model.get_submodule(name), stem)
+        trp_part[part or GLUE] += ms
+    for fqn, ts in outside.items():
+        trp_part[part_of(fqn, model.get_submodule(fqn), stem) or GLUE] += statistics.median(ts)
+    trp_part[GLUE] += whole_ms - sum(trp_part.values())  # Python between the calls, the checks, the rest
+    for (name, op), ds in node_ms.items():
+        base = name[: -len("_nchwc")] if name.endswith("_nchwc") else name
+        plain, conv = scopes.get(base, (None, None))
+        fqn = conv if op in CONV_OPS and conv else plain
+        try:
+            module = b["lowrank"].get_submodule(fqn) if fqn else None
+        except AttributeError:
+            module = None
+        ort_part[(part_of(fqn, module, stem) if module is not None else None) or GLUE] += statistics.median(ds)
+    ort_part[GLUE] += ort_whole - sum(ort_part.values())
+    print(f"\n{'part':18s} {'trp ms':>8s} {'ORT ms':>8s}")
+    for part in PARTS:
+        if trp_part.get(part) or ort_part.get(part):
+            print(f"{part:18s} {trp_part.get(part, 0.0):8.3f} {ort_part.get(part, 0.0):8.3f}")
+    print(f"{'whole':18s} {whole_ms:8.3f} {ort_whole:8.3f}")
 
 
 if __name__ == "__main__":
