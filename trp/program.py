@@ -12,8 +12,9 @@ of steps the C++ side has is one :class:`Segment`:
   residual and ReLU;
 - a dense ``nn.Conv2d`` (groups 1, zero padding) that trp's dense kernel runs faster than
   PyTorch on the building call's input (each timed 5 times in turn; within
-  :data:`DENSE_MARGIN`), with a ``+ residual`` and a ReLU after it folded into its
-  epilogue. Its weight parameter then takes the kernel's layout (same values and shape,
+  :data:`DENSE_MARGIN`), and that PyTorch runs about as fast with its weight in trp's
+  layout (:data:`FALLBACK_SLOWDOWN`: the calls that still go layer by layer must not get
+  slower), with a ``+ residual`` and a ReLU after it folded into its epilogue. Its weight parameter then takes the kernel's layout (same values and shape,
   permuted strides: PyTorch's conv reads any), so that the kernel reads the parameter's
   own memory and sees every write to it, ``.data`` writes included;
 - ``nn.MaxPool2d`` (dilation 1, floor mode), a ReLU before it folded in;
@@ -49,6 +50,7 @@ the programs off for a block of calls.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import inspect
 import itertools
@@ -114,6 +116,7 @@ class _Step:
 
 
 DENSE_MARGIN = 0.9  # a dense conv joins a program when trp's kernel takes at most this much of PyTorch's time
+FALLBACK_SLOWDOWN = 1.1  # ... and PyTorch's own conv with the weight in trp's layout at most this much more
 
 
 def _conv_geometry(m: nn.Conv2d) -> tuple:
@@ -141,20 +144,25 @@ def _dense_choice(m: nn.Conv2d, x, y) -> Optional[torch.Tensor]:
     bias = None if m.bias is None else m.bias.detach()
     ours = lambda: cpp.fused_chain(x, [laid], bias, "dense", stride, pad, dil)  # noqa: E731
     theirs = lambda: m._conv_forward(x, w, m.bias)  # noqa: E731
+    theirs_laid = lambda: m._conv_forward(x, laid, m.bias)  # noqa: E731  (the per-module forward after)
     out = ours()
     if not (out - y).abs().max() <= BUILD_RTOL * max(float(y.abs().max()), 1e-30):
         return None
-    times = {ours: [], theirs: []}
+    times = {ours: [], theirs: [], theirs_laid: []}
     for _ in range(5):
-        for fn in (ours, theirs):
+        for fn in times:
             t0 = time.perf_counter()
             fn()
             times[fn].append(time.perf_counter() - t0)
     med = {fn: sorted(t)[2] for fn, t in times.items()}
-    return laid if med[ours] <= DENSE_MARGIN * med[theirs] else None
+    faster = med[ours] <= DENSE_MARGIN * med[theirs]
+    # the weight's new layout must not slow the calls that still run the layer in PyTorch
+    # (gradients, hooks): oneDNN reorders some permuted weights on every call (ResNet-50's
+    # 512->2048 1x1 at 7x7: 0.42 ms contiguous, 2.0 ms permuted)
+    return laid if faster and med[theirs_laid] <= FALLBACK_SLOWDOWN * med[theirs] else None
 
 
-def _classify(node: torch.fx.Node, modules: dict, values: dict) -> Optional[_Step]:
+def _classify(node: torch.fx.Node, modules: dict, values: dict, uses: Optional[dict] = None) -> Optional[_Step]:
     """The step ``node`` becomes, or None when the C++ side has none for it."""
     from trp.modules import LowRankConv2d
 
@@ -175,7 +183,8 @@ def _classify(node: torch.fx.Node, modules: dict, values: dict) -> Optional[_Ste
                     or (res is not None and not tensor_args(res)) or not _plannable(values.get(node))):
                 return None
             return _Step(node, "conv", [node.args[0]] + ([res] if res is not None else []), m)
-        if type(m) is nn.Conv2d and len(node.args) == 1 and not node.kwargs and tensor_args(node.args[0]):
+        if (type(m) is nn.Conv2d and len(node.args) == 1 and not node.kwargs and tensor_args(node.args[0])
+                and (uses or {}).get(id(m), 1) == 1):  # (a conv called twice would need its weight in two layouts)
             laid = _dense_choice(m, values[node.args[0]], values.get(node))
             return None if laid is None else _Step(node, "dense", node.args, m, laid)
         if isinstance(m, nn.MaxPool2d) and len(node.args) == 1 and not node.kwargs and tensor_args(node.args[0]):
@@ -233,8 +242,9 @@ def _segments(graph: torch.fx.Graph, modules: dict, values: dict) -> list[list[_
     """The graph's maximal runs of consecutive nodes that are C++ steps, with ReLUs folded
     into the max pool after them or the add before them."""
     runs, cur = [], []
+    uses = collections.Counter(id(modules[n.target]) for n in graph.nodes if n.op == "call_module")
     for node in graph.nodes:
-        step = _classify(node, modules, values)
+        step = _classify(node, modules, values, uses)
         if step is not None:
             cur.append(step)
         elif cur:
@@ -340,8 +350,18 @@ def _build_segment(run: list[_Step], values: dict, graph_out_users: set, modules
         for r in s.reads:
             last_read[resolve(r)] = i
     free: list[int] = []
+    first_buffer = len(inputs) + len(outputs)
     for i, s in enumerate(live):
         n = s.node
+        if n not in slot and s.op in ("add", "relu"):
+            # elementwise: the output may take the buffer of an input read last here (no fresh
+            # buffer to bring into the cache: at batch 8 an add's operands are 25 MB each)
+            for r in s.reads:
+                r = resolve(r)
+                if last_read.get(r) == i and slot[r] >= first_buffer and sizes[slot[r]] >= _floats(values[n]):
+                    slot[n] = slot[r]
+                    last_read[r] = -1  # not freed below: the output lives on in it
+                    break
         if n not in slot:
             need = _floats(values[n])
             if free:
@@ -353,7 +373,7 @@ def _build_segment(run: list[_Step], values: dict, graph_out_users: set, modules
                 sizes.append(need)
             slot[n] = b
         for r in {resolve(r) for r in s.reads}:
-            if last_read.get(r) == i and slot[r] >= len(inputs) + len(outputs):
+            if last_read.get(r) == i and slot[r] >= first_buffer:
                 free.append(slot[r])
     prog = lib.Program(sizes, len(inputs), len(outputs))
     plans, dense = [], []

@@ -332,3 +332,36 @@ def test_a_dense_step_sees_writes_to_its_weight(monkeypatch):
     y = model(x)                          # grad mode: the per-module forward, and backward through the relaid weight
     y.sum().backward()
     assert conv.weight.grad is not None and conv.weight.grad.shape == conv.weight.shape
+
+
+def test_a_dense_conv_called_twice_stays_in_pytorch(monkeypatch):
+    monkeypatch.setattr(program, "DENSE_MARGIN", 1e9)
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.low = trp.LowRankConv2d(8, 8, 3, rank=2, padding=1)
+            self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(self.low(self.conv(x)))
+
+    model = trp.compile(Twice().eval(), rank=2)
+    x = torch.randn(1, 8, 8, 8)
+    _run(model, x)
+    got = _run(model, x)
+    assert program.runner(model).calls == 1
+    names = [n for s in program.runner(model).programs[x.shape].segments for n in s.step_names]
+    assert names == ["low"] and model.conv.weight.is_contiguous()
+    want = _per_module(model, x)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_a_dense_conv_that_its_layout_would_slow_stays_in_pytorch(monkeypatch):
+    monkeypatch.setattr(program, "DENSE_MARGIN", 1e9)        # trp's kernel "faster"
+    monkeypatch.setattr(program, "FALLBACK_SLOWDOWN", 0.0)   # but PyTorch "slower" with the new layout
+    model = _dense_layer1()
+    x = torch.randn(2, 3, 16, 16)
+    _run(model, x)
+    names = [n for s in program.runner(model).programs[x.shape].segments for n in s.step_names]
+    assert "layer1.0.conv2" not in names and model.layer1[0].conv2.weight.is_contiguous()
