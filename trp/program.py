@@ -117,6 +117,7 @@ class _Step:
 
 DENSE_MARGIN = 0.9  # a dense conv joins a program when trp's kernel takes at most this much of PyTorch's time
 FALLBACK_SLOWDOWN = 1.1  # ... and PyTorch's own conv with the weight in trp's layout at most this much more
+FALLBACK_SLACK_S = 5e-6  # (+ this: on a 9 us conv, 1 us is the timer's noise, and Python's time dwarfs it)
 
 
 def _conv_geometry(m: nn.Conv2d) -> tuple:
@@ -128,8 +129,9 @@ def _conv_geometry(m: nn.Conv2d) -> tuple:
 
 def _dense_choice(m: nn.Conv2d, x, y) -> Optional[torch.Tensor]:
     """The weight of a dense conv in the kernel's layout when trp's dense kernel runs it on
-    ``x`` faster than PyTorch does (each timed 5 times, in turn; :data:`DENSE_MARGIN`), else
-    None. Only convs the kernel takes: float32, groups 1, zero padding, on a plannable input."""
+    ``x`` faster than PyTorch does (each timed 5 times, in turn, trp's as a program step, with
+    no Python around it; :data:`DENSE_MARGIN`), else None. Only convs the kernel takes:
+    float32, groups 1, zero padding, on a plannable input."""
     from trp_kernels import cpp, ops
 
     w = m.weight
@@ -142,12 +144,16 @@ def _dense_choice(m: nn.Conv2d, x, y) -> Optional[torch.Tensor]:
     with torch.inference_mode(False):  # a normal tensor: it may become the parameter's memory, which autograd uses
         laid = cpp.kernel_layout(w.detach())
     bias = None if m.bias is None else m.bias.detach()
-    ours = lambda: cpp.fused_chain(x, [laid], bias, "dense", stride, pad, dil)  # noqa: E731
+    out, bound = cpp.bound_chain(x, [laid], bias, "dense", stride, pad, dil)
+    if bound is None or not (out - y).abs().max() <= BUILD_RTOL * max(float(y.abs().max()), 1e-30):
+        return None
+    # trp's kernel as a program step runs it: no Python around the call
+    step = cpp._require().Program([x.numel(), out.numel()], 1, 1)
+    step.add_conv(bound.plan, 0, -1, 1)
+    ptrs, threads = ([x.data_ptr()], [out.data_ptr()]), torch.get_num_threads()
+    ours = lambda: step.run(*ptrs, threads)  # noqa: E731
     theirs = lambda: m._conv_forward(x, w, m.bias)  # noqa: E731
     theirs_laid = lambda: m._conv_forward(x, laid, m.bias)  # noqa: E731  (the per-module forward after)
-    out = ours()
-    if not (out - y).abs().max() <= BUILD_RTOL * max(float(y.abs().max()), 1e-30):
-        return None
     times = {ours: [], theirs: [], theirs_laid: []}
     for _ in range(5):
         for fn in times:
@@ -159,7 +165,7 @@ def _dense_choice(m: nn.Conv2d, x, y) -> Optional[torch.Tensor]:
     # the weight's new layout must not slow the calls that still run the layer in PyTorch
     # (gradients, hooks): oneDNN reorders some permuted weights on every call (ResNet-50's
     # 512->2048 1x1 at 7x7: 0.42 ms contiguous, 2.0 ms permuted)
-    return laid if faster and med[theirs_laid] <= FALLBACK_SLOWDOWN * med[theirs] else None
+    return laid if faster and med[theirs_laid] <= FALLBACK_SLOWDOWN * med[theirs] + FALLBACK_SLACK_S else None
 
 
 def _classify(node: torch.fx.Node, modules: dict, values: dict, uses: Optional[dict] = None) -> Optional[_Step]:
@@ -604,6 +610,10 @@ class Runner:
                 or getattr(_DISABLED, "on", False) or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
                 or torch._C._len_torch_dispatch_stack() > 0 or _global_hooks()):
             return self._forward(x)
+        if x.dim() == 4:
+            # what the model's entry hook does first (trp.layout): done here, the program's
+            # first step (the stem) can take the input as it is
+            x = x.contiguous(memory_format=torch.channels_last)
         if not self.lock.acquire(blocking=False):
             return self._forward(x)
         try:
