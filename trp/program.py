@@ -116,6 +116,7 @@ class _Step:
 
 
 DENSE_MARGIN = 0.9  # a dense conv joins a program when trp's kernel takes at most this much of PyTorch's time
+RESIDUAL_MARGIN = 1.2  # ... or, when it also takes the add after it, this much of PyTorch's conv alone (_dense_choice)
 FALLBACK_SLOWDOWN = 1.1  # ... and PyTorch's own conv with the weight in trp's layout at most this much more
 FALLBACK_SLACK_S = 5e-6  # (+ this: on a 9 us conv, 1 us is the timer's noise, and Python's time dwarfs it)
 
@@ -127,11 +128,32 @@ def _conv_geometry(m: nn.Conv2d) -> tuple:
     return tuple(m.stride), tuple(resolve_padding(pad, m.kernel_size, m.dilation)), tuple(m.dilation)
 
 
-def _dense_choice(m: nn.Conv2d, x, y) -> Optional[torch.Tensor]:
+def _residual_after(node: torch.fx.Node, modules: dict, values: dict) -> Optional[torch.Tensor]:
+    """The other operand of the add that alone takes ``node``'s value (through nn.Identity),
+    when it is a tensor a plan can read, else None: the residual a dense conv's step would
+    fold into its epilogue (see _segments)."""
+    n = node
+    while len(n.users) == 1:
+        (u,) = n.users
+        if u.op == "call_module" and isinstance(modules.get(u.target), nn.Identity):
+            n = u
+            continue
+        if u.op == "call_function" and u.target in _ADD_FNS and len(u.args) == 2 and not u.kwargs:
+            other = u.args[1] if u.args[0] is n else u.args[0]
+            if (isinstance(other, torch.fx.Node) and other is not n and _plannable(values.get(other))
+                    and values[other].shape == values[node].shape):
+                return values[other]
+        return None
+    return None
+
+
+def _dense_choice(m: nn.Conv2d, x, y, res: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     """The weight of a dense conv in the kernel's layout when trp's dense kernel runs it on
     ``x`` faster than PyTorch does (each timed 5 times, in turn, trp's as a program step, with
-    no Python around it; :data:`DENSE_MARGIN`), else None. Only convs the kernel takes:
-    float32, groups 1, zero padding, on a plannable input."""
+    no Python around it; :data:`DENSE_MARGIN`), else None; with ``res``, the operand of the
+    add that follows the conv, trp's kernel adds it in its epilogue and PyTorch's time is
+    the conv's and the add's. Only convs the kernel takes: float32, groups 1, zero padding,
+    on a plannable input."""
     from trp_kernels import cpp, ops
 
     w = m.weight
@@ -144,28 +166,44 @@ def _dense_choice(m: nn.Conv2d, x, y) -> Optional[torch.Tensor]:
     with torch.inference_mode(False):  # a normal tensor: it may become the parameter's memory, which autograd uses
         laid = cpp.kernel_layout(w.detach())
     bias = None if m.bias is None else m.bias.detach()
-    out, bound = cpp.bound_chain(x, [laid], bias, "dense", stride, pad, dil)
-    if bound is None or not (out - y).abs().max() <= BUILD_RTOL * max(float(y.abs().max()), 1e-30):
+    out, bound = cpp.bound_chain(x, [laid], bias, "dense", stride, pad, dil, res)
+    want = y if res is None else y + res
+    if bound is None or not (out - want).abs().max() <= BUILD_RTOL * max(float(want.abs().max()), 1e-30):
         return None
-    # trp's kernel as a program step runs it: no Python around the call
-    step = cpp._require().Program([x.numel(), out.numel()], 1, 1)
-    step.add_conv(bound.plan, 0, -1, 1)
-    ptrs, threads = ([x.data_ptr()], [out.data_ptr()]), torch.get_num_threads()
-    ours = lambda: step.run(*ptrs, threads)  # noqa: E731
-    theirs = lambda: m._conv_forward(x, w, m.bias)  # noqa: E731
-    theirs_laid = lambda: m._conv_forward(x, laid, m.bias)  # noqa: E731  (the per-module forward after)
-    times = {ours: [], theirs: [], theirs_laid: []}
+    # trp's kernel as a program step runs it: no Python around the call; with the residual
+    # add that follows the conv in its epilogue, against PyTorch's conv and add
+    lib = cpp._require()
+    if res is None:
+        step = lib.Program([x.numel(), out.numel()], 1, 1)
+        step.add_conv(bound.plan, 0, -1, 1)
+        ptrs = ([x.data_ptr()], [out.data_ptr()])
+    else:
+        step = lib.Program([x.numel(), res.numel(), out.numel()], 2, 1)
+        step.add_conv(bound.plan, 0, 1, 2)
+        ptrs = ([x.data_ptr(), res.data_ptr()], [out.data_ptr()])
+    threads = torch.get_num_threads()
+    fns = {"ours": lambda: step.run(*ptrs, threads),
+           "conv": lambda: m._conv_forward(x, w, m.bias),
+           "conv, laid": lambda: m._conv_forward(x, laid, m.bias)}  # the per-module forward after
+    if res is not None:
+        fns["conv + add"] = lambda: m._conv_forward(x, w, m.bias).add_(res)
+    times = {k: [] for k in fns}
     for _ in range(5):
-        for fn in times:
+        for k, fn in fns.items():
             t0 = time.perf_counter()
             fn()
-            times[fn].append(time.perf_counter() - t0)
-    med = {fn: sorted(t)[2] for fn, t in times.items()}
-    faster = med[ours] <= DENSE_MARGIN * med[theirs]
+            times[k].append(time.perf_counter() - t0)
+    med = {k: sorted(t)[2] for k, t in times.items()}
+    # With the residual: PyTorch's add timed here finds its operands in the cache, in the
+    # model it does not (ResNet-50 at batch 8: 16 adds of 25.7 MB operands, 31.6 ms in all
+    # in the model, 0.05-0.6 ms each here), so trp's conv with the add in its epilogue is
+    # held against PyTorch's conv alone, with RESIDUAL_MARGIN
+    faster = (med["ours"] <= DENSE_MARGIN * med["conv"] if res is None
+              else med["ours"] <= max(DENSE_MARGIN * med["conv + add"], RESIDUAL_MARGIN * med["conv"]))
     # the weight's new layout must not slow the calls that still run the layer in PyTorch
     # (gradients, hooks): oneDNN reorders some permuted weights on every call (ResNet-50's
     # 512->2048 1x1 at 7x7: 0.42 ms contiguous, 2.0 ms permuted)
-    return laid if faster and med[theirs_laid] <= FALLBACK_SLOWDOWN * med[theirs] + FALLBACK_SLACK_S else None
+    return laid if faster and med["conv, laid"] <= FALLBACK_SLOWDOWN * med["conv"] + FALLBACK_SLACK_S else None
 
 
 def _classify(node: torch.fx.Node, modules: dict, values: dict, uses: Optional[dict] = None) -> Optional[_Step]:
@@ -191,7 +229,7 @@ def _classify(node: torch.fx.Node, modules: dict, values: dict, uses: Optional[d
             return _Step(node, "conv", [node.args[0]] + ([res] if res is not None else []), m)
         if (type(m) is nn.Conv2d and len(node.args) == 1 and not node.kwargs and tensor_args(node.args[0])
                 and (uses or {}).get(id(m), 1) == 1):  # (a conv called twice would need its weight in two layouts)
-            laid = _dense_choice(m, values[node.args[0]], values.get(node))
+            laid = _dense_choice(m, values[node.args[0]], values.get(node), _residual_after(node, modules, values))
             return None if laid is None else _Step(node, "dense", node.args, m, laid)
         if isinstance(m, nn.MaxPool2d) and len(node.args) == 1 and not node.kwargs and tensor_args(node.args[0]):
             pair = nn.modules.utils._pair
