@@ -300,6 +300,7 @@ def _dense_layer1():
 @pytest.mark.parametrize("margin", [1e9, 0.0])
 def test_dense_convs_join_the_program_when_faster(monkeypatch, margin):
     monkeypatch.setattr(program, "DENSE_MARGIN", margin)  # always faster / never faster
+    monkeypatch.setattr(program, "RESIDUAL_MARGIN", margin)
     model = _dense_layer1()
     conv = model.layer1[0].conv2
     assert type(conv) is nn.Conv2d
@@ -359,6 +360,7 @@ def test_a_dense_conv_called_twice_stays_in_pytorch(monkeypatch):
 
 def test_a_dense_conv_that_its_layout_would_slow_stays_in_pytorch(monkeypatch):
     monkeypatch.setattr(program, "DENSE_MARGIN", 1e9)        # trp's kernel "faster"
+    monkeypatch.setattr(program, "RESIDUAL_MARGIN", 1e9)
     monkeypatch.setattr(program, "FALLBACK_SLOWDOWN", 0.0)   # but PyTorch "slower" with the new layout
     model = _dense_layer1()
     x = torch.randn(2, 3, 16, 16)
