@@ -10,7 +10,7 @@ modules PyTorch runs between the segments timed by hooks on them (which leave th
 the rest of the call (Python, the checks, the adds and ReLUs outside the kernels). ONNX Runtime: the lowrank_ort provider's export of the same factors,
 its profiler's node times counted to modules as benches/ort_layers.py does, after trp is done.
 
-    python benches/program_steps.py MODEL BATCH [SCHEME]     e.g. resnet50 1 tucker+pointwise
+    python benches/program_steps.py MODEL BATCH [SCHEME] [--threads=N]     e.g. resnet50 1 tucker+pointwise
 """
 import collections
 import statistics
@@ -28,8 +28,12 @@ from trp.benchmark.cases import ModelCase
 
 
 def main() -> None:
-    model_name, batch = sys.argv[1], int(sys.argv[2])
-    scheme = tuple(sys.argv[3].split("+")) if len(sys.argv) > 3 else "channel"
+    args = [a for a in sys.argv[1:] if not a.startswith("--threads=")]
+    for a in sys.argv[1:]:
+        if a.startswith("--threads="):
+            torch.set_num_threads(int(a.split("=", 1)[1]))  # both trp and ORT (the providers' session)
+    model_name, batch = args[0], int(args[1])
+    scheme = tuple(args[2].split("+")) if len(args) > 2 else "channel"
     hw = 224 if model_name in ("resnet18", "resnet50") else 32
     case = ModelCase(model_name, hw, batch, "cpu", torch.float32, scheme=scheme)
     b = P.seeded_bundle(case)
