@@ -13,3 +13,17 @@ import pytest  # noqa: E402
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def isa(request):
+    """Run the test with the named C++ kernel build active (parametrize it indirectly with
+    "avx512", "avx2" or "generic"), restoring the default after."""
+    from trp_kernels import cpp
+
+    lib = cpp._require()
+    default = lib.isa()
+    if not lib.set_isa(request.param):
+        pytest.skip(f"this CPU or build has no {request.param} kernels")
+    yield request.param
+    lib.set_isa(default)

@@ -23,8 +23,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-import statistics
-import time
 import warnings
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -48,8 +46,8 @@ class Deployed:
     operators: dict          # ONNX op type -> count
     checked_with: Optional[str]   # "onnxruntime X.Y.Z", or None when not checked
     rel_err: Optional[float]      # max |ORT - model| / max |model| on the example
-    ort_ms: Optional[float] = None    # median ms of ONNX Runtime's run on the example (checked files)
-    model_ms: Optional[float] = None  # the same for the model itself, in this process, before ORT ran
+    ort_ms: Optional[float] = None    # median ms of ONNX Runtime's run on the example (time_it)
+    model_ms: Optional[float] = None  # the same for the model itself (trp.timing.compare, blocks of its own)
 
     def __str__(self) -> str:
         ops = ", ".join(f"{k} {v}" for k, v in sorted(self.operators.items(), key=lambda kv: -kv[1]))
@@ -60,8 +58,9 @@ class Deployed:
             lines.append(f"checked with {self.checked_with}: relative error {self.rel_err:.3g} on the example")
             if self.ort_ms is not None and self.model_ms is not None:
                 lines.append(f"on the example: ONNX Runtime {self.ort_ms:.3f} ms, the model in PyTorch "
-                             f"{self.model_ms:.3f} ms (medians, {torch.get_num_threads()} threads; each timed "
-                             "alone, the model first; a rough reading: benches/ has the measured comparison)")
+                             f"{self.model_ms:.3f} ms (medians of 20 calls, {torch.get_num_threads()} threads; each "
+                             "in blocks of its own, the other's threads idle; a quick reading: the benchmark suite, "
+                             "each runtime in its own process, is the measurement)")
         return "\n".join(lines)
 
 
@@ -103,17 +102,6 @@ def ort_session(data: Union[bytes, str], threads: Optional[int] = None, profile_
     return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
 
 
-def _median_ms(fn, calls: int = 20, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
-
-
 def deploy(model: nn.Module, example: torch.Tensor, path: Union[str, os.PathLike], *, check: Union[bool, str] = "auto",
            rtol: float = 1e-4, time_it: bool = False) -> Deployed:
     """Write ``model`` (usually ``trp.compile``'s output) to ``path`` as ONNX of standard
@@ -122,8 +110,8 @@ def deploy(model: nn.Module, example: torch.Tensor, path: Union[str, os.PathLike
     - ``check``: "auto" (default) checks with ONNX Runtime when it is installed; True
       requires it; False skips the run (the operator check is always made).
     - ``rtol``: the largest error allowed, relative to the output's largest magnitude.
-    - ``time_it``: also time the model and the ONNX Runtime session on the example (each
-      alone, the model first: see :class:`Deployed`).
+    - ``time_it``: also time the model and the ONNX Runtime session on the example (each in
+      blocks of its own with the other's thread pool idle, :func:`trp.timing.compare`).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -164,8 +152,6 @@ def deploy(model: nn.Module, example: torch.Tensor, path: Union[str, os.PathLike
         return report
     with torch.no_grad():
         want = model(example)
-        if time_it:
-            report.model_ms = _median_ms(lambda: model(example))
     if not isinstance(want, torch.Tensor):
         raise DeployError(f"deploy checks models with one tensor output, got {type(want).__name__}")
     session = ort_session(data)
@@ -175,8 +161,16 @@ def deploy(model: nn.Module, example: torch.Tensor, path: Union[str, os.PathLike
     scale = float(want.abs().max()) if want.numel() else 0.0
     err = float((got - want).abs().max()) / max(scale, 1e-30) if want.numel() else 0.0
     report.checked_with, report.rel_err = f"onnxruntime {ort.__version__}", err
-    if time_it:
-        report.ort_ms = _median_ms(lambda: session.run(None, feed))
+    if time_it:  # each in blocks of its own, the other's thread pool idle (trp.timing.compare)
+        from trp.timing import compare
+
+        def run_model():
+            with torch.no_grad():
+                return model(example)
+
+        stats = compare({"model": run_model, "onnxruntime": lambda: session.run(None, feed)}, warmup=3, repeats=20,
+                        pools={"model": "torch", "onnxruntime": "onnxruntime"})
+        report.model_ms, report.ort_ms = stats["model"]["median_ms"], stats["onnxruntime"]["median_ms"]
     if got.shape != want.shape or not err <= rtol:
         raise DeployError(f"ONNX Runtime's output on the example differs from the model's: shape {tuple(got.shape)} "
                           f"against {tuple(want.shape)}, relative error {err:.3g} (rtol {rtol:g}); {path} was written")

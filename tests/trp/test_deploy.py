@@ -90,3 +90,9 @@ def test_cli_deploy_compiles_or_loads(tmp_path, capsys):
         main(["deploy", "trp.models:resnet_cifar", "--input", "1,3,16,16", "--load", str(saved), "--rank", "4",
               "--out", str(out2)])
     assert "--load reads the factors from its file: drop --rank" in capsys.readouterr().err
+
+
+def test_deploy_times_both_when_asked(tmp_path):
+    report = trp.deploy(_compiled(), torch.randn(1, 3, 16, 16), tmp_path / "m.onnx", time_it=True)
+    assert report.ort_ms > 0 and report.model_ms > 0
+    assert "ONNX Runtime" in str(report) and "the model in PyTorch" in str(report)

@@ -212,23 +212,14 @@ def test_a_model_without_lowrank_convs_has_no_runner():
 # ---- the C++ steps
 
 
-ISAS = ("avx512", "avx2", "generic")
-
-
-@pytest.fixture(params=ISAS)
-def isa(request):
-    lib = cpp._require()
-    default = lib.isa()
-    if not lib.set_isa(request.param):
-        pytest.skip(f"this CPU or build has no {request.param} kernels")
-    yield request.param
-    lib.set_isa(default)
+ISAS = ("avx512", "avx2", "generic")  # the isa fixture (tests/conftest.py) takes each
 
 
 def _cl(t):
     return t.contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("shape, k, s, p, relu", [((2, 19, 9, 11), 3, 2, 1, True), ((1, 64, 8, 8), 3, 2, 1, False),
                                                    ((1, 35, 7, 6), 2, 1, 0, False), ((3, 16, 5, 5), (3, 1), (1, 2), (1, 0), True)])
@@ -247,6 +238,7 @@ def test_max_pool_step(isa, threads, shape, k, s, p, relu):
     assert torch.equal(out.nan_to_num(), ref.nan_to_num())
 
 
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
 @pytest.mark.parametrize("threads", [1, 2])
 def test_average_pool_and_add_steps(isa, threads):
     lib = cpp._require()

@@ -21,17 +21,6 @@ ISAS = [isa for isa in ("avx512", "avx2", "generic")] if cpp.has_fused_kernels()
 
 
 @pytest.fixture
-def isa(request):
-    """Run the test with the named build active, restoring the default after."""
-    lib = cpp._require()
-    default = lib.isa()
-    if not lib.set_isa(request.param):
-        pytest.skip(f"this CPU or build has no {request.param} kernels")
-    yield request.param
-    lib.set_isa(default)
-
-
-@pytest.fixture
 def threads(request):
     old = torch.get_num_threads()
     torch.set_num_threads(request.param)
