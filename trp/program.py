@@ -202,7 +202,8 @@ def _dense_choice(m: nn.Conv2d, x, y, res: Optional[torch.Tensor] = None) -> Opt
               else med["ours"] <= max(DENSE_MARGIN * med["conv + add"], RESIDUAL_MARGIN * med["conv"]))
     # the weight's new layout must not slow the calls that still run the layer in PyTorch
     # (gradients, hooks): oneDNN reorders some permuted weights on every call (ResNet-50's
-    # 512->2048 1x1 at 7x7: 0.42 ms contiguous, 2.0 ms permuted)
+    # 512->2048 1x1 at 7x7: 0.434 ms contiguous, 2.190 permuted; 3x3s within 10%:
+    # benches/results/dense-layout.txt)
     return laid if faster and med["conv, laid"] <= FALLBACK_SLOWDOWN * med["conv"] + FALLBACK_SLACK_S else None
 
 
