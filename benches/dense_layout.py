@@ -5,24 +5,11 @@ after 10, under inference_mode.
 
     python benches/dense_layout.py > results/dense-layout.txt
 """
-import statistics
-import time
-
 import torch
 import torch.nn.functional as F
 
+from channel_stride_probe import _median_ms
 from trp_kernels import cpp
-
-
-def _median_ms(fn, calls=100, warmup=10):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
 
 
 def main() -> None:
@@ -35,8 +22,8 @@ def main() -> None:
         w = torch.randn(n, c, k, k)
         laid = cpp.kernel_layout(w)
         with torch.inference_mode():
-            a = _median_ms(lambda: F.conv2d(x, w, None, 1, k // 2))
-            z = _median_ms(lambda: F.conv2d(x, laid, None, 1, k // 2))
+            a = _median_ms(lambda: F.conv2d(x, w, None, 1, k // 2), calls=100, warmup=10)
+            z = _median_ms(lambda: F.conv2d(x, laid, None, 1, k // 2), calls=100, warmup=10)
         print(f"b{b} {c}->{n} {k}x{k} @{hw:<3d}{'':14s} {a:10.3f} {z:10.3f} {z / a:6.2f}")
 
 
