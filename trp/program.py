@@ -11,7 +11,7 @@ of steps the C++ side has is one :class:`Segment`:
 - a low-rank conv whose call ran a kept C++ plan (``trp_kernels.cpp.Bound``), with its
   residual and ReLU;
 - a dense ``nn.Conv2d`` (groups 1, zero padding) that trp's dense kernel runs faster than
-  PyTorch on the building call's input (each timed 5 times in turn; within
+  PyTorch on the building call's input (each timed 3 times in turn; within
   :data:`DENSE_MARGIN`), and that PyTorch runs about as fast with its weight in trp's
   layout (:data:`FALLBACK_SLOWDOWN`: the calls that still go layer by layer must not get
   slower), with a ``+ residual`` and a ReLU after it folded into its epilogue. Its weight parameter then takes the kernel's layout (same values and shape,
@@ -149,7 +149,7 @@ def _residual_after(node: torch.fx.Node, modules: dict, values: dict) -> Optiona
 
 def _dense_choice(m: nn.Conv2d, x, y, res: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     """The weight of a dense conv in the kernel's layout when trp's dense kernel runs it on
-    ``x`` faster than PyTorch does (each timed 5 times, in turn, trp's as a program step, with
+    ``x`` faster than PyTorch does (each timed 3 times, in turn, trp's as a program step, with
     no Python around it; :data:`DENSE_MARGIN`), else None; with ``res``, the operand of the
     add that follows the conv, trp's kernel adds it in its epilogue and PyTorch's time is
     the conv's and the add's. Only convs the kernel takes: float32, groups 1, zero padding,
@@ -183,28 +183,39 @@ def _dense_choice(m: nn.Conv2d, x, y, res: Optional[torch.Tensor] = None) -> Opt
         ptrs = ([x.data_ptr(), res.data_ptr()], [out.data_ptr()])
     threads = torch.get_num_threads()
     fns = {"ours": lambda: step.run(*ptrs, threads),
-           "conv": lambda: m._conv_forward(x, w, m.bias),
-           "conv, laid": lambda: m._conv_forward(x, laid, m.bias)}  # the per-module forward after
+           "conv": lambda: m._conv_forward(x, w, m.bias)}
     if res is not None:
         fns["conv + add"] = lambda: m._conv_forward(x, w, m.bias).add_(res)
-    times = {k: [] for k in fns}
-    for _ in range(5):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    med = {k: sorted(t)[2] for k, t in times.items()}
+    med = _medians(fns)
     # With the residual: PyTorch's add timed here finds its operands in the cache, in the
     # model it does not (ResNet-50 at batch 8: 16 adds of 25.7 MB operands, 31.6 ms in all
     # in the model, 0.05-0.6 ms each here), so trp's conv with the add in its epilogue is
     # held against PyTorch's conv alone, with RESIDUAL_MARGIN
     faster = (med["ours"] <= DENSE_MARGIN * med["conv"] if res is None
               else med["ours"] <= max(DENSE_MARGIN * med["conv + add"], RESIDUAL_MARGIN * med["conv"]))
+    if not faster:
+        return None
     # the weight's new layout must not slow the calls that still run the layer in PyTorch
     # (gradients, hooks): oneDNN reorders some permuted weights on every call (ResNet-50's
     # 512->2048 1x1 at 7x7: 0.434 ms contiguous, 2.190 permuted; 3x3s within 10%:
     # benches/results/dense-layout.txt)
-    return laid if faster and med["conv, laid"] <= FALLBACK_SLOWDOWN * med["conv"] + FALLBACK_SLACK_S else None
+    med.update(_medians({"conv, laid": lambda: m._conv_forward(x, laid, m.bias),  # the per-module forward after
+                         "conv": fns["conv"]}))
+    return laid if med["conv, laid"] <= FALLBACK_SLOWDOWN * med["conv"] + FALLBACK_SLACK_S else None
+
+
+def _medians(fns: dict, rounds: int = 3) -> dict:
+    """Each function's median time (s) over ``rounds`` calls, the functions in turn. Three:
+    a program's first call times every dense conv it might take this way (ResNet-50 with
+    its dense 1x1 convs at batch 8: a first call of 3.5 s in all, against 0.17 s with
+    tucker+pointwise, benches/results/cpu-models-program/first-call.txt)."""
+    times = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: sorted(t)[len(t) // 2] for k, t in times.items()}
 
 
 def _classify(node: torch.fx.Node, modules: dict, values: dict, uses: Optional[dict] = None) -> Optional[_Step]:
