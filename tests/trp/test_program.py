@@ -295,6 +295,7 @@ def _dense_layer1():
 def test_dense_convs_join_the_program_when_faster(monkeypatch, margin):
     monkeypatch.setattr(program, "DENSE_MARGIN", margin)  # always faster / never faster
     monkeypatch.setattr(program, "RESIDUAL_MARGIN", margin)
+    monkeypatch.setattr(program, "FALLBACK_SLOWDOWN", 1e9)  # (the layout check is timed too: not under test here)
     model = _dense_layer1()
     conv = model.layer1[0].conv2
     assert type(conv) is nn.Conv2d
@@ -315,6 +316,7 @@ def test_dense_convs_join_the_program_when_faster(monkeypatch, margin):
 
 def test_a_dense_step_sees_writes_to_its_weight(monkeypatch):
     monkeypatch.setattr(program, "DENSE_MARGIN", 1e9)
+    monkeypatch.setattr(program, "FALLBACK_SLOWDOWN", 1e9)
     model = _dense_layer1()
     x = torch.randn(2, 3, 16, 16)
     _run(model, x)
@@ -331,6 +333,7 @@ def test_a_dense_step_sees_writes_to_its_weight(monkeypatch):
 
 def test_a_dense_conv_called_twice_stays_in_pytorch(monkeypatch):
     monkeypatch.setattr(program, "DENSE_MARGIN", 1e9)
+    monkeypatch.setattr(program, "FALLBACK_SLOWDOWN", 1e9)
 
     class Twice(nn.Module):
         def __init__(self):
