@@ -10,10 +10,22 @@ import torch
 from trp.benchmark import cases as C, providers as P
 
 
-def resnet50_bundle(batch: int):
-    """The benchmark's ResNet-50 tucker+pointwise case and its bundle (providers.seeded_bundle)."""
-    case = C.ModelCase("resnet50", 224, batch, "cpu", torch.float32, scheme=("tucker", "pointwise"))
+def suite_bundle(model: str, batch: int, scheme="channel"):
+    """The model suite's CPU float32 case of ``model`` (at its resolution in cases.MODELS) and
+    its bundle (providers.seeded_bundle)."""
+    case = C.ModelCase(model, dict(C.MODELS)[model], batch, "cpu", torch.float32, scheme=scheme)
     return case, P.seeded_bundle(case)
+
+
+def bundle_from_args(args: list):
+    """:func:`suite_bundle` of command-line arguments MODEL BATCH [SCHEME] (SCHEME as a+b)."""
+    scheme = tuple(args[2].split("+")) if len(args) > 2 else "channel"
+    return suite_bundle(args[0], int(args[1]), scheme)
+
+
+def resnet50_bundle(batch: int):
+    """The benchmark's ResNet-50 tucker+pointwise case and its bundle."""
+    return suite_bundle("resnet50", batch, ("tucker", "pointwise"))
 
 
 def resnet50_case(batch: int):

@@ -75,6 +75,23 @@ def ort_runs(model_bytes: bytes, inputs, runs: int, warmup: int = 0) -> list:
     return [(r["dur"] / 1e3, [e for e in nodes if r["ts"] <= e["ts"] <= r["ts"] + r["dur"]]) for r in model_runs]
 
 
+def node_times(runs: list) -> dict:
+    """(node name, op) -> that node's ms in each of ``runs`` (what :func:`ort_runs` gives)."""
+    node_ms = collections.defaultdict(list)
+    for _, nodes in runs:
+        for e in nodes:
+            node_ms[(e["name"][: -len("_kernel_time")], e["args"].get("op_name", ""))].append(e["dur"] / 1e3)
+    return node_ms
+
+
+def node_module(name: str, op: str, scopes: dict):
+    """The fqn of the module an ORT node's time counts to (:func:`onnx_modules`' ``scopes``:
+    a Conv with what ORT fused into it counts to the Conv's module), or None."""
+    base = name[: -len("_nchwc")] if name.endswith("_nchwc") else name
+    plain, conv = scopes.get(base, (None, None))
+    return conv if op in CONV_OPS and conv else plain
+
+
 def main() -> None:
     batch = int(sys.argv[1]) if len(sys.argv) > 1 else 1
     _, b = resnet50_bundle(batch)
@@ -85,18 +102,13 @@ def main() -> None:
     data = P._onnx_bytes(lowrank, b["x"])
     scopes = onnx_modules(data)
     runs = ort_runs(data, [b["x"]], 40 if batch == 1 else 12)
-    node_ms = collections.defaultdict(list)
-    for _, nodes in runs:
-        for e in nodes:
-            node_ms[(e["name"][: -len("_kernel_time")], e["args"].get("op_name", ""))].append(e["dur"] / 1e3)
+    node_ms = node_times(runs)
     whole = statistics.median(ms for ms, _ in runs)
 
     ort_module = collections.defaultdict(float)
     ort_part = collections.defaultdict(float)
     for (name, op), ds in node_ms.items():
-        base = name[: -len("_nchwc")] if name.endswith("_nchwc") else name
-        plain, conv = scopes.get(base, (None, None))
-        fqn = conv if op in CONV_OPS and conv else plain
+        fqn = node_module(name, op, scopes)
         module = None
         if fqn:
             try:

@@ -10,17 +10,13 @@ import time
 
 import torch
 
+from model_ab import bundle_from_args
 from trp import program
-from trp.benchmark import providers as P
-from trp.benchmark.cases import ModelCase
 
 
 def main() -> None:
-    name, batch = sys.argv[1], int(sys.argv[2])
-    scheme = tuple(sys.argv[3].split("+")) if len(sys.argv) > 3 else "channel"
-    case = ModelCase(name, 224 if name in ("resnet18", "resnet50") else 32, batch, "cpu", torch.float32,
-                     scheme=scheme)
-    b = P.seeded_bundle(case)
+    case, b = bundle_from_args(sys.argv[1:])
+    batch = case.batch
     model, x = b["trp"], b["x"]
     calls = 60 if batch == 1 else 16
     times = {"program": [], "per-module": []}

@@ -8,20 +8,17 @@ import time
 
 import torch
 
+from model_ab import suite_bundle
 from trp import program
-from trp.benchmark import providers as P
-from trp.benchmark.cases import ModelCase
 
-CASES = [("resnet20", 32, 1, "channel"), ("resnet56", 32, 1, "channel"), ("resnet18", 224, 1, "channel"),
-         ("resnet50", 224, 1, "channel"), ("resnet50", 224, 8, "channel"),
-         ("resnet50", 224, 1, ("tucker", "pointwise")), ("resnet50", 224, 8, ("tucker", "pointwise"))]
+CASES = [("resnet20", 1, "channel"), ("resnet56", 1, "channel"), ("resnet18", 1, "channel"), ("resnet50", 1, "channel"),
+         ("resnet50", 8, "channel"), ("resnet50", 1, ("tucker", "pointwise")), ("resnet50", 8, ("tucker", "pointwise"))]
 
 
 def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    for name, hw, batch, scheme in CASES:
-        case = ModelCase(name, hw, batch, "cpu", torch.float32, scheme=scheme)
-        b = P.seeded_bundle(case)
+    for name, batch, scheme in CASES:
+        case, b = suite_bundle(name, batch, scheme)
         model, x = b["trp"], b["x"]
         with torch.inference_mode():
             with program.disabled():

@@ -19,12 +19,12 @@ import time
 
 import torch
 
-from ort_layers import CONV_OPS, onnx_modules, ort_runs
+from model_ab import bundle_from_args
+from ort_layers import node_module, node_times, onnx_modules, ort_runs
 from trp import program
 from trp.breakdown import GLUE, PARTS, part_of
 from trp.compile import find_stem
 from trp.benchmark import providers as P
-from trp.benchmark.cases import ModelCase
 
 
 def main() -> None:
@@ -32,11 +32,8 @@ def main() -> None:
     for a in sys.argv[1:]:
         if a.startswith("--threads="):
             torch.set_num_threads(int(a.split("=", 1)[1]))  # both trp and ORT (the providers' session)
-    model_name, batch = args[0], int(args[1])
-    scheme = tuple(args[2].split("+")) if len(args) > 2 else "channel"
-    hw = 224 if model_name in ("resnet18", "resnet50") else 32
-    case = ModelCase(model_name, hw, batch, "cpu", torch.float32, scheme=scheme)
-    b = P.seeded_bundle(case)
+    case, b = bundle_from_args(args)
+    batch = case.batch
     model, x = b["trp"], b["x"]
     runs = 40 if batch == 1 else 12
     with torch.inference_mode():
@@ -78,15 +75,10 @@ def main() -> None:
     data = P._onnx_bytes(b["lowrank"], x)
     scopes = onnx_modules(data)
     ort = ort_runs(data, [x], runs, warmup=5)
-    node_ms = collections.defaultdict(list)
-    for _, nodes in ort:
-        for e in nodes:
-            node_ms[(e["name"][: -len("_kernel_time")], e["args"].get("op_name", ""))].append(e["dur"] / 1e3)
+    node_ms = node_times(ort)
     ort_module = collections.defaultdict(float)
     for (name, op), ds in node_ms.items():
-        base = name[: -len("_nchwc")] if name.endswith("_nchwc") else name
-        plain, conv = scopes.get(base, (None, None))
-        fqn = (conv if op in CONV_OPS and conv else plain) or f"({op})"
+        fqn = node_module(name, op, scopes) or f"({op})"
         ort_module[fqn] += statistics.median(ds)
     ort_whole = statistics.median(ms for ms, _ in ort)
 
@@ -121,9 +113,7 @@ def main() -> None:
         trp_part[part_of(fqn, model.get_submodule(fqn), stem) or GLUE] += statistics.median(ts)
     trp_part[GLUE] += whole_ms - sum(trp_part.values())  # Python between the calls, the checks, the rest
     for (name, op), ds in node_ms.items():
-        base = name[: -len("_nchwc")] if name.endswith("_nchwc") else name
-        plain, conv = scopes.get(base, (None, None))
-        fqn = conv if op in CONV_OPS and conv else plain
+        fqn = node_module(name, op, scopes)
         try:
             module = b["lowrank"].get_submodule(fqn) if fqn else None
         except AttributeError:

@@ -323,6 +323,8 @@ def deploy(args: argparse.Namespace) -> int:
     import trp
     from trp.deploy import DeployError
 
+    if not args.out.endswith(".onnx"):  # before any work: compiling a big model takes a while
+        raise UsageError(f"--out must name a .onnx file, got {args.out!r}")
     if args.load:
         if args.threads:
             torch.set_num_threads(args.threads)
@@ -339,7 +341,7 @@ def deploy(args: argparse.Namespace) -> int:
         compiled, x, err = _compiled(args)
         _print_compiled(compiled, x, err)
     try:
-        report = trp.deploy(compiled, x, args.out, check=not args.no_check and "auto", time_it=args.time)
+        report = trp.deploy(compiled, x, args.out, check=False if args.no_check else "auto", time_it=args.time)
     except (DeployError, ValueError) as e:
         print(f"trp deploy: FAILED: {e}", file=sys.stderr)
         return 1

@@ -63,7 +63,8 @@ import torch
 import torch.fx
 from torch import nn
 
-from trp.layout import _entry
+from trp.layout import _entry, _to_channels_last
+from trp_kernels import cpp
 
 MAX_SHAPES = 4       # input shapes whose programs a model keeps (their buffers stay allocated)
 BUILD_RTOL = 1e-4    # a segment's outputs on the building call against the model's, relative to their max
@@ -85,8 +86,6 @@ def disabled():
 
 
 def _plannable(t) -> bool:
-    from trp_kernels import cpp
-
     return isinstance(t, torch.Tensor) and t.dim() == 4 and cpp._plannable(t)
 
 
@@ -124,8 +123,7 @@ FALLBACK_SLACK_S = 5e-6  # (+ this: on a 9 us conv, 1 us is the timer's noise, a
 def _conv_geometry(m: nn.Conv2d) -> tuple:
     from trp_kernels.reference import resolve_padding
 
-    pad = 0 if m.padding == "valid" else m.padding
-    return tuple(m.stride), tuple(resolve_padding(pad, m.kernel_size, m.dilation)), tuple(m.dilation)
+    return tuple(m.stride), tuple(resolve_padding(m.padding, m.kernel_size, m.dilation)), tuple(m.dilation)
 
 
 def _residual_after(node: torch.fx.Node, modules: dict, values: dict) -> Optional[torch.Tensor]:
@@ -154,7 +152,7 @@ def _dense_choice(m: nn.Conv2d, x, y, res: Optional[torch.Tensor] = None) -> Opt
     add that follows the conv, trp's kernel adds it in its epilogue and PyTorch's time is
     the conv's and the add's. Only convs the kernel takes: float32, groups 1, zero padding,
     on a plannable input."""
-    from trp_kernels import cpp, ops
+    from trp_kernels import ops
 
     w = m.weight
     if (m.groups != 1 or m.padding_mode != "zeros" or w.dtype is not torch.float32 or not w.is_cpu
@@ -167,20 +165,14 @@ def _dense_choice(m: nn.Conv2d, x, y, res: Optional[torch.Tensor] = None) -> Opt
         laid = cpp.kernel_layout(w.detach())
     bias = None if m.bias is None else m.bias.detach()
     out, bound = cpp.bound_chain(x, [laid], bias, "dense", stride, pad, dil, res)
-    want = y if res is None else y + res
-    if bound is None or not (out - want).abs().max() <= BUILD_RTOL * max(float(want.abs().max()), 1e-30):
+    if bound is None or not _close(out, y if res is None else y + res):
         return None
     # trp's kernel as a program step runs it: no Python around the call; with the residual
     # add that follows the conv in its epilogue, against PyTorch's conv and add
-    lib = cpp._require()
-    if res is None:
-        step = lib.Program([x.numel(), out.numel()], 1, 1)
-        step.add_conv(bound.plan, 0, -1, 1)
-        ptrs = ([x.data_ptr()], [out.data_ptr()])
-    else:
-        step = lib.Program([x.numel(), res.numel(), out.numel()], 2, 1)
-        step.add_conv(bound.plan, 0, 1, 2)
-        ptrs = ([x.data_ptr(), res.data_ptr()], [out.data_ptr()])
+    ins = [x] if res is None else [x, res]
+    step = cpp._require().Program([t.numel() for t in ins] + [out.numel()], len(ins), 1)
+    step.add_conv(bound.plan, 0, len(ins) - 1 if res is not None else -1, len(ins))
+    ptrs = ([t.data_ptr() for t in ins], [out.data_ptr()])
     threads = torch.get_num_threads()
     fns = {"ours": lambda: step.run(*ptrs, threads),
            "conv": lambda: m._conv_forward(x, w, m.bias)}
@@ -290,10 +282,6 @@ class Segment(nn.Module):
         return outs
 
 
-def _floats(t: torch.Tensor) -> int:
-    return t.numel()
-
-
 def _segments(graph: torch.fx.Graph, modules: dict, values: dict) -> list[list[_Step]]:
     """The graph's maximal runs of consecutive nodes that are C++ steps, with ReLUs folded
     into the max pool after them or the add before them."""
@@ -369,8 +357,6 @@ def _single_use(by_node: dict, node, user) -> bool:
 
 
 def _build_segment(run: list[_Step], values: dict, graph_out_users: set, modules: dict):
-    from trp_kernels import cpp
-
     lib = cpp._require()
     in_run = {s.node for s in run}
     root: dict = {}
@@ -400,7 +386,7 @@ def _build_segment(run: list[_Step], values: dict, graph_out_users: set, modules
     # slots: inputs, outputs, then buffers reused once their last reader is done
     slot = {n: i for i, n in enumerate(inputs)}
     slot.update({n: len(inputs) + i for i, n in enumerate(outputs)})
-    sizes = [_floats(values[n]) for n in inputs] + [_floats(values[n]) for n in outputs]
+    sizes = [values[n].numel() for n in inputs] + [values[n].numel() for n in outputs]
     last_read = {}
     for i, s in enumerate(live):
         for r in s.reads:
@@ -414,12 +400,12 @@ def _build_segment(run: list[_Step], values: dict, graph_out_users: set, modules
             # buffer to bring into the cache: at batch 8 an add's operands are 25 MB each)
             for r in s.reads:
                 r = resolve(r)
-                if last_read.get(r) == i and slot[r] >= first_buffer and sizes[slot[r]] >= _floats(values[n]):
+                if last_read.get(r) == i and slot[r] >= first_buffer and sizes[slot[r]] >= values[n].numel():
                     slot[n] = slot[r]
                     last_read[r] = -1  # not freed below: the output lives on in it
                     break
         if n not in slot:
-            need = _floats(values[n])
+            need = values[n].numel()
             if free:
                 b = min(free, key=lambda k: (sizes[k] < need, abs(sizes[k] - need)))
                 free.remove(b)
@@ -450,7 +436,7 @@ def _build_segment(run: list[_Step], values: dict, graph_out_users: set, modules
             if bound is None:
                 raise ValueError(f"no plan kept for the dense conv {s.node.target}")
             prog.add_conv(bound.plan, reads[0], reads[1] if len(reads) > 1 else -1, out)
-            dense.append((m, s.laid, bound))
+            dense.append((m, s.laid))
         elif s.op == "maxpool":
             x, y, m = values[resolve(s.reads[0])], values[s.node], s.module
             pair = nn.modules.utils._pair
@@ -461,9 +447,9 @@ def _build_segment(run: list[_Step], values: dict, graph_out_users: set, modules
             n_, c, h, w = values[resolve(s.reads[0])].shape
             prog.add_global_avg_pool(reads[0], out, n_, h, w, c)
         elif s.op == "add":
-            prog.add_add(reads[0], reads[1], out, _floats(values[s.node]), s.relu)
+            prog.add_add(reads[0], reads[1], out, values[s.node].numel(), s.relu)
         elif s.op == "relu":
-            prog.add_add(reads[0], -1, out, _floats(values[s.node]), True)
+            prog.add_add(reads[0], -1, out, values[s.node].numel(), True)
         else:  # pragma: no cover - every op is handled above
             raise AssertionError(s.op)
     # the same nodes as a graph of their own, for inputs the program was not built for
@@ -486,7 +472,6 @@ class Program:
     def __init__(self, model: nn.Module, x: torch.Tensor):
         from trp.compile import _Tracer
 
-        self.shape = x.shape
         tracer = _Tracer()
         graph = tracer.trace(model)
         modules = dict(model.named_modules())
@@ -560,7 +545,7 @@ class Program:
         # memory (their dicts, names, objects, addresses), its relu and backend (the layer's
         # __dict__ entries), the traced modules' training flags, no hook on what is bypassed
         self._dicts, self._names, self._objects = [], [], []
-        for m in [m for m, _ in self.plans] + [m for m, _, _ in self.dense]:
+        for m in [m for m, _ in self.plans] + [m for m, _ in self.dense]:
             for name, p in m._parameters.items():
                 if p is not None:
                     self._dicts.append(m._parameters)
@@ -572,7 +557,7 @@ class Program:
         # parameter takes that layout now (same values; PyTorch's conv reads any strides), so
         # that the plan reads the parameter's own memory and sees every later write to it.
         with torch.no_grad():
-            for m, laid, _ in self.dense:
+            for m, laid in self.dense:
                 if m.weight.data_ptr() != laid.data_ptr():
                     m.weight.data = laid
                 self._tensors += [t for t in (m.weight, m.bias) if t is not None]
@@ -603,14 +588,20 @@ def _attr(model: nn.Module, target: str):
     return obj
 
 
+def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """``got`` within :data:`BUILD_RTOL` of ``want``'s largest magnitude (same shape)."""
+    if got.shape != want.shape:
+        return False
+    return not want.numel() or float((got - want).abs().max()) <= BUILD_RTOL * max(float(want.abs().max()), 1e-30)
+
+
 def _check_same(got, want) -> None:
     if isinstance(want, torch.Tensor):
         if not isinstance(got, torch.Tensor) or got.shape != want.shape:
             raise ValueError("the program's output does not have the model's shape")
-        scale = float(want.abs().max()) if want.numel() else 0.0
-        err = float((got - want).abs().max()) if want.numel() else 0.0
-        if not err <= BUILD_RTOL * max(scale, 1e-30):
-            raise ValueError(f"the program's output differs from the model's by {err:.3g} (max |y| {scale:.3g})")
+        if not _close(got, want):
+            raise ValueError(f"the program's output differs from the model's by {float((got - want).abs().max()):.3g} "
+                             f"(max |y| {float(want.abs().max()):.3g})")
         return
     if isinstance(want, (tuple, list)) and isinstance(got, (tuple, list)) and len(got) == len(want):
         for g, w in zip(got, want):
@@ -660,10 +651,9 @@ class Runner:
                 or getattr(_DISABLED, "on", False) or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
                 or torch._C._len_torch_dispatch_stack() > 0 or _global_hooks()):
             return self._forward(x)
-        if x.dim() == 4:
-            # what the model's entry hook does first (trp.layout): done here, the program's
-            # first step (the stem) can take the input as it is
-            x = x.contiguous(memory_format=torch.channels_last)
+        # the model's entry conversion (trp.layout) done here, so that the program's first
+        # step (the stem) can take the input as it is; the entry hook then has nothing to do
+        x = _to_channels_last(x)
         if not self.lock.acquire(blocking=False):
             return self._forward(x)
         try:

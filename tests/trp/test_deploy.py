@@ -90,6 +90,9 @@ def test_cli_deploy_compiles_or_loads(tmp_path, capsys):
         main(["deploy", "trp.models:resnet_cifar", "--input", "1,3,16,16", "--load", str(saved), "--rank", "4",
               "--out", str(out2)])
     assert "--load reads the factors from its file: drop --rank" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["deploy", "trp.models:resnet_cifar", "--input", "1,3,16,16", "--rank", "4", "--out", "m.pt"])
+    assert "--out must name a .onnx file, got 'm.pt'" in capsys.readouterr().err
 
 
 def test_deploy_times_both_when_asked(tmp_path):
