@@ -691,6 +691,10 @@ def install(model: nn.Module, enabled: bool = True) -> nn.Module:
     Models without a low-rank conv are left as they are."""
     from trp.modules import LowRankConv2d
 
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be True or False, got {enabled!r}")
     runner = model.__dict__.get("forward")
     if isinstance(runner, Runner):
         del model.forward

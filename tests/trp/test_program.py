@@ -211,6 +211,15 @@ def test_a_model_without_lowrank_convs_has_no_runner():
     assert program.runner(trp.compile(nn.Sequential(nn.Conv2d(3, 4, 1)), rank=1)) is None
 
 
+def test_install_checks_its_arguments():
+    with pytest.raises(TypeError, match="model must be an nn.Module, got int"):
+        program.install(3)
+    with pytest.raises(TypeError, match="enabled must be True or False, got 1"):
+        program.install(_cifar(), 1)
+    model = _cifar()
+    assert program.runner(program.install(model, False)) is None and "forward" not in model.__dict__
+
+
 # ---- the C++ steps
 
 
