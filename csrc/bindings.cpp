@@ -676,6 +676,25 @@ PYBIND11_MODULE(_C, m) {
           py::arg("bytes"), "Set that threshold (0: never stream). For tests and benchmarks.");
     m.def("streamed_calls", &trp::lowrank_streamed_calls,
           "Kernel calls whose output was stored past the caches, since the extension was loaded.");
+    m.def("winograd",
+          [](py::object mode) {
+              static const char* const names[] = {"never", "auto", "always"};
+              if (!mode.is_none()) {
+                  const std::string want = py::str(mode);
+                  int found = -1;
+                  for (int i = 0; i < 3; ++i)
+                      if (want == names[i]) found = i;
+                  if (found < 0)
+                      throw py::value_error("winograd: mode must be 'never', 'auto' or 'always', got '" + want + "'");
+                  trp::lowrank_set_winograd_mode(found);
+              }
+              return std::string(names[trp::lowrank_winograd_mode()]);
+          },
+          py::arg("mode") = py::none(),
+          "When a 3x3 stride-1 first stage runs as Winograd F(2x2, 3x3): 'never', 'auto' (where measured to "
+          "win) or 'always'. With a mode, sets it; returns the mode now in force.");
+    m.def("winograd_calls", &trp::lowrank_winograd_calls,
+          "Kernel calls that ran a Winograd first stage, since the extension was loaded.");
     m.def("flat_tucker_calls", &trp::lowrank_flat_tucker_calls,
           "Tucker kernel calls that took the stride-1 path (padded band buffer), since the extension was loaded.");
     m.def("conv2d_direct", &conv2d_direct, py::arg("input"), py::arg("weight"),

@@ -104,6 +104,27 @@ std::atomic<int64_t>& streamed() {
     return calls;
 }
 
+std::atomic<int>& winograd_mode() {
+    static std::atomic<int> mode{1};
+    return mode;
+}
+
+std::atomic<int64_t>& winograd_count() {
+    static std::atomic<int64_t> calls{0};
+    return calls;
+}
+
+// Where Winograd F(2x2, 3x3) beats the direct sum for a 3x3 stride-1 first stage: outputs
+// of at least 14 x 14. Below that a call has too few tiles to pay for transforming the
+// weights on each call (16 x in_c x cols floats, 1.8x the factor), and an odd size
+// computes whole tiles past the edge (7 x 7: 64 outputs for 49). Measured on the AMD EPYC,
+// 2 threads, the fused kernel with a residual + ReLU epilogue, Winograd time / direct
+// (benches/results/winograd/layers.txt): channel scheme at quarter rank 0.58-0.93 from
+// 16x16 to 56x56, 1.01-1.52 at 8x8 and 7x7; dense 0.5-0.8 from 14x14, up to 2x at 7x7.
+bool winograd_wins(const LowRankConvArgs& a) {
+    return a.out_h >= 14 && a.out_w >= 14;
+}
+
 // The call with its `stream` decided for this build: whole aligned vectors only (the
 // output's rows a multiple of the vector, its start aligned to it), and only the vector
 // builds have a streaming store.
@@ -114,13 +135,19 @@ LowRankConvArgs for_build(const LowRankConvArgs& a, int isa) {
     b.stream = isa != kGeneric && threshold > 0 && bytes >= threshold && a.out_c % vl == 0 &&
                reinterpret_cast<uintptr_t>(a.out) % (vl * sizeof(float)) == 0;
     if (b.stream) streamed().fetch_add(1, std::memory_order_relaxed);
+    const int mode = winograd_mode().load();
+    b.winograd = a.kh == 3 && a.kw == 3 && a.stride_h == 1 && a.stride_w == 1 && a.dil_h == 1 && a.dil_w == 1 &&
+                 (mode == 2 || (mode == 1 && winograd_wins(a)));
     return b;
 }
 
 // One of the active build's kernels, on the call as that build takes it.
-bool run_active(bool (*Kernels::*kernel)(const LowRankConvArgs&), const LowRankConvArgs& a) {
+bool run_active(bool (*Kernels::*kernel)(const LowRankConvArgs&), const LowRankConvArgs& a, bool winograd_stage) {
     const int isa = current().load();
-    return (kernels(isa).*kernel)(for_build(a, isa));
+    LowRankConvArgs b = for_build(a, isa);
+    b.winograd = b.winograd && winograd_stage;
+    if (b.winograd) winograd_count().fetch_add(1, std::memory_order_relaxed);
+    return (kernels(isa).*kernel)(b);
 }
 
 }  // namespace
@@ -128,6 +155,13 @@ bool run_active(bool (*Kernels::*kernel)(const LowRankConvArgs&), const LowRankC
 int64_t lowrank_stream_bytes() { return stream_bytes().load(); }
 void lowrank_set_stream_bytes(int64_t bytes) { stream_bytes().store(bytes); }
 int64_t lowrank_streamed_calls() { return streamed().load(); }
+int lowrank_winograd_mode() { return winograd_mode().load(); }
+bool lowrank_set_winograd_mode(int mode) {
+    if (mode < 0 || mode > 2) return false;
+    winograd_mode().store(mode);
+    return true;
+}
+int64_t lowrank_winograd_calls() { return winograd_count().load(); }
 
 namespace {
 std::atomic<int64_t>& flat_tucker() {
@@ -138,10 +172,13 @@ std::atomic<int64_t>& flat_tucker() {
 int64_t lowrank_flat_tucker_calls() { return flat_tucker().load(); }
 void lowrank_count_flat_tucker() { flat_tucker().fetch_add(1, std::memory_order_relaxed); }
 
-bool lowrank_conv_channel(const LowRankConvArgs& a) { return run_active(&Kernels::channel, a); }
-bool lowrank_conv_spatial(const LowRankConvArgs& a) { return run_active(&Kernels::spatial, a); }
-bool lowrank_conv_tucker(const LowRankConvArgs& a) { return run_active(&Kernels::tucker, a); }
-bool lowrank_conv_dense(const LowRankConvArgs& a) { return run_active(&Kernels::dense, a); }
+// Only the channel scheme's and a dense conv's first stage is a 3x3 conv of the layer's
+// geometry with the input as it is (the spatial scheme's is 3x1, the Tucker core's input
+// is the first 1x1's output).
+bool lowrank_conv_channel(const LowRankConvArgs& a) { return run_active(&Kernels::channel, a, true); }
+bool lowrank_conv_spatial(const LowRankConvArgs& a) { return run_active(&Kernels::spatial, a, false); }
+bool lowrank_conv_tucker(const LowRankConvArgs& a) { return run_active(&Kernels::tucker, a, false); }
+bool lowrank_conv_dense(const LowRankConvArgs& a) { return run_active(&Kernels::dense, a, true); }
 void nhwc_max_pool(const PoolArgs& a) { kernels(current().load()).max_pool(a); }
 void nhwc_global_avg_pool(const PoolArgs& a) { kernels(current().load()).global_avg_pool(a); }
 void elementwise_add_relu(const float* x, const float* y, float* out, int64_t n, bool relu, int threads) {

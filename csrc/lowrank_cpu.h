@@ -37,6 +37,8 @@ struct LowRankConvArgs {
     bool stream = false;      // the output is stored past the caches (streaming stores, whole
                               // aligned vectors); the lowrank_conv_* entry points decide
                               // (lowrank_stream_bytes), whatever the caller set
+    bool winograd = false;    // a 3x3 stride-1 first stage (channel, dense) runs as Winograd
+                              // F(2x2, 3x3); the entry points decide (lowrank_winograd)
 };
 
 // channel scheme: kh x kw conv in_c -> rank, then 1x1 rank -> out_c.
@@ -78,6 +80,13 @@ int64_t lowrank_stream_bytes();
 void lowrank_set_stream_bytes(int64_t bytes);
 // Calls whose output was stored so, since the extension was loaded (for tests).
 int64_t lowrank_streamed_calls();
+// When a 3x3 stride-1 first stage (the channel scheme's, a dense conv's) runs as Winograd
+// F(2x2, 3x3) (lowrank_kernels.inc, winograd_stage): 0 never, 1 where it is measured to win
+// (lowrank_cpu.cpp, winograd_wins), 2 always. Returns false for another value.
+int lowrank_winograd_mode();
+bool lowrank_set_winograd_mode(int mode);
+// Calls that ran it, since the extension was loaded (for tests).
+int64_t lowrank_winograd_calls();
 // Tucker calls that ran the stride-1 kernel with the padded band buffer (lowrank_kernels.inc,
 // tucker_flat), since the extension was loaded (for tests: which layers take it), and the
 // count's increment, called by that kernel.

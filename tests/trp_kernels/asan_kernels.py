@@ -67,6 +67,23 @@ for isa in ("avx512", "avx2", "generic"):
                 assert (out - exp).abs().max() <= 1e-4 * exp.abs().max(), (isa, r1, r2, kernel)
                 assert mod.flat_tucker_calls() == before + 1
                 n += 1
+        # Winograd F(2x2, 3x3) first stages (channel scheme, dense): odd and even sizes, a
+        # tile half past the output's edge, in_c past whole vectors, one-sided padding.
+        mod.winograd("always")
+        for kind in ("channel", "dense"):
+            for (b, c, no, hw, r, pad) in [(1,5,7,(9,7),1,(1,1,1,1)), (3,20,18,(11,10),17,(0,1,2,1)), (2,17,33,(30,29),16,(1,1,1,1))]:
+                x = torch.randn(b, c, *hw).contiguous(memory_format=torch.channels_last)
+                ws = [torch.randn(r, c, 3, 3), torch.randn(no, r, 1, 1)] if kind == "channel" else [torch.randn(no, c, 3, 3)]
+                bias, stages = torch.randn(no), reference.kernel_stages(kind, (1, 1), pad, (1, 1))
+                ref = reference.conv_chain(x, ws, *stages, bias)
+                res = torch.randn_like(ref).contiguous(memory_format=torch.channels_last)
+                exp = reference.conv_chain(x, ws, *stages, bias, res, True)
+                before = mod.winograd_calls()
+                out = cpp.fused_chain(x, [cpp.kernel_layout(w) for w in ws], bias, kind, (1, 1), pad, (1, 1), res, True)
+                assert (out - exp).abs().max() <= 1e-4 * exp.abs().max(), (isa, kind, b, c)
+                assert mod.winograd_calls() == before + 1
+                n += 1
+        mod.winograd("auto")
         # The whole-model program's own steps (trp.program): max pool with ReLU, global average
         # pool, add; each slot exactly the size its step reads or writes.
         for (b, c, h, w, k, st, p) in [(2, 19, 9, 11, 3, 2, 1), (1, 3, 5, 4, 2, 1, 0), (1, 33, 3, 3, 3, 1, 1)]:

@@ -275,6 +275,69 @@ def test_the_streaming_threshold_is_a_setting_of_the_extension():
     assert lib.stream_bytes() == default
 
 
+@pytest.fixture
+def winograd(request):
+    """The Winograd mode of the extension (never, auto, always) for the test."""
+    lib = cpp._require()
+    default = lib.winograd()
+    lib.winograd(request.param)
+    yield request.param
+    lib.winograd(default)
+
+
+# 3x3 stride-1 first stages, Winograd F(2x2, 3x3): odd and even sizes (a last tile half
+# outside the output), a tile row shorter and longer than a group of tiles, groups that
+# span tile rows and images, asymmetric padding, in_c past whole vectors, ranks 1, 17, 64.
+WINOGRAD_SHAPES = [
+    (1, 5, 7, (9, 7), (3, 3), 1, (1, 1), (1, 1), 1),
+    (3, 20, 18, (11, 9), (3, 3), 17, (1, 1), (1, 1), 1),
+    (1, 33, 40, (7, 8), (3, 3), 64, (1, 1), (1, 1), 0),
+    (3, 6, 9, (5, 6), (3, 3), 256, (1, 1), (1, 1), (0, 1, 2, 1)),
+    (2, 24, 32, (30, 61), (3, 3), 16, (1, 1), (1, 1), 1),
+]
+
+
+@pytest.mark.parametrize("winograd", ["always"], indirect=True)
+@grid("kind", ["channel", "dense"], WINOGRAD_SHAPES)
+def test_winograd_first_stage(shape, layout, epilogue, kind, threads, isa, winograd):
+    """Every 3x3 stride-1 first stage through Winograd: within the kernels' bound (twice
+    PyTorch's own float32 error) of the float64 reference."""
+    lib = cpp._require()
+    before = lib.winograd_calls()
+    check_chain(kind, *helpers.chain_case(kind, *shape, layout, epilogue))  # three kernel calls
+    assert lib.winograd_calls() - before == 3
+
+
+@pytest.mark.parametrize("kind", ["channel", "dense", "spatial", "tucker"])
+@pytest.mark.parametrize("hw, stride, runs", [((14, 14), 1, True), ((13, 14), 1, False), ((28, 28), 2, False)])
+def test_winograd_where_it_wins(kind, hw, stride, runs):
+    """'auto' (the default) takes Winograd for a channel or dense 3x3 stride-1 first stage
+    with outputs of at least 14 x 14 (csrc/lowrank_cpu.cpp, winograd_wins); never for a
+    strided one, nor for the spatial scheme or a Tucker core (their 3x3 stage is not the
+    first, or not 3x3)."""
+    lib = cpp._require()
+    assert lib.winograd() == "auto"
+    before = lib.winograd_calls()
+    check_chain(kind, *helpers.chain_case(kind, 1, 8, 16, hw, (3, 3), 16, (stride, stride), (1, 1), 1,
+                                          "channels_last", "bias"))
+    assert lib.winograd_calls() - before == (3 if runs and kind in ("channel", "dense") else 0)
+
+
+@pytest.mark.parametrize("winograd", ["never"], indirect=True)
+def test_winograd_never(winograd):
+    lib = cpp._require()
+    before = lib.winograd_calls()
+    check_chain("channel", *helpers.chain_case("channel", *WINOGRAD_SHAPES[-1], "channels_last", "bias"))
+    assert lib.winograd_calls() == before
+
+
+def test_winograd_mode_is_checked():
+    lib = cpp._require()
+    with pytest.raises(ValueError, match="winograd: mode must be 'never', 'auto' or 'always', got 'sometimes'"):
+        lib.winograd("sometimes")
+    assert lib.winograd() == "auto"
+
+
 @pytest.mark.parametrize("kind", helpers.CHAIN_KINDS)
 def test_op_runs_every_fused_chain(kind, monkeypatch):
     """The op (backend='cpp') reaches the fused kernel for every chain it has, gradients

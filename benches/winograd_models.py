@@ -1,0 +1,57 @@
+"""A whole compiled model with Winograd F(2x2, 3x3) first stages where they win (the
+extension's default, 'auto') against the same model with none ('never'): two copies of the
+model suite's case (seed 0), each built (trp.program, its dense-conv decisions included) and
+run under its own mode, alternating call by call (the pair's order swapping every round),
+under inference_mode, medians and the median of per-pair ratios.
+
+    python benches/winograd_models.py MODEL BATCH [SCHEME]     e.g. resnet18 1
+    (results: benches/results/winograd/models.txt)
+"""
+import statistics
+import sys
+import time
+
+import torch
+
+from model_ab import bundle_from_args
+from trp import program
+from trp_kernels import cpp
+
+
+def main() -> None:
+    lib = cpp._require()
+    old = lib.winograd()
+    models = {}
+    try:
+        for mode in ("never", "auto"):
+            lib.winograd(mode)
+            case, b = bundle_from_args(sys.argv[1:])
+            models[mode] = b["trp"], b["x"]
+            with torch.inference_mode():
+                for _ in range(3):
+                    b["trp"](b["x"])
+        calls = 60 if case.batch == 1 else 16
+        times = {"auto": [], "never": []}
+        with torch.inference_mode():
+            for i in range(calls):
+                for mode in (("auto", "never") if i % 2 else ("never", "auto")):
+                    lib.winograd(mode)
+                    model, x = models[mode]
+                    t0 = time.perf_counter()
+                    model(x)
+                    times[mode].append(time.perf_counter() - t0)
+    finally:
+        lib.winograd(old)
+    steps = {}
+    for mode, (model, x) in models.items():
+        prog = program.runner(model).programs[x.shape]
+        steps[mode] = sum(len(s.step_names) for s in prog.segments)
+    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    ratio = statistics.median(a / b for a, b in zip(times["auto"], times["never"]))
+    print(f"{case.name} b{case.batch}: winograd auto {med['auto']:.3f} ms ({steps['auto']} C++ steps), never "
+          f"{med['never']:.3f} ms ({steps['never']} C++ steps); auto/never per-pair median {ratio:.3f} "
+          f"({calls} calls each, torch {torch.__version__}, {torch.get_num_threads()} threads)")
+
+
+if __name__ == "__main__":
+    main()
