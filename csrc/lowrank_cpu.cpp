@@ -114,15 +114,19 @@ std::atomic<int64_t>& winograd_count() {
     return calls;
 }
 
-// Where Winograd F(2x2, 3x3) beats the direct sum for a 3x3 stride-1 first stage: outputs
-// of at least 14 x 14. Below that a call has too few tiles to pay for transforming the
-// weights on each call (16 x in_c x cols floats, 1.8x the factor), and an odd size
-// computes whole tiles past the edge (7 x 7: 64 outputs for 49). Measured on the AMD EPYC,
-// 2 threads, the fused kernel with a residual + ReLU epilogue, Winograd time / direct
-// (benches/results/winograd/layers.txt): channel scheme at quarter rank 0.58-0.93 from
-// 16x16 to 56x56, 1.01-1.52 at 8x8 and 7x7; dense 0.5-0.8 from 14x14, up to 2x at 7x7.
-bool winograd_wins(const LowRankConvArgs& a) {
-    return a.out_h >= 14 && a.out_w >= 14;
+// Where Winograd F(2x2, 3x3) beats the direct sum for a 3x3 stride-1 first stage of `cols`
+// output channels: outputs of at least 14 x 14, or at least 128 tiles of 2 x 2 outputs
+// with 64 columns or more. With fewer tiles a call cannot pay for transforming the weights
+// on each call (16 x in_c x cols floats, 1.8x the factor), and an odd size computes whole
+// tiles past the edge (7 x 7: 64 outputs for 49); with fewer columns the transforms
+// weigh more against the GEMMs. Measured on the AMD EPYC, 2 threads, the fused kernel
+// with a residual + ReLU epilogue, Winograd time / direct (benches/results/winograd/layers.txt):
+// channel scheme at quarter rank 0.67-0.97 from 16x16 to 56x56 and 0.89 at 7x7 batch 8
+// (rank 128), 1.07-1.67 at 8x8 (rank 16) and 7x7 batch 1; dense 0.43-0.85 from 14x14,
+// 0.61-0.81 at 8x8 and 7x7 batch 8, 1.20-1.82 at 8x8 and 7x7 batch 1.
+bool winograd_wins(const LowRankConvArgs& a, int64_t cols) {
+    const int64_t tiles = a.batch * ((a.out_h + 1) / 2) * ((a.out_w + 1) / 2);
+    return (a.out_h >= 14 && a.out_w >= 14) || (tiles >= 128 && cols >= 64);
 }
 
 // The call with its `stream` decided for this build: whole aligned vectors only (the
@@ -135,17 +139,18 @@ LowRankConvArgs for_build(const LowRankConvArgs& a, int isa) {
     b.stream = isa != kGeneric && threshold > 0 && bytes >= threshold && a.out_c % vl == 0 &&
                reinterpret_cast<uintptr_t>(a.out) % (vl * sizeof(float)) == 0;
     if (b.stream) streamed().fetch_add(1, std::memory_order_relaxed);
-    const int mode = winograd_mode().load();
-    b.winograd = a.kh == 3 && a.kw == 3 && a.stride_h == 1 && a.stride_w == 1 && a.dil_h == 1 && a.dil_w == 1 &&
-                 (mode == 2 || (mode == 1 && winograd_wins(a)));
     return b;
 }
 
 // One of the active build's kernels, on the call as that build takes it.
-bool run_active(bool (*Kernels::*kernel)(const LowRankConvArgs&), const LowRankConvArgs& a, bool winograd_stage) {
+// stage_cols: the output channels of a first stage that Winograd can take (a 3x3 conv of
+// the layer's geometry on the input as it is), 0 for a kernel without one.
+bool run_active(bool (*Kernels::*kernel)(const LowRankConvArgs&), const LowRankConvArgs& a, int64_t stage_cols) {
     const int isa = current().load();
     LowRankConvArgs b = for_build(a, isa);
-    b.winograd = b.winograd && winograd_stage;
+    const int mode = winograd_mode().load();
+    b.winograd = stage_cols > 0 && a.kh == 3 && a.kw == 3 && a.stride_h == 1 && a.stride_w == 1 && a.dil_h == 1 &&
+                 a.dil_w == 1 && (mode == 2 || (mode == 1 && winograd_wins(a, stage_cols)));
     if (b.winograd) winograd_count().fetch_add(1, std::memory_order_relaxed);
     return (kernels(isa).*kernel)(b);
 }
@@ -175,10 +180,10 @@ void lowrank_count_flat_tucker() { flat_tucker().fetch_add(1, std::memory_order_
 // Only the channel scheme's and a dense conv's first stage is a 3x3 conv of the layer's
 // geometry with the input as it is (the spatial scheme's is 3x1, the Tucker core's input
 // is the first 1x1's output).
-bool lowrank_conv_channel(const LowRankConvArgs& a) { return run_active(&Kernels::channel, a, true); }
-bool lowrank_conv_spatial(const LowRankConvArgs& a) { return run_active(&Kernels::spatial, a, false); }
-bool lowrank_conv_tucker(const LowRankConvArgs& a) { return run_active(&Kernels::tucker, a, false); }
-bool lowrank_conv_dense(const LowRankConvArgs& a) { return run_active(&Kernels::dense, a, true); }
+bool lowrank_conv_channel(const LowRankConvArgs& a) { return run_active(&Kernels::channel, a, a.rank); }
+bool lowrank_conv_spatial(const LowRankConvArgs& a) { return run_active(&Kernels::spatial, a, 0); }
+bool lowrank_conv_tucker(const LowRankConvArgs& a) { return run_active(&Kernels::tucker, a, 0); }
+bool lowrank_conv_dense(const LowRankConvArgs& a) { return run_active(&Kernels::dense, a, a.out_c); }
 void nhwc_max_pool(const PoolArgs& a) { kernels(current().load()).max_pool(a); }
 void nhwc_global_avg_pool(const PoolArgs& a) { kernels(current().load()).global_avg_pool(a); }
 void elementwise_add_relu(const float* x, const float* y, float* out, int64_t n, bool relu, int threads) {

@@ -81,8 +81,8 @@ void lowrank_set_stream_bytes(int64_t bytes);
 // Calls whose output was stored so, since the extension was loaded (for tests).
 int64_t lowrank_streamed_calls();
 // When a 3x3 stride-1 first stage (the channel scheme's, a dense conv's) runs as Winograd
-// F(2x2, 3x3) (lowrank_kernels.inc, winograd_stage): 0 never, 1 where it is measured to win
-// (lowrank_cpu.cpp, winograd_wins), 2 always. Returns false for another value.
+// F(2x2, 3x3) (lowrank_kernels.inc, winograd_stage): 0 never, 1 (the default) where it is
+// measured to win (lowrank_cpu.cpp, winograd_wins), 2 always. Returns false for another value.
 int lowrank_winograd_mode();
 bool lowrank_set_winograd_mode(int mode);
 // Calls that ran it, since the extension was loaded (for tests).

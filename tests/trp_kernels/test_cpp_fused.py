@@ -309,16 +309,19 @@ def test_winograd_first_stage(shape, layout, epilogue, kind, threads, isa, winog
 
 
 @pytest.mark.parametrize("kind", ["channel", "dense", "spatial", "tucker"])
-@pytest.mark.parametrize("hw, stride, runs", [((14, 14), 1, True), ((13, 14), 1, False), ((28, 28), 2, False)])
-def test_winograd_where_it_wins(kind, hw, stride, runs):
+@pytest.mark.parametrize("batch, hw, stride, cols, runs", [
+    (1, (14, 14), 1, 16, True), (1, (13, 14), 1, 16, False), (1, (28, 28), 2, 16, False),
+    (8, (7, 7), 1, 64, True), (8, (7, 7), 1, 48, False), (7, (7, 7), 1, 64, False)])
+def test_winograd_where_it_wins(kind, batch, hw, stride, cols, runs):
     """'auto' (the default) takes Winograd for a channel or dense 3x3 stride-1 first stage
-    with outputs of at least 14 x 14 (csrc/lowrank_cpu.cpp, winograd_wins); never for a
-    strided one, nor for the spatial scheme or a Tucker core (their 3x3 stage is not the
-    first, or not 3x3)."""
+    with outputs of at least 14 x 14, or 128 tiles of 2 x 2 outputs and 64 columns (the
+    rank, or a dense conv's out_c) (csrc/lowrank_cpu.cpp, winograd_wins); never for a strided
+    one, nor for the spatial scheme or a Tucker core (their 3x3 stage is not the first, or
+    not 3x3)."""
     lib = cpp._require()
     assert lib.winograd() == "auto"
     before = lib.winograd_calls()
-    check_chain(kind, *helpers.chain_case(kind, 1, 8, 16, hw, (3, 3), 16, (stride, stride), (1, 1), 1,
+    check_chain(kind, *helpers.chain_case(kind, batch, 8, cols, hw, (3, 3), cols, (stride, stride), (1, 1), 1,
                                           "channels_last", "bias"))
     assert lib.winograd_calls() - before == (3 if runs and kind in ("channel", "dense") else 0)
 
