@@ -11,7 +11,9 @@ from trp.compile import CompileConfig, compile, default_filter
 from trp.decompose import RankSpec, select_rank
 from trp.deploy import Deployed, DeployError, deploy
 from trp.io import load, save
+from trp.methods import Method
 from trp.modules import LowRankConv2d, LowRankLinear
+from trp.plan import LayerChoice, Plan
 from trp.summary import Summary, summary
 from trp.training import TRP, evaluate, fit
 from trp_kernels.ops import BackendError
@@ -20,4 +22,5 @@ __version__ = "0.1.0"
 
 __all__ = ["compile", "CompileConfig", "default_filter", "RankSpec", "select_rank", "save", "load",
            "LowRankConv2d", "LowRankLinear", "summary", "Summary", "BackendError", "TRP", "fit", "evaluate",
-           "breakdown", "Breakdown", "deploy", "Deployed", "DeployError", "__version__"]
+           "breakdown", "Breakdown", "deploy", "Deployed", "DeployError", "Method", "Plan", "LayerChoice",
+           "__version__"]

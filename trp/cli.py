@@ -72,7 +72,7 @@ def demo(args: argparse.Namespace) -> dict:
         torch.manual_seed(args.seed)
         model = models.resnet_cifar(20)
         controller = trp.TRP(model, **controller_kw) if controller_kw is not None else None
-        trp.fit(model, train, test, epochs=epochs, lr=args.lr, trp=controller, progress=not args.quiet)
+        trp.fit(model, train, test, epochs=epochs, lr=args.lr, method=controller, progress=not args.quiet)
         return model.eval(), controller
 
     print(f"trp demo: ResNet-20 on scikit-learn digits (1,438 train / 359 test, 32x32), {epochs} epochs, "
@@ -82,10 +82,10 @@ def demo(args: argparse.Namespace) -> dict:
     print(f"[2/3] TRP (energy {args.energy}, nuclear_weight {args.nuclear_weight}, period {args.period})")
     trp_model, controller = trained(dict(energy=args.energy, nuclear_weight=args.nuclear_weight,
                                          period=args.period, scheme=args.scheme))
-    overrides = controller.compile_overrides()
-    compiled_trp = trp.compile(copy.deepcopy(trp_model), overrides=overrides, rank_multiple=1, scheme=args.scheme)
+    plan = controller.plan()
+    compiled_trp = trp.compile(copy.deepcopy(trp_model), plan=plan)
     print("[3/3] post-hoc SVD of the dense baseline at the TRP ranks (no training)")
-    compiled_svd = trp.compile(copy.deepcopy(dense), overrides=overrides, rank_multiple=1, scheme=args.scheme)
+    compiled_svd = trp.compile(copy.deepcopy(dense), plan=plan)
     # BN folded and computing in channels_last, as the others (trp.compile's default for them)
     folded_dense = trp.compile(copy.deepcopy(dense), filter_fn=lambda m, q: False, channels_last=True)
 

@@ -18,6 +18,7 @@ import torch.fx
 import torch.nn as nn
 
 from trp import decompose, epilogue, families, layout, program
+from trp.plan import Plan
 from trp.modules import LOWRANK_TYPES, NAME_ATTR, LowRankConv2d, check_backend, from_factors
 from trp_kernels import ops
 
@@ -298,6 +299,23 @@ def eligibility(fqn: str, m: nn.Module, cfg: CompileConfig,
     return None, plan, family
 
 
+def select_targets(model: nn.Module, cfg: CompileConfig,
+                   filt: Optional[FilterFn] = None) -> dict[str, tuple[nn.Module, LayerPlan, families.Family]]:
+    """``{fqn: (module, plan, family)}`` for every layer of ``model`` that :func:`eligibility`
+    makes a target under ``cfg`` (``filt``: its filter, default ``cfg.filter_fn`` or the
+    default filter): the layers a training method works on are the ones compile factors.
+    Whether factoring cuts a layer's MACs depends on the ranks the method ends with, and is
+    decided when compile factors it (``_decide``)."""
+    filt = filt or cfg.filter_fn or DefaultFilter(find_stem(model), cfg.schemes)
+    targets = {}
+    for fqn, m, _, _ in walk(model):
+        if decompose.is_layer(m):
+            note, plan, family = eligibility(fqn, m, cfg, filt)
+            if note is None:
+                targets[fqn] = (m, plan, family)
+    return targets
+
+
 def _shape(m: nn.Module) -> tuple:
     return tuple(m.weight.shape)
 
@@ -306,10 +324,25 @@ def _stride(m: nn.Module) -> tuple:
     return (1, 1) if isinstance(m, nn.Linear) else tuple(m.stride)
 
 
-def _decide(fqn: str, m: nn.Module, weight: torch.Tensor, cfg: CompileConfig,
-            filt: FilterFn) -> tuple[Optional[str], Optional[families.Factored], Optional[families.Family]]:
-    """(note, factors, family): a note when the layer stays dense, else its factors."""
-    note, plan, family = eligibility(fqn, m, cfg, filt)
+def _from_plan(fqn: str, m: nn.Module, plan: Plan) -> tuple[Optional[str], LayerPlan, Optional[families.Family]]:
+    """:func:`eligibility` for a layer under a method's plan: its family and exact ranks,
+    or stay dense when the plan leaves it out."""
+    choice = plan.get(fqn)
+    if choice is None:
+        return "not in the plan", LayerPlan(None, ()), None
+    family = families.get(choice.family)
+    why = decompose.refusal(m) or family.accepts(m)
+    if why:
+        raise ValueError(f"plan[{fqn!r}] asks for family {choice.family!r}, which cannot factor it: {why}")
+    return None, LayerPlan(decompose.RankSpec(rank=choice.ranks, rank_multiple=1), (family.name,)), family
+
+
+def _decide(fqn: str, m: nn.Module, weight: torch.Tensor, cfg: CompileConfig, filt: FilterFn,
+            chosen: Optional[Plan] = None) -> tuple[Optional[str], Optional[families.Factored], Optional[families.Family]]:
+    """(note, factors, family): a note when the layer stays dense, else its factors. The one
+    place that decides, with or without a method's plan, including the "would not cut
+    MACs" rule."""
+    note, plan, family = eligibility(fqn, m, cfg, filt) if chosen is None else _from_plan(fqn, m, chosen)
     if note is not None:
         return note, None, None
     f = family.factor(weight, plan.spec, f"weight of {fqn!r}")
@@ -334,7 +367,7 @@ def compile(model: nn.Module, *, energy: Optional[float] = None, rank: Optional[
             ratio: Optional[float] = None, overrides: Optional[dict] = None, scheme: str = "channel",
             rank_multiple: int = 16, backend: str = "auto", filter_fn: Optional[FilterFn] = None,
             fold_bn: bool = True, inplace: bool = True, fuse_epilogue: bool = True,
-            channels_last: Optional[bool] = None) -> nn.Module:
+            channels_last: Optional[bool] = None, plan: Optional[Plan] = None) -> nn.Module:
     """Factor ``model``'s eligible layers into low-rank modules and return the model.
 
     - Rank: at most one of ``energy`` (default 0.9), ``rank``, ``ratio``; ``rank_multiple``
@@ -359,6 +392,11 @@ def compile(model: nn.Module, *, energy: Optional[float] = None, rank: Optional[
       (and PyTorch's fast CPU convs and pools) want (see :mod:`trp.layout`). Default: on
       when the model has a low-rank conv and ``backend`` is not 'torch' (which stays the
       plain two-conv reference, layout untouched).
+    - ``plan``: a training method's choice per layer (``method.plan()``, a
+      :class:`trp.plan.Plan`): the family and exact ranks of each layer it names, every
+      other layer dense. It replaces ``energy``/``rank``/``ratio``/``overrides``/
+      ``filter_fn``/``scheme``/``rank_multiple``; a layer it names that the family cannot
+      factor is an error.
     - Layers already factored are not factored again (their backend is updated).
 
     Use the returned model: when the model's own forward is rewritten by the epilogue pass
@@ -368,6 +406,14 @@ def compile(model: nn.Module, *, energy: Optional[float] = None, rank: Optional[
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if channels_last is not None and not isinstance(channels_last, bool):
         raise TypeError(f"channels_last must be True, False or None (automatic), got {channels_last!r}")
+    if plan is not None:
+        if not isinstance(plan, Plan):
+            raise TypeError(f"plan must be a trp.plan.Plan (a method's plan()), got {type(plan).__name__}")
+        given = [k for k, v in (("energy", energy), ("rank", rank), ("ratio", ratio), ("overrides", overrides),
+                                ("filter_fn", filter_fn)) if v is not None]
+        given += [k for k, v, d in (("scheme", scheme, "channel"), ("rank_multiple", rank_multiple, 16)) if v != d]
+        if given:
+            raise ValueError(f"plan carries each layer's family and ranks; do not also pass {', '.join(given)}")
     cfg = CompileConfig(energy, rank, ratio, overrides, scheme, rank_multiple, backend, filter_fn,
                         fold_bn, inplace, fuse_epilogue)
     if not cfg.inplace:
@@ -375,6 +421,12 @@ def compile(model: nn.Module, *, energy: Optional[float] = None, rank: Optional[
 
     entries = list(walk(model))
     layers = [(fqn, m) for fqn, m, _, _ in entries if decompose.is_layer(m) or isinstance(m, LOWRANK_TYPES)]
+    if plan is not None:
+        names = {fqn for fqn, m in layers if not isinstance(m, LOWRANK_TYPES)}
+        missing = sorted(set(plan) - names)
+        if missing:
+            raise ValueError(f"plan names {missing[:5]}, which are not conv or linear layers of this model "
+                             f"(left to factor: {sorted(names)[:8]})")
     for pattern, regex, _ in cfg.patterns:
         if not any(regex.fullmatch(fqn) for fqn, _ in layers):
             names = ", ".join(fqn for fqn, _ in layers[:8])
@@ -406,7 +458,7 @@ def compile(model: nn.Module, *, energy: Optional[float] = None, rank: Optional[
             continue
         fold = folded.get(fqn)
         weight = fold.weight if fold else m.weight
-        note, factors, family = _decide(fqn, m, weight, cfg, filt)
+        note, factors, family = _decide(fqn, m, weight, cfg, filt, plan)
         if note is not None:
             notes[id(m)] = (m, note)
             continue

@@ -28,22 +28,14 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from trp import checkpoint, decompose, families, files
-from trp.compile import CompileConfig, DefaultFilter, eligibility, find_stem, walk
+from trp import checkpoint, families, files
+from trp.methods import Method, decide_on_rank0, distributed, unwrap
+from trp.plan import LayerChoice, Plan
 
 # Measured on ResNet-20, batch 128, 2 CPU cores: projecting all 18 target convs (and the
 # sub-gradients) takes 18 ms against 506 ms for a training step (3.7%); every 2nd step
 # keeps it under 2% (the reference code uses 1 by default and 5 in its script).
 DEFAULT_PERIOD = 2
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside DistributedDataParallel / DataParallel (fqns are the inner ones)."""
-    return model.module if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else model
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _epoch_line(record: dict, epochs: int) -> str:
@@ -62,8 +54,12 @@ def _epoch_line(record: dict, epochs: int) -> str:
     return f"epoch {record['epoch']}/{epochs}: " + ", ".join(parts)
 
 
-class TRP:
-    """Trained Rank Pruning controller for any ``nn.Module`` and any optimizer."""
+class TRP(Method):
+    """Trained Rank Pruning controller for any ``nn.Module`` and any optimizer (a
+    :class:`trp.methods.Method`: ``trp.fit(..., method=TRP(model))`` calls :meth:`project`
+    before each forward pass and :meth:`regularize` after each backward pass)."""
+
+    name = "trp"
 
     def __init__(self, model: nn.Module, *, energy: float = 0.9, nuclear_weight: float = 3e-4,
                  period: int = DEFAULT_PERIOD, scheme: str = "channel", filter_fn=None,
@@ -77,24 +73,11 @@ class TRP:
             raise ValueError(f"period must be an int >= 1, got {period!r}")
         if not isinstance(nuclear_every_step, bool):
             raise TypeError(f"nuclear_every_step must be a bool, got {nuclear_every_step!r}")
-        # rank_multiple=1: training projects to the rank the energy asks for; compile may round up.
-        self.config = CompileConfig(energy=energy, overrides=overrides, scheme=scheme, rank_multiple=1,
-                                    filter_fn=filter_fn)
+        super().__init__(model, energy=energy, scheme=scheme, filter_fn=filter_fn, overrides=overrides)
         self.nuclear_weight = float(nuclear_weight)
         self.period = period
         self.nuclear_every_step = nuclear_every_step
         self.step_count = 0
-        inner = unwrap(model)
-        filt = self.config.filter_fn or DefaultFilter(find_stem(inner))
-        self.targets: dict[str, tuple[nn.Module, decompose.RankSpec, families.Family]] = {}
-        for fqn, m, _, _ in walk(inner):
-            if decompose.is_layer(m):
-                note, plan, family = eligibility(fqn, m, self.config, filt)
-                if note is None:
-                    self.targets[fqn] = (m, plan.spec, family)
-        if not self.targets:
-            raise ValueError("TRP found no target layer (no k×k Conv2d passes the filter); "
-                             "pass filter_fn to choose layers")
         self.ranks: dict[str, int] = {}
         self._subgradients: dict[str, torch.Tensor] = {}
 
@@ -103,26 +86,19 @@ class TRP:
 
     @torch.no_grad()
     def _svds(self, fqn: str, project: bool) -> None:
-        m, spec, family = self.targets[fqn]
+        m, layer, family = self.targets[fqn]
         w = m.weight
-        modes = len(family.modes())
-        if not _distributed() or dist.get_rank() == 0:
-            low, sub, ranks = family.project(w, spec, f"weight of {fqn!r}", project)
-            rank = torch.tensor(ranks, device=w.device)
-        else:
-            sub = torch.empty_like(w)
-            low = torch.empty_like(w) if project else None
-            rank = torch.zeros(modes, dtype=torch.long, device=w.device)
-        if _distributed():  # one process decides, every process gets the same bits
-            dist.broadcast(sub, 0)
-            dist.broadcast(rank, 0)
-            if project:
-                dist.broadcast(low, 0)
+
+        def compute():
+            low, sub, ranks = family.project(w, layer.spec, f"weight of {fqn!r}", project)
+            return [sub, torch.tensor(ranks, device=w.device)] + ([low] if project else [])
+
+        like = [w, torch.zeros(len(family.modes()), dtype=torch.long, device=w.device)] + ([w] if project else [])
+        sub, rank, *low = decide_on_rank0(compute, like)
         if project:
-            w.copy_(low)
+            w.copy_(low[0])
         self._subgradients[fqn] = sub
-        ranks = tuple(int(r) for r in rank.tolist())
-        self.ranks[fqn] = families.rank_value(ranks)
+        self.ranks[fqn] = families.rank_value(tuple(int(r) for r in rank.tolist()))
 
     def project(self) -> None:
         """Call before each forward pass: on every ``period``-th iteration, replace each
@@ -147,26 +123,27 @@ class TRP:
         self._subgradients.clear()
         self.step_count += 1
 
-    def compile_overrides(self) -> dict:
-        """``trp.compile`` overrides that factor each target at the rank of the last projection
-        (``{escaped fqn: rank}``): compile with these and ``rank_multiple=1`` to keep exactly
-        the structure the network was trained in."""
-        import re
+    before_forward = project
+    after_backward = regularize
 
+    def record(self) -> dict:
+        return {"ranks": dict(self.ranks)}
+
+    def plan(self) -> Plan:
+        """Each target at the family and ranks of the last projection: ``trp.compile(model,
+        plan=controller.plan())`` keeps exactly the structure the network was trained in."""
         if not self.ranks:
             raise RuntimeError("no projection has run yet: call project() (or train) first")
-        return {re.escape(fqn): rank for fqn, rank in self.ranks.items()}
+        return Plan({fqn: LayerChoice(family.name, self.ranks[fqn]) for fqn, (_, _, family) in self.targets.items()})
 
     def state_dict(self) -> dict:
         """Step count and settings (what a checkpoint needs to resume exactly)."""
-        return {"step_count": self.step_count, "period": self.period, "nuclear_weight": self.nuclear_weight,
-                "nuclear_every_step": self.nuclear_every_step, "energy": self.config.energy,
-                "scheme": self.config.scheme, "targets": list(self.targets), "ranks": dict(self.ranks)}
+        return {**super().state_dict(), "step_count": self.step_count, "period": self.period,
+                "nuclear_weight": self.nuclear_weight, "nuclear_every_step": self.nuclear_every_step,
+                "energy": self.config.energy, "scheme": self.config.scheme, "ranks": dict(self.ranks)}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("targets") != list(self.targets):
-            raise ValueError(f"TRP state is for targets {state.get('targets')}, this controller has "
-                             f"{list(self.targets)}")
+        super().load_state_dict(state)
         for key in ("period", "nuclear_weight", "nuclear_every_step", "energy", "scheme"):
             mine = getattr(self, key) if hasattr(self, key) else getattr(self.config, key)
             if state.get(key) != mine:
@@ -215,16 +192,15 @@ def _match_state_layout(optimizer: torch.optim.Optimizer) -> None:
                                                      device=value.device).copy_(value)
 
 
-def _resume(state: dict, model: nn.Module, optimizer, scheduler, trp: Optional[TRP]) -> tuple[list, int]:
+def _resume(state: dict, model: nn.Module, optimizer, scheduler, method: Optional[Method]) -> tuple[list, int]:
     """Apply a verified checkpoint, all or nothing: a checkpoint written for another model,
-    optimizer or controller is a CheckpointError saying which, raised before anything
-    changes (each load_state_dict below checks before it writes, the model's is checked here)."""
+    optimizer or method is a CheckpointError saying which, raised before anything changes
+    (each load_state_dict below checks before it writes, the model's is checked here). A
+    checkpoint written before methods had one interface keeps TRP's state under "trp"."""
     error = checkpoint.CheckpointError
     missing = [k for k in ("epoch", "model", "optimizer", "rng", "history") if k not in state]
     if missing:
         raise error(f"the checkpoint lacks {missing}")
-    if trp is not None and state.get("trp") is None:
-        raise error("the checkpoint was written without a TRP controller; resume it without trp")
     own, saved = unwrap(model).state_dict(), state["model"]
     if not isinstance(saved, dict) or set(own) != set(saved):
         extra, lacking = sorted(set(saved) - set(own))[:5], sorted(set(own) - set(saved))[:5]
@@ -232,6 +208,12 @@ def _resume(state: dict, model: nn.Module, optimizer, scheduler, trp: Optional[T
     shapes = [k for k in own if own[k].shape != getattr(saved[k], "shape", None)][:5]
     if shapes:
         raise error(f"the checkpoint does not match this model: other shapes for {shapes}")
+    method_state = state.get("method", state.get("trp"))
+    if method is not None and method_state is None:
+        raise error(f"the checkpoint was written without a method; resume it without method={method.name!r}")
+    if method is None and method_state is not None:
+        raise error(f"the checkpoint was written with method {method_state.get('method', 'trp')!r}; "
+                    f"resume it with that method")
 
     def apply(what, fn):
         try:
@@ -239,14 +221,14 @@ def _resume(state: dict, model: nn.Module, optimizer, scheduler, trp: Optional[T
         except (RuntimeError, ValueError, KeyError, TypeError) as e:
             raise error(f"the checkpoint does not match this {what}: {e}") from None
 
-    if trp is not None:
-        before = trp.state_dict()
-        apply("TRP controller", lambda: trp.load_state_dict(state["trp"]))
+    if method is not None:
+        before = method.state_dict()
+        apply(f"method ({method.name})", lambda: method.load_state_dict(method_state))
     try:
         apply("optimizer", lambda: optimizer.load_state_dict(state["optimizer"]))
     except checkpoint.CheckpointError:
-        if trp is not None:
-            trp.load_state_dict(before)
+        if method is not None:
+            method.load_state_dict(before)
         raise
     _match_state_layout(optimizer)
     apply("model", lambda: unwrap(model).load_state_dict(saved))
@@ -277,7 +259,7 @@ def evaluate(model: nn.Module, loader, device=None, loss_fn=None) -> dict:
         correct += int((out.argmax(1) == y).sum())
         total += len(y)
     model.train(was_training)
-    if _distributed():
+    if distributed():
         t = torch.tensor([correct, total, loss_sum], dtype=torch.float64, device=device)
         dist.all_reduce(t)
         correct, total, loss_sum = int(t[0]), int(t[1]), float(t[2])
@@ -285,9 +267,10 @@ def evaluate(model: nn.Module, loader, device=None, loss_fn=None) -> dict:
 
 
 def fit(model: nn.Module, train_loader, val_loader=None, *, epochs: int, optimizer=None, scheduler=None,
-        lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 1e-4, trp: Optional[TRP] = None,
+        lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 1e-4, method: Optional[Method] = None,
         checkpoint_dir=None, resume: bool = False, device=None, loss_fn=None, progress: bool = True) -> list:
-    """Train ``model`` for ``epochs`` with an optional :class:`TRP` controller.
+    """Train ``model`` for ``epochs`` with an optional compression ``method`` (a
+    :class:`trp.methods.Method`, e.g. :class:`TRP`), whose hooks run around each step.
 
     Defaults follow the TRP paper's CIFAR schedule scaled to ``epochs``: SGD (``lr``, momentum
     0.9, weight decay 1e-4), learning rate ÷10 at 50% and 75% of the epochs. Pass your own
@@ -300,7 +283,8 @@ def fit(model: nn.Module, train_loader, val_loader=None, *, epochs: int, optimiz
     :class:`trp.checkpoint.CheckpointError`). The directory is checked for writing before
     any training. Under ``torchrun`` the model is
     wrapped in DistributedDataParallel (if it is not already) and only rank 0 writes.
-    Returns the per-epoch history (train loss, validation accuracy/loss, TRP ranks).
+    Returns the per-epoch history (train loss, validation accuracy/loss, and what the
+    method records, e.g. TRP's ranks).
     """
     import os
 
@@ -310,8 +294,9 @@ def fit(model: nn.Module, train_loader, val_loader=None, *, epochs: int, optimiz
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
-    if trp is not None and not isinstance(trp, TRP):
-        raise TypeError(f"trp must be a trp.TRP controller or None, got {type(trp).__name__}")
+    if method is not None and not isinstance(method, Method):
+        raise TypeError(f"method must be a trp.methods.Method (e.g. trp.TRP(model)) or None, "
+                        f"got {type(method).__name__}")
     if resume and checkpoint_dir is None:
         raise ValueError("resume=True needs checkpoint_dir")
     params = list(model.parameters())
@@ -323,9 +308,9 @@ def fit(model: nn.Module, train_loader, val_loader=None, *, epochs: int, optimiz
         _check_number("weight_decay", weight_decay, 0, strict=False)
     device = torch.device(device) if device is not None else params[0].device
     model.to(device)
-    if _distributed() and not isinstance(model, nn.parallel.DistributedDataParallel):
+    if distributed() and not isinstance(model, nn.parallel.DistributedDataParallel):
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    rank0 = not _distributed() or dist.get_rank() == 0
+    rank0 = not distributed() or dist.get_rank() == 0
     loss_fn = loss_fn or nn.functional.cross_entropy
     if optimizer is None:
         optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
@@ -343,30 +328,35 @@ def fit(model: nn.Module, train_loader, val_loader=None, *, epochs: int, optimiz
     if resume:
         state = checkpoint.load_latest(checkpoint_dir, map_location=device, quarantine=rank0)
         if state is not None:
-            history, start = _resume(state, model, optimizer, scheduler, trp)
+            history, start = _resume(state, model, optimizer, scheduler, method)
 
     for epoch in range(start, epochs):
         if hasattr(getattr(train_loader, "sampler", None), "set_epoch"):
             train_loader.sampler.set_epoch(epoch)
         model.train()
+        if method is not None:
+            method.epoch_start(epoch)
         total, count = 0.0, 0
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{epochs}", disable=not (progress and rank0),
                    leave=False, dynamic_ncols=True)
         for x, y in bar:
             x, y = x.to(device), y.to(device)
-            if trp is not None:
-                trp.project()
+            if method is not None:
+                method.before_forward()
             loss = loss_fn(model(x), y)
+            extra = method.loss() if method is not None else None
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if trp is not None:
-                trp.regularize()
+            (loss if extra is None else loss + extra).backward()
+            if method is not None:
+                method.after_backward()
             optimizer.step()
             total, count = total + loss.item() * len(y), count + len(y)
             bar.set_postfix(loss=f"{total / count:.4f}")
+        if method is not None:
+            method.epoch_end(epoch)
         if scheduler is not None:
             scheduler.step()
-        if _distributed():  # the global mean, the same on every rank
+        if distributed():  # the global mean, the same on every rank
             t = torch.tensor([total, count], dtype=torch.float64, device=device)
             dist.all_reduce(t)
             total, count = float(t[0]), int(t[1])
@@ -374,8 +364,8 @@ def fit(model: nn.Module, train_loader, val_loader=None, *, epochs: int, optimiz
                   "lr": optimizer.param_groups[0]["lr"]}
         if val_loader is not None:
             record.update({f"val_{k}": v for k, v in evaluate(model, val_loader, device, loss_fn).items()})
-        if trp is not None:
-            record["ranks"] = dict(trp.ranks)
+        if method is not None:
+            record.update(method.record())
         history.append(record)
         if progress and rank0:
             tqdm.write(_epoch_line(record, epochs))
@@ -383,6 +373,6 @@ def fit(model: nn.Module, train_loader, val_loader=None, *, epochs: int, optimiz
             checkpoint.save(checkpoint_dir, {"epoch": epoch + 1, "model": unwrap(model).state_dict(),
                                              "optimizer": optimizer.state_dict(),
                                              "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                                             "trp": trp.state_dict() if trp is not None else None,
+                                             "method": method.state_dict() if method is not None else None,
                                              "rng": _rng_state(), "history": history})
     return history

@@ -204,7 +204,7 @@ def one_checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     model = models.resnet_cifar(8)
     loader = DataLoader(TensorDataset(xtr[:128], ytr[:128]), batch_size=64, shuffle=True)
-    trp.fit(model, loader, epochs=1, trp=trp.TRP(model), checkpoint_dir=directory, progress=False, lr=0.05)
+    trp.fit(model, loader, epochs=1, method=trp.TRP(model), checkpoint_dir=directory, progress=False, lr=0.05)
     data = (directory / checkpoint.LAST).read_bytes()
     return checkpoint.read(directory / checkpoint.LAST), data
 
@@ -246,4 +246,4 @@ def test_fit_resume_refuses_a_damaged_checkpoint(one_checkpoint, tmp_path):
     model = models.resnet_cifar(8)
     loader = DataLoader(TensorDataset(torch.randn(8, 1, 16, 16), torch.zeros(8, dtype=torch.long)), batch_size=8)
     with pytest.raises(checkpoint.CheckpointError, match="no checkpoint to resume from"):
-        trp.fit(model, loader, epochs=2, trp=trp.TRP(model), checkpoint_dir=tmp_path, resume=True, progress=False)
+        trp.fit(model, loader, epochs=2, method=trp.TRP(model), checkpoint_dir=tmp_path, resume=True, progress=False)

@@ -127,7 +127,7 @@ def test_resume_after_a_crash_ends_with_the_same_weights(tmp_path):
             return nn.functional.cross_entropy(out, y, **kw)
 
         try:
-            trp.fit(model, train, val, epochs=3, trp=controller, checkpoint_dir=directory, resume=resume,
+            trp.fit(model, train, val, epochs=3, method=controller, checkpoint_dir=directory, resume=resume,
                     progress=False, lr=0.05, loss_fn=loss_fn)
         except Crash:
             pass
@@ -146,7 +146,7 @@ def test_fit_learns_digits_and_reports_history():
     torch.manual_seed(0)
     model = models.resnet_cifar(8)
     train, val = _loaders()
-    history = trp.fit(model, train, val, epochs=6, progress=False, lr=0.05, trp=TRP(model))
+    history = trp.fit(model, train, val, epochs=6, progress=False, lr=0.05, method=TRP(model))
     assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5, 6]
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert history[-1]["val_accuracy"] > 60  # chance is 10%; this run reached 81% when written
@@ -161,8 +161,8 @@ def test_fit_bad_arguments(tmp_path):
         trp.fit(model, train, epochs=0)
     with pytest.raises(ValueError, match="resume=True needs checkpoint_dir"):
         trp.fit(model, train, epochs=1, resume=True)
-    with pytest.raises(TypeError, match="trp must be a trp.TRP controller"):
-        trp.fit(model, train, epochs=1, trp="yes")
+    with pytest.raises(TypeError, match=r"method must be a trp.methods.Method \(e.g. trp.TRP\(model\)\) or None, got str"):
+        trp.fit(model, train, epochs=1, method="yes")
 
 
 def _train(directory, resume=False, crash_in_epoch=None):
@@ -180,7 +180,7 @@ def _train(directory, resume=False, crash_in_epoch=None):
         return nn.functional.cross_entropy(out, y, **kw)
 
     try:
-        trp.fit(model, train, val, epochs=3, trp=TRP(model, period=2), checkpoint_dir=directory, resume=resume,
+        trp.fit(model, train, val, epochs=3, method=TRP(model, period=2), checkpoint_dir=directory, resume=resume,
                 progress=False, lr=0.05, loss_fn=loss_fn)
     except Crash:
         pass
@@ -341,6 +341,6 @@ def test_a_checkpoint_for_another_optimizer_changes_nothing(tmp_path):
     controller = TRP(model, period=2)
     train, _ = _loaders()
     with pytest.raises(CheckpointError, match="does not match this optimizer"):
-        trp.fit(model, train, epochs=3, trp=controller, checkpoint_dir=tmp_path, resume=True, progress=False,
+        trp.fit(model, train, epochs=3, method=controller, checkpoint_dir=tmp_path, resume=True, progress=False,
                 optimizer=torch.optim.Adam([next(model.parameters())]))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and controller.step_count == 0

@@ -30,7 +30,7 @@ def _train(world: int, rank: int):
     sampler = DistributedSampler(data, world, rank, shuffle=False) if world > 1 else None
     loader = DataLoader(data, batch_size=GLOBAL_BATCH // world, sampler=sampler, shuffle=False)
     controller = trp.TRP(model, period=2)
-    history = trp.fit(model, loader, epochs=EPOCHS, trp=controller, progress=False, lr=0.05)
+    history = trp.fit(model, loader, epochs=EPOCHS, method=controller, progress=False, lr=0.05)
     return model, controller, history
 
 
