@@ -253,12 +253,14 @@ CheckedCall check_lowrank_conv(py::handle x_obj, py::handle w1_obj, py::handle w
     if (scheme == "channel") kernel = Kernel::kChannel;
     else if (scheme == "spatial") kernel = Kernel::kSpatial;
     else if (scheme == "tucker") kernel = Kernel::kTucker;
-    else if (scheme == "dense") kernel = Kernel::kDense;
-    else value_error("scheme must be 'channel', 'spatial', 'tucker' or 'dense', got '" + scheme + "'");
+    else if (scheme == "dense" || scheme == "dense_oi") kernel = Kernel::kDense;
+    else value_error("scheme must be 'channel', 'spatial', 'tucker', 'dense' or 'dense_oi', got '" + scheme + "'");
     const bool dense = kernel == Kernel::kDense, tucker = kernel == Kernel::kTucker;
+    const bool oi = scheme == "dense_oi";  // a 1x1 conv's weight as PyTorch keeps it: (out_channels, in_channels)
     py::array x = require_f32(x_obj, "x", 4, "(batch, height, width, channels) NHWC");
-    py::array w1 = require_f32(w1_obj, "w1", 2, dense ? "(taps * in_channels, out_channels)"
-                                                       : "(taps * in_channels, rank)");
+    py::array w1 = require_f32(w1_obj, "w1", 2, oi ? "(out_channels, in_channels)"
+                                                : dense ? "(taps * in_channels, out_channels)"
+                                                        : "(taps * in_channels, rank)");
     py::array w2, w3;
     if (dense) {
         if (!w2_obj.is_none()) value_error("the dense kernel takes one weight: w2 must be None");
@@ -292,7 +294,12 @@ CheckedCall check_lowrank_conv(py::handle x_obj, py::handle w1_obj, py::handle w
     a.stride_h = stride[0]; a.stride_w = stride[1]; a.pad_top = pad[0]; a.pad_left = pad[1];
     a.dil_h = dil[0]; a.dil_w = dil[1];
     a.out_h = out.shape(1); a.out_w = out.shape(2); a.out_c = out.shape(3);
-    if (dense) {
+    if (oi) {
+        if (kh != 1 || kw != 1) value_error("scheme 'dense_oi' is for 1x1 convs, got kernel " + pair_str(kh, kw));
+        check_dim(w1, "w1", 0, a.out_c, "out's channels");
+        check_dim(w1, "w1", 1, a.in_c, "x's channels");
+        a.w1_oi = true;
+    } else if (dense) {
         check_dim(w1, "w1", 0, kh * kw * a.in_c, "taps x in_channels");
         check_dim(w1, "w1", 1, a.out_c, "out's channels");
     } else {

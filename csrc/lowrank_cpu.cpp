@@ -131,12 +131,13 @@ bool winograd_wins(const LowRankConvArgs& a, int64_t cols) {
 
 // The call with its `stream` decided for this build: whole aligned vectors only (the
 // output's rows a multiple of the vector, its start aligned to it), and only the vector
-// builds have a streaming store.
+// builds have a streaming store (and not the (out, in) 1x1 kernel, which writes a pixel's
+// channels one by one).
 LowRankConvArgs for_build(const LowRankConvArgs& a, int isa) {
     LowRankConvArgs b = a;
     const int64_t vl = kIsaWidths[isa], threshold = stream_bytes().load();
     const int64_t bytes = a.batch * a.out_h * a.out_w * a.out_c * int64_t(sizeof(float));
-    b.stream = isa != kGeneric && threshold > 0 && bytes >= threshold && a.out_c % vl == 0 &&
+    b.stream = isa != kGeneric && !a.w1_oi && threshold > 0 && bytes >= threshold && a.out_c % vl == 0 &&
                reinterpret_cast<uintptr_t>(a.out) % (vl * sizeof(float)) == 0;
     if (b.stream) streamed().fetch_add(1, std::memory_order_relaxed);
     return b;

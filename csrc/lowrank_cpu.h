@@ -37,6 +37,7 @@ struct LowRankConvArgs {
     bool stream = false;      // the output is stored past the caches (streaming stores, whole
                               // aligned vectors); the lowrank_conv_* entry points decide
                               // (lowrank_stream_bytes), whatever the caller set
+    bool w1_oi = false;       // dense 1x1 only: w1 is [out_c][in_c] (PyTorch's own layout), not [in_c][out_c]
     bool winograd = false;    // a 3x3 stride-1 first stage (channel, dense) runs as Winograd
                               // F(2x2, 3x3); the entry points decide (lowrank_winograd)
 };
@@ -61,8 +62,8 @@ bool lowrank_conv_spatial(const LowRankConvArgs& a);
 // the thread's scratch.
 bool lowrank_conv_tucker(const LowRankConvArgs& a);
 
-// dense (one stage): kh x kw conv in_c -> out_c (w1: [kh*kw][in_c][out_c]) and the epilogue.
-// rank is unused.
+// dense (one stage): kh x kw conv in_c -> out_c (w1: [kh*kw][in_c][out_c], or for a 1x1
+// conv with w1_oi [out_c][in_c]) and the epilogue. rank is unused.
 bool lowrank_conv_dense(const LowRankConvArgs& a);
 
 // Floats per vector of the kernels this CPU runs (16 AVX-512, 8 AVX2, 4 portable) and

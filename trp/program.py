@@ -117,6 +117,13 @@ class _Step:
 DENSE_MARGIN = 0.9  # a dense conv joins a program when trp's kernel takes at most this much of PyTorch's time
 RESIDUAL_MARGIN = 1.2  # ... or, when it also takes the add after it, this much of PyTorch's conv alone (_dense_choice)
 FALLBACK_SLOWDOWN = 1.1  # ... and PyTorch's own conv with the weight in trp's layout at most this much more
+# A contiguous 1x1 conv's weight is also tried as it is (out, in) when its output has at
+# most this many pixels: there the weight outweighs the activations and the kernel splits
+# the output channels over the threads. ResNet-50 (dense 1x1s): 0.85-0.86x the time at
+# batch 1, where layers 3-4 have 196 and 49 pixels; at batch 8 (392 pixels and more) no
+# gain showed either way: 0.999-1.083x offered at every size, 0.993-1.018x with this
+# limit, depending on which of the two builds came first (benches/results/dense-oi.txt).
+AS_IS_MAX_PIXELS = 256
 FALLBACK_SLACK_S = 5e-6  # (+ this: on a 9 us conv, 1 us is the timer's noise, and Python's time dwarfs it)
 
 
@@ -146,7 +153,8 @@ def _residual_after(node: torch.fx.Node, modules: dict, values: dict) -> Optiona
 
 
 def _dense_choice(m: nn.Conv2d, x, y, res: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
-    """The weight of a dense conv in the kernel's layout when trp's dense kernel runs it on
+    """The weight of a dense conv as the kernel will read it (a contiguous 1x1's own memory,
+    or the kernel's layout: the faster of the two that qualifies) when trp's dense kernel runs it on
     ``x`` faster than PyTorch does (each timed 3 times, in turn, trp's as a program step, with
     no Python around it; :data:`DENSE_MARGIN`), else None; with ``res``, the operand of the
     add that follows the conv, trp's kernel adds it in its epilogue and PyTorch's time is
@@ -162,20 +170,30 @@ def _dense_choice(m: nn.Conv2d, x, y, res: Optional[torch.Tensor] = None) -> Opt
     if ops.backend_kernel("cpp", [w.shape], list(stride), list(pad), list(dil)) is None:
         return None
     with torch.inference_mode(False):  # a normal tensor: it may become the parameter's memory, which autograd uses
-        laid = cpp.kernel_layout(w.detach())
+        # Two ways for a contiguous 1x1 with few output pixels: its own (out, in) memory as
+        # it is (the kernel's "dense_oi" form, nothing to relay) and the kernel's [in][out]
+        # panel; the faster one that qualifies is taken.
+        layouts = [cpp.kernel_layout(w.detach())]
+        if cpp.reads_as_is(w) and y.numel() // y.shape[1] <= AS_IS_MAX_PIXELS:
+            layouts.insert(0, w.detach())
     bias = None if m.bias is None else m.bias.detach()
-    out, bound = cpp.bound_chain(x, [laid], bias, "dense", stride, pad, dil, res)
-    if bound is None or not _close(out, y if res is None else y + res):
-        return None
-    # trp's kernel as a program step runs it: no Python around the call; with the residual
-    # add that follows the conv in its epilogue, against PyTorch's conv and add
     ins = [x] if res is None else [x, res]
-    step = cpp._require().Program([t.numel() for t in ins] + [out.numel()], len(ins), 1)
-    step.add_conv(bound.plan, 0, len(ins) - 1 if res is not None else -1, len(ins))
-    ptrs = ([t.data_ptr() for t in ins], [out.data_ptr()])
     threads = torch.get_num_threads()
-    fns = {"ours": lambda: step.run(*ptrs, threads),
-           "conv": lambda: m._conv_forward(x, w, m.bias)}
+    steps, outs = {}, []
+    for i, laid in enumerate(layouts):
+        out, bound = cpp.bound_chain(x, [laid], bias, "dense", stride, pad, dil, res)
+        if bound is None or not _close(out, y if res is None else y + res):
+            continue
+        # trp's kernel as a program step runs it: no Python around the call; with the residual
+        # add that follows the conv in its epilogue, against PyTorch's conv and add
+        step = cpp._require().Program([t.numel() for t in ins] + [out.numel()], len(ins), 1)
+        step.add_conv(bound.plan, 0, len(ins) - 1 if res is not None else -1, len(ins))
+        ptrs = ([t.data_ptr() for t in ins], [out.data_ptr()])
+        outs.append(out)  # the step writes into it: alive while it is timed
+        steps[i] = (lambda s, p: lambda: s.run(*p, threads))(step, ptrs)
+    if not steps:
+        return None
+    fns = {**{("ours", i): f for i, f in steps.items()}, "conv": lambda: m._conv_forward(x, w, m.bias)}
     if res is not None:
         fns["conv + add"] = lambda: m._conv_forward(x, w, m.bias).add_(res)
     med = _medians(fns)
@@ -183,17 +201,23 @@ def _dense_choice(m: nn.Conv2d, x, y, res: Optional[torch.Tensor] = None) -> Opt
     # model it does not (ResNet-50 at batch 8: 16 adds of 25.7 MB operands, 31.6 ms in all
     # in the model, 0.05-0.6 ms each here), so trp's conv with the add in its epilogue is
     # held against PyTorch's conv alone, with RESIDUAL_MARGIN
-    faster = (med["ours"] <= DENSE_MARGIN * med["conv"] if res is None
-              else med["ours"] <= max(DENSE_MARGIN * med["conv + add"], RESIDUAL_MARGIN * med["conv"]))
-    if not faster:
-        return None
-    # the weight's new layout must not slow the calls that still run the layer in PyTorch
-    # (gradients, hooks): oneDNN reorders some permuted weights on every call (ResNet-50's
-    # 512->2048 1x1 at 7x7: 0.434 ms contiguous, 2.190 permuted; 3x3s within 10%:
-    # benches/results/dense-layout.txt)
-    med.update(_medians({"conv, laid": lambda: m._conv_forward(x, laid, m.bias),  # the per-module forward after
-                         "conv": fns["conv"]}))
-    return laid if med["conv, laid"] <= FALLBACK_SLOWDOWN * med["conv"] + FALLBACK_SLACK_S else None
+    bar = DENSE_MARGIN * med["conv"] if res is None else max(DENSE_MARGIN * med["conv + add"],
+                                                              RESIDUAL_MARGIN * med["conv"])
+    for i in sorted(steps, key=lambda i: med[("ours", i)]):  # the fastest layout that qualifies
+        laid = layouts[i]
+        if med[("ours", i)] > bar:
+            return None
+        if laid.data_ptr() == w.data_ptr() and laid.stride() == w.stride():
+            return laid  # read as it is: PyTorch's own conv is untouched
+        # the weight's new layout must not slow the calls that still run the layer in PyTorch
+        # (gradients, hooks): oneDNN reorders some permuted weights on every call (ResNet-50's
+        # 512->2048 1x1 at 7x7: 0.434 ms contiguous, 2.190 permuted; 3x3s within 10%:
+        # benches/results/dense-layout.txt)
+        check = _medians({"conv, laid": lambda: m._conv_forward(x, laid, m.bias),  # the per-module forward after
+                          "conv": fns["conv"]})
+        if check["conv, laid"] <= FALLBACK_SLOWDOWN * check["conv"] + FALLBACK_SLACK_S:
+            return laid
+    return None
 
 
 def _medians(fns: dict, rounds: int = 3) -> dict:

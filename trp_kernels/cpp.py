@@ -131,6 +131,21 @@ def _panel(w: torch.Tensor, name: str) -> tuple["numpy.ndarray", bool]:  # noqa:
     return _hwio(t).contiguous().view(-1, t.shape[0]).numpy(), view
 
 
+def reads_as_is(w: torch.Tensor) -> bool:
+    """Whether the dense kernel reads the 1×1 conv weight ``w`` in place as PyTorch keeps
+    it: (out, in, 1, 1), contiguous (its "dense_oi" form: the GEMM the other way round, so
+    that a dense 1×1 conv need not take :func:`kernel_layout`, which makes PyTorch's own
+    conv reorder the weight on every call)."""
+    return (w.dim() == 4 and tuple(w.shape[2:]) == (1, 1) and w.is_contiguous() and not w.is_neg()
+            and w.dtype == torch.float32 and w.device.type == "cpu")
+
+
+def dense_layout(w: torch.Tensor) -> torch.Tensor:
+    """A dense conv weight as the dense kernel reads it in place: ``w`` itself for a
+    contiguous 1×1 (:func:`reads_as_is`), else :func:`kernel_layout`."""
+    return w if reads_as_is(w) else kernel_layout(w)
+
+
 def _nhwc(t: torch.Tensor) -> "numpy.ndarray":  # noqa: F821
     """A channels_last-contiguous (N, C, H, W) tensor's memory as an (N, H, W, C) array."""
     return t.numpy().transpose(0, 2, 3, 1)
@@ -320,7 +335,11 @@ def _fused(x, weights, bias, stride, padding, dilation, scheme, residual, relu, 
     if out is not None:
         return out
     xa = _array(x, "x")
-    panels = [_panel(w, f"weight{i + 1}") for i, w in enumerate(weights)]
+    bind = scheme
+    if scheme == "dense" and len(weights) == 1 and not linear and reads_as_is(weights[0]):
+        bind, panels = "dense_oi", [(weights[0].detach().view(weights[0].shape[0], -1).numpy(), True)]
+    else:
+        panels = [_panel(w, f"weight{i + 1}") for i, w in enumerate(weights)]
     ba = None if bias is None else _array(bias, "bias")
     ra = None if residual is None else _array(residual, "residual")
     shapes = [tuple(w.shape) + (1, 1) if linear else tuple(w.shape) for w in weights]
@@ -341,7 +360,7 @@ def _fused(x, weights, bias, stride, padding, dilation, scheme, residual, relu, 
         plan = lib.LowRankPlan(
             xa.transpose(0, 2, 3, 1), arrays[0], arrays[1],
             None if ba is None else (ba if bias.is_contiguous() else _array(bias.contiguous(), "bias")),
-            None if ra is None else ra.transpose(0, 2, 3, 1), _nhwc(out), scheme, kh, kw, stride2, pad2, dil2,
+            None if ra is None else ra.transpose(0, 2, 3, 1), _nhwc(out), bind, kh, kw, stride2, pad2, dil2,
             bool(relu), arrays[2])
         plan.run(xa.ctypes.data, out.data_ptr(), 0 if ra is None else ra.ctypes.data, torch.get_num_threads())
         if all(view for _, view in panels) and bias_view:  # a plan over copies would not see later writes

@@ -323,6 +323,49 @@ def test_dense_convs_join_the_program_when_faster(monkeypatch, margin):
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
 
 
+class _Pointwise(nn.Module):
+    """A low-rank 3x3 between a dense stem and a dense 1x1 conv (ResNet-50's pattern)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 24, 3, padding=1)
+        self.mid = nn.Conv2d(24, 24, 3, padding=1)
+        self.pw = nn.Conv2d(24, 40, 1)
+
+    def forward(self, x):
+        return self.pw(torch.relu(self.mid(torch.relu(self.stem(x)))))
+
+
+@pytest.mark.parametrize("stride, limit", [(1, 256), (2, 256), (1, 142)])
+def test_a_dense_1x1_joins_with_its_weight_as_it_is(monkeypatch, stride, limit):
+    """A contiguous 1x1 conv with few output pixels (at most AS_IS_MAX_PIXELS) is read in
+    PyTorch's own (out, in) layout, so it joins the program without being relaid, even where
+    a relayout would be refused (the layout check set to refuse any); writes to it through
+    .data are seen. With more pixels it is not offered so (and stays in PyTorch here)."""
+    monkeypatch.setattr(program, "DENSE_MARGIN", 1e9)
+    monkeypatch.setattr(program, "RESIDUAL_MARGIN", 1e9)
+    monkeypatch.setattr(program, "FALLBACK_SLOWDOWN", 0.0)
+    monkeypatch.setattr(program, "AS_IS_MAX_PIXELS", limit)
+    torch.manual_seed(0)
+    net = _Pointwise()
+    net.pw.stride = (stride, stride)
+    model = trp.compile(net.eval(), rank=4, rank_multiple=1)
+    x = torch.randn(1, 3, 11, 13)  # 143 output pixels at stride 1, 42 at stride 2
+    _run(model, x)
+    names = [n for s in program.runner(model).programs[x.shape].segments for n in s.step_names]
+    assert "stem" not in names  # the 3x3 stem would need its weight relaid
+    if limit < 143 and stride == 1:
+        assert "pw" not in names
+        return
+    assert "pw" in names
+    assert model.pw.weight.is_contiguous() and not cpp.in_kernel_layout(model.pw.weight)
+    model.pw.weight.data.mul_(-1.5)
+    got = _run(model, x)
+    assert program.runner(model).calls == 1
+    want = _per_module(model, x)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
 def test_a_dense_step_sees_writes_to_its_weight(monkeypatch):
     monkeypatch.setattr(program, "DENSE_MARGIN", 1e9)
     monkeypatch.setattr(program, "FALLBACK_SLOWDOWN", 1e9)

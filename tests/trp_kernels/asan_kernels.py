@@ -84,6 +84,20 @@ for isa in ("avx512", "avx2", "generic"):
                 assert mod.winograd_calls() == before + 1
                 n += 1
         mod.winograd("auto")
+        # Dense 1x1 convs read as PyTorch keeps the weight, (out, in): pixel blocks split over
+        # the threads, or (few pixels) the output channels; strided, padded, partial blocks.
+        for (b, c, no, hw, st, p) in [(1,5,7,(9,7),1,0), (3,20,18,(11,9),2,1), (2,33,70,(17,19),1,0), (1,300,260,(3,4),1,0)]:
+            x = torch.randn(b, c, *hw).contiguous(memory_format=torch.channels_last)
+            w, bias = torch.randn(no, c, 1, 1), torch.randn(no)
+            stages = reference.kernel_stages("dense", (st, st), (p, p, p, p), (1, 1))
+            ref = reference.conv_chain(x, [w], *stages, bias)
+            res = torch.randn_like(ref).contiguous(memory_format=torch.channels_last)
+            exp = reference.conv_chain(x, [w], *stages, bias, res, True)
+            assert cpp.reads_as_is(w)
+            for _ in range(2):  # the checked call, then the plan it kept over w's own memory
+                out = cpp.fused_chain(x, [w], bias, "dense", (st, st), (p, p, p, p), (1, 1), res, True)
+                assert (out - exp).abs().max() <= 1e-4 * exp.abs().max(), (isa, "dense_oi", b, c)
+            n += 1
         # The whole-model program's own steps (trp.program): max pool with ReLU, global average
         # pool, add; each slot exactly the size its step reads or writes.
         for (b, c, h, w, k, st, p) in [(2, 19, 9, 11, 3, 2, 1), (1, 3, 5, 4, 2, 1, 0), (1, 33, 3, 3, 3, 1, 1)]:

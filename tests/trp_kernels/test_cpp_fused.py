@@ -263,7 +263,10 @@ def test_outputs_stored_past_the_caches(shape, epilogue, kind, stream_bytes, thr
     before = lib.streamed_calls()
     check_chain(kind, *helpers.chain_case(kind, *shape, "channels_last", epilogue))  # three kernel calls
     streamed = stream_bytes == 1 and isa != "generic" and shape[2] % lib.vector_width() == 0
-    assert lib.streamed_calls() - before == (3 if streamed else 0)
+    # (a dense 1x1's weight as given is read as it is, "dense_oi", which stores a pixel's
+    # channels one by one: that call does not stream)
+    calls = 2 if kind == "dense" and shape[4] == (1, 1) else 3
+    assert lib.streamed_calls() - before == (calls if streamed else 0)
 
 
 def test_the_streaming_threshold_is_a_setting_of_the_extension():
@@ -273,6 +276,43 @@ def test_the_streaming_threshold_is_a_setting_of_the_extension():
     with pytest.raises(ValueError, match=r"set_stream_bytes: bytes must be >= 0 \(0: never stream\), got -5"):
         lib.set_stream_bytes(-5)
     assert lib.stream_bytes() == default
+
+
+# Dense 1x1 convs with the weight as PyTorch keeps it, (out, in) contiguous: the dense
+# kernel's "dense_oi" form (check_chain's first call; the others read the [in][out] panel,
+# bit for bit the same). Strides, padding, in_c and out_c past whole vectors and row
+# blocks, many pixel blocks (split by pixels) and few (split by output channels).
+OI_SHAPES = [
+    (1, 5, 7, (9, 7), (1, 1), 1, (1, 1), (1, 1), 0),
+    (3, 20, 18, (11, 9), (1, 1), 1, (2, 2), (1, 1), 1),
+    (1, 33, 40, (7, 7), (1, 1), 1, (1, 1), (1, 1), 0),
+    (2, 70, 130, (14, 15), (1, 1), 1, (1, 2), (1, 1), (0, 1, 2, 1)),
+    (1, 300, 260, (3, 4), (1, 1), 1, (1, 1), (1, 1), 0),
+]
+
+
+@grid("kind", ["dense"], OI_SHAPES)
+def test_dense_1x1_read_as_pytorch_keeps_it(shape, layout, epilogue, kind, threads, isa):
+    x, weights, bias, residual, geometry, relu = helpers.chain_case(kind, *shape, layout, epilogue)
+    assert cpp.reads_as_is(weights[0])
+    check_chain(kind, x, weights, bias, residual, geometry, relu)
+    if layout != "channels_last":
+        return
+    _, bound = cpp.bound_chain(x, weights, bias, kind, *geometry, residual, relu)
+    assert bound is not None  # a plan over the weight's own memory is kept
+    weights[0].data.mul_(-2.0)  # through .data: seen, the plan reads that memory
+    again = bound(x, weights, bias, residual, relu)
+    assert torch.equal(again, cpp.fused_chain(x, [cpp.kernel_layout(weights[0])], bias, kind, *geometry, residual,
+                                              relu))
+
+
+def test_what_the_dense_kernel_reads_as_it_is():
+    w = torch.randn(8, 5, 1, 1)
+    assert cpp.reads_as_is(w) and cpp.dense_layout(w) is w
+    assert not cpp.reads_as_is(w.transpose(0, 1).contiguous().transpose(0, 1))  # strided
+    assert not cpp.reads_as_is(torch.randn(8, 5, 3, 3)) and not cpp.reads_as_is(w.double())
+    laid = cpp.dense_layout(torch.randn(8, 5, 3, 3))
+    assert cpp.in_kernel_layout(laid)
 
 
 @pytest.fixture
