@@ -9,12 +9,10 @@ medians and the median of per-pair ratios.
 """
 import statistics
 import sys
-import time
 
 import torch
 
-from model_ab import bundle_from_args
-from trp import program
+from model_ab import bundle_from_args, two_builds
 from trp_kernels import cpp
 
 
@@ -38,18 +36,7 @@ def main() -> None:
     finally:
         cpp.reads_as_is = real
     calls = 40 if case.batch == 1 else 12
-    times = {"oi": [], "panel": []}
-    with torch.inference_mode():
-        for i in range(calls):
-            for label in (("oi", "panel") if i % 2 else ("panel", "oi")):
-                model, x = models[label]
-                t0 = time.perf_counter()
-                model(x)
-                times[label].append(time.perf_counter() - t0)
-    shape = {}
-    for label, (model, x) in models.items():
-        prog = program.runner(model).programs[x.shape]
-        shape[label] = f"{sum(len(s.step_names) for s in prog.segments)} steps in {len(prog.segments)} segments"
+    times, shape = two_builds(models, calls)
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     ratio = statistics.median(a / b for a, b in zip(times["oi"], times["panel"]))
     print(f"{case.name} b{case.batch}: (out, in) 1x1s {med['oi']:.3f} ms ({shape['oi']}), without "

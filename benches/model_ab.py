@@ -3,10 +3,11 @@ call, the order alternating (same caches, same drift): what benches/kept_ab.py a
 streaming_ab.py share."""
 import statistics
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
+from trp import program
 from trp.benchmark import cases as C, providers as P
 
 
@@ -64,3 +65,25 @@ def report(times: dict[str, list]) -> None:
         print(f"  {name:8s} median {statistics.median(t) * 1e3:.3f} ms")
     print(f"  {a} / {b}, median of per-pair ratios: {pair_ratio(times):.3f}")
     print(f"  torch {torch.__version__}, {torch.get_num_threads()} threads")
+
+
+def two_builds(models: dict, calls: int, switch: Optional[Callable[[str], None]] = None) -> tuple[dict, dict]:
+    """Two built copies of a compiled model, ``{label: (model, x)}``, called in turn (the
+    pair's order swapping every round, ``switch(label)`` before each call when given), under
+    inference_mode: (times in s per label, "N steps in M segments" of each one's program)."""
+    a, b = models
+    times = {a: [], b: []}
+    with torch.inference_mode():
+        for i in range(calls):
+            for label in ((a, b) if i % 2 else (b, a)):
+                if switch is not None:
+                    switch(label)
+                model, x = models[label]
+                t0 = time.perf_counter()
+                model(x)
+                times[label].append(time.perf_counter() - t0)
+    shape = {}
+    for label, (model, x) in models.items():
+        prog = program.runner(model).programs[x.shape]
+        shape[label] = f"{sum(len(s.step_names) for s in prog.segments)} steps in {len(prog.segments)} segments"
+    return times, shape

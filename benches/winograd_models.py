@@ -9,12 +9,10 @@ under inference_mode, medians and the median of per-pair ratios.
 """
 import statistics
 import sys
-import time
 
 import torch
 
-from model_ab import bundle_from_args
-from trp import program
+from model_ab import bundle_from_args, two_builds
 from trp_kernels import cpp
 
 
@@ -31,25 +29,13 @@ def main() -> None:
                 for _ in range(3):
                     b["trp"](b["x"])
         calls = 60 if case.batch == 1 else 16
-        times = {"auto": [], "never": []}
-        with torch.inference_mode():
-            for i in range(calls):
-                for mode in (("auto", "never") if i % 2 else ("never", "auto")):
-                    lib.winograd(mode)
-                    model, x = models[mode]
-                    t0 = time.perf_counter()
-                    model(x)
-                    times[mode].append(time.perf_counter() - t0)
+        times, shape = two_builds(models, calls, lambda mode: lib.winograd(mode))
     finally:
         lib.winograd(old)
-    steps = {}
-    for mode, (model, x) in models.items():
-        prog = program.runner(model).programs[x.shape]
-        steps[mode] = sum(len(s.step_names) for s in prog.segments)
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     ratio = statistics.median(a / b for a, b in zip(times["auto"], times["never"]))
-    print(f"{case.name} b{case.batch}: winograd auto {med['auto']:.3f} ms ({steps['auto']} C++ steps), never "
-          f"{med['never']:.3f} ms ({steps['never']} C++ steps); auto/never per-pair median {ratio:.3f} "
+    print(f"{case.name} b{case.batch}: winograd auto {med['auto']:.3f} ms ({shape['auto']}), never "
+          f"{med['never']:.3f} ms ({shape['never']}); auto/never per-pair median {ratio:.3f} "
           f"({calls} calls each, torch {torch.__version__}, {torch.get_num_threads()} threads)")
 
 
