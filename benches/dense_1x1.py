@@ -1,6 +1,7 @@
 """Dense 1x1 convs of ResNet-50 at batch 1: trp's dense kernel (weights in its layout) against
 F.conv2d in channels_last (weights as PyTorch keeps them), hot (medians of 40 calls) and after a
-64 MB write that evicts the caches (medians of 15).
+64 MB write that evicts the caches (medians of 15); last, trp's dense kernel reading the weight
+as PyTorch keeps it, (out, in) (its "dense_oi" form), hot and cold.
 
     python benches/dense_1x1.py     (results: benches/results/dense-1x1-balance.txt)
 """
@@ -14,7 +15,7 @@ def med(f, n=40):
     for _ in range(n):
         t0=time.perf_counter(); f(); t.append(time.perf_counter()-t0)
     return statistics.median(t)*1e3
-print("cin cout hw s | torch_cl(contig w) | trp dense(kernel layout) | flush-cold trp | flush-cold torch")
+print("cin cout hw s | torch_cl(contig w) | trp dense(kernel layout) | flush-cold trp | flush-cold torch | (out, in): hot cold")
 buf = torch.empty(64*1024*1024//4)
 for cin,cout,hw,s in shapes:
     x = torch.randn(1,cin,hw,hw).contiguous(memory_format=torch.channels_last)
@@ -23,10 +24,11 @@ for cin,cout,hw,s in shapes:
     wk = cpp.kernel_layout(w)
     ft = lambda: F.conv2d(x, w, b, s)
     fk = lambda: cpp.fused_chain(x, [wk], b, "dense", (s,s), (0,0,0,0), (1,1), None, False)
+    fo = lambda: cpp.fused_chain(x, [w], b, "dense", (s,s), (0,0,0,0), (1,1), None, False)
     def cold(f):
         def g():
             buf.add_(1.0)
             t0=time.perf_counter(); f(); return time.perf_counter()-t0
         ts=[g() for _ in range(15)]
         return statistics.median(ts)*1e3
-    print(cin,cout,hw,s, f"{med(ft):.3f} {med(fk):.3f} | cold {cold(fk):.3f} {cold(ft):.3f}")
+    print(cin,cout,hw,s, f"{med(ft):.3f} {med(fk):.3f} | cold {cold(fk):.3f} {cold(ft):.3f} | {med(fo):.3f} {cold(fo):.3f}")

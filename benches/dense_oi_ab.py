@@ -7,12 +7,11 @@ medians and the median of per-pair ratios.
     python benches/dense_oi_ab.py MODEL BATCH [SCHEME] [--panel-first]     e.g. resnet50 1
     (results: benches/results/dense-oi.txt)
 """
-import statistics
 import sys
 
 import torch
 
-from model_ab import bundle_from_args, two_builds
+from model_ab import ab_line, bundle_from_args, two_builds
 from trp_kernels import cpp
 
 
@@ -37,12 +36,7 @@ def main() -> None:
         cpp.reads_as_is = real
     calls = 40 if case.batch == 1 else 12
     times, shape = two_builds(models, calls)
-    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-    ratio = statistics.median(a / b for a, b in zip(times["oi"], times["panel"]))
-    print(f"{case.name} b{case.batch}: (out, in) 1x1s {med['oi']:.3f} ms ({shape['oi']}), without "
-          f"{med['panel']:.3f} ms ({shape['panel']}); per-pair median {ratio:.3f} ({calls} calls each, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads)")
-
+    print(f"{case.name} b{case.batch}: (out, in) 1x1s: oi {ab_line(times, shape, 'oi', 'panel', calls)}")
 
 if __name__ == "__main__":
     main()

@@ -87,3 +87,12 @@ def two_builds(models: dict, calls: int, switch: Optional[Callable[[str], None]]
         prog = program.runner(model).programs[x.shape]
         shape[label] = f"{sum(len(s.step_names) for s in prog.segments)} steps in {len(prog.segments)} segments"
     return times, shape
+
+
+def ab_line(times: dict, shape: dict, a: str, b: str, calls: int) -> str:
+    """``a``'s and ``b``'s medians (ms) with their programs' shapes, and the median of the
+    per-pair ratios a / b, for :func:`two_builds`' output."""
+    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    ratio = statistics.median(p / q for p, q in zip(times[a], times[b]))
+    return (f"{med[a]:.3f} ms ({shape[a]}), {b} {med[b]:.3f} ms ({shape[b]}); {a}/{b} per-pair median {ratio:.3f} "
+            f"({calls} calls each, torch {torch.__version__}, {torch.get_num_threads()} threads)")

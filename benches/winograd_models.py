@@ -7,12 +7,11 @@ under inference_mode, medians and the median of per-pair ratios.
     python benches/winograd_models.py MODEL BATCH [SCHEME]     e.g. resnet18 1
     (results: benches/results/winograd/models.txt)
 """
-import statistics
 import sys
 
 import torch
 
-from model_ab import bundle_from_args, two_builds
+from model_ab import ab_line, bundle_from_args, two_builds
 from trp_kernels import cpp
 
 
@@ -32,12 +31,7 @@ def main() -> None:
         times, shape = two_builds(models, calls, lambda mode: lib.winograd(mode))
     finally:
         lib.winograd(old)
-    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-    ratio = statistics.median(a / b for a, b in zip(times["auto"], times["never"]))
-    print(f"{case.name} b{case.batch}: winograd auto {med['auto']:.3f} ms ({shape['auto']}), never "
-          f"{med['never']:.3f} ms ({shape['never']}); auto/never per-pair median {ratio:.3f} "
-          f"({calls} calls each, torch {torch.__version__}, {torch.get_num_threads()} threads)")
-
+    print(f"{case.name} b{case.batch}: winograd auto {ab_line(times, shape, 'auto', 'never', calls)}")
 
 if __name__ == "__main__":
     main()

@@ -64,8 +64,6 @@ class TRP(Method):
     def __init__(self, model: nn.Module, *, energy: float = 0.9, nuclear_weight: float = 3e-4,
                  period: int = DEFAULT_PERIOD, scheme: str = "channel", filter_fn=None,
                  overrides: Optional[dict] = None, nuclear_every_step: bool = False):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if isinstance(nuclear_weight, bool) or not isinstance(nuclear_weight, (int, float)) \
                 or not math.isfinite(nuclear_weight) or nuclear_weight < 0:
             raise ValueError(f"nuclear_weight must be a number >= 0, got {nuclear_weight!r}")

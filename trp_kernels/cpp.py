@@ -140,12 +140,6 @@ def reads_as_is(w: torch.Tensor) -> bool:
             and w.dtype == torch.float32 and w.device.type == "cpu")
 
 
-def dense_layout(w: torch.Tensor) -> torch.Tensor:
-    """A dense conv weight as the dense kernel reads it in place: ``w`` itself for a
-    contiguous 1×1 (:func:`reads_as_is`), else :func:`kernel_layout`."""
-    return w if reads_as_is(w) else kernel_layout(w)
-
-
 def _nhwc(t: torch.Tensor) -> "numpy.ndarray":  # noqa: F821
     """A channels_last-contiguous (N, C, H, W) tensor's memory as an (N, H, W, C) array."""
     return t.numpy().transpose(0, 2, 3, 1)
