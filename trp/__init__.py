@@ -6,10 +6,12 @@
     trp.deploy(model, x, "m.onnx")    # ONNX of standard operators, checked in ONNX Runtime
 """
 
+from trp.admm import ADMM
 from trp.breakdown import Breakdown, breakdown
 from trp.compile import CompileConfig, compile, default_filter
 from trp.decompose import RankSpec, select_rank
 from trp.deploy import Deployed, DeployError, deploy
+from trp.eigendamage import EigenDamage
 from trp.io import load, save
 from trp.methods import Method
 from trp.modules import LowRankConv2d, LowRankLinear
@@ -23,4 +25,5 @@ __version__ = "0.1.0"
 __all__ = ["compile", "CompileConfig", "default_filter", "RankSpec", "select_rank", "save", "load",
            "LowRankConv2d", "LowRankLinear", "summary", "Summary", "BackendError", "TRP", "fit", "evaluate",
            "breakdown", "Breakdown", "deploy", "Deployed", "DeployError", "Method", "Plan", "LayerChoice",
+           "ADMM", "EigenDamage",
            "__version__"]

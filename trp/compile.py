@@ -207,9 +207,10 @@ class BNFold:
     bn: str
     weight: torch.Tensor
     bias: torch.Tensor
+    scale: torch.Tensor  # per output channel: weight = conv.weight · scale
 
 
-def _fold_tensors(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+def _fold_tensors(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     w = conv.weight.detach().double()
     b = conv.bias.detach().double() if conv.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype,
                                                                                device=w.device)
@@ -218,7 +219,7 @@ def _fold_tensors(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, to
     if bn.affine:
         scale, shift = scale * bn.weight.detach().double(), shift * bn.weight.detach().double() + bn.bias.detach().double()
     dtype = conv.weight.dtype
-    return (w * scale[:, None, None, None]).to(dtype), (b * scale + shift).to(dtype)
+    return (w * scale[:, None, None, None]).to(dtype), (b * scale + shift).to(dtype), scale
 
 
 def _bn_pairs(model: nn.Module, graph: Optional[torch.fx.Graph]) -> list[tuple[str, str]]:
@@ -337,15 +338,39 @@ def _from_plan(fqn: str, m: nn.Module, plan: Plan) -> tuple[Optional[str], Layer
     return None, LayerPlan(decompose.RankSpec(rank=choice.ranks, rank_multiple=1), (family.name,)), family
 
 
-def _decide(fqn: str, m: nn.Module, weight: torch.Tensor, cfg: CompileConfig, filt: FilterFn,
+def _given_factors(fqn: str, m: nn.Module, family: families.Family, ranks, weights: tuple,
+                   fold: Optional[BNFold]) -> families.Factored:
+    """A plan's explicit stage weights for ``m``, checked against the family's shapes at
+    ``ranks``, with a folded BN's scale applied to the last stage (its output channels are
+    the layer's)."""
+    ranks = ranks if isinstance(ranks, tuple) else (ranks,)
+    shape = _shape(m)
+    want = [tuple(s) for s in family.stage_shapes(shape, ranks)]
+    got = [tuple(w.shape) for w in weights]
+    if got != want:
+        raise ValueError(f"plan[{fqn!r}] gives stage weights of shapes {got}; family {family.name!r} at ranks "
+                         f"{families.rank_value(ranks)} has {want}")
+    weights = [w.detach().to(dtype=m.weight.dtype, device=m.weight.device) for w in weights]
+    if fold is not None:
+        scale = fold.scale.to(dtype=m.weight.dtype, device=m.weight.device)
+        weights[-1] = weights[-1] * scale.reshape(-1, *([1] * (weights[-1].dim() - 1)))
+    return families.Factored(tuple(w.contiguous() for w in weights), ranks, family.full_ranks(shape), ())
+
+
+def _decide(fqn: str, m: nn.Module, fold: Optional[BNFold], cfg: CompileConfig, filt: FilterFn,
             chosen: Optional[Plan] = None) -> tuple[Optional[str], Optional[families.Factored], Optional[families.Family]]:
     """(note, factors, family): a note when the layer stays dense, else its factors. The one
     place that decides, with or without a method's plan, including the "would not cut
-    MACs" rule."""
+    MACs" rule. A plan's explicit factors that would not cut MACs come back with the note:
+    the layer stays dense with the weight they compose to."""
     note, plan, family = eligibility(fqn, m, cfg, filt) if chosen is None else _from_plan(fqn, m, chosen)
     if note is not None:
         return note, None, None
-    f = family.factor(weight, plan.spec, f"weight of {fqn!r}")
+    given = chosen[fqn].weights if chosen is not None else None
+    if given is not None:
+        f = _given_factors(fqn, m, family, plan.spec.rank, given, fold)
+    else:
+        f = family.factor(fold.weight if fold else m.weight, plan.spec, f"weight of {fqn!r}")
     shape, stride = _shape(m), _stride(m)
     dense = family.macs_per_pixel(shape, stride, None)
     low = family.macs_per_pixel(shape, stride, f.ranks)
@@ -353,6 +378,8 @@ def _decide(fqn: str, m: nn.Module, weight: torch.Tensor, cfg: CompileConfig, fi
         ranks = families.rank_text(f.ranks, f.full_ranks)
         note = (f"{family.name} rank {ranks} ({plan.spec.describe()}) would not cut MACs "
                 f"({low} vs {dense} MACs per output pixel)")
+        if given is not None:
+            return note + "; kept dense with the weight the plan's factors compose to", f, family
         if plan.spec.rank is None and plan.spec.rank_multiple > 1:
             exact = family.select(f.spectra, dataclasses.replace(plan.spec, rank_multiple=1))
             if family.macs_per_pixel(shape, stride, exact) < dense:
@@ -449,7 +476,7 @@ def compile(model: nn.Module, *, energy: Optional[float] = None, rank: Optional[
     filt = cfg.filter_fn or DefaultFilter(find_stem(model, graph), cfg.schemes)
 
     replaced: dict[int, nn.Module] = {}
-    swaps, notes = [], {}
+    swaps, notes, composed = [], {}, {}
     for fqn, m, parent, name in entries:
         if isinstance(m, LOWRANK_TYPES) or not decompose.is_layer(m):
             continue
@@ -457,10 +484,11 @@ def compile(model: nn.Module, *, energy: Optional[float] = None, rank: Optional[
             swaps.append((parent, name, replaced[id(m)], m))
             continue
         fold = folded.get(fqn)
-        weight = fold.weight if fold else m.weight
-        note, factors, family = _decide(fqn, m, weight, cfg, filt, plan)
+        note, factors, family = _decide(fqn, m, fold, cfg, filt, plan)
         if note is not None:
             notes[id(m)] = (m, note)
+            if factors is not None:  # a plan's own factors, dense again: the layer computes what they do
+                composed[fqn] = family.compose(factors.weights).reshape(m.weight.shape)
             continue
         bias = fold.bias if fold else m.bias
         new = from_factors(m, factors, bias, family.name, cfg.backend)
@@ -474,7 +502,7 @@ def compile(model: nn.Module, *, energy: Optional[float] = None, rank: Optional[
         target = replaced.get(id(conv))
         if target is None:
             with torch.no_grad():
-                conv.weight.copy_(fold.weight)
+                conv.weight.copy_(composed.pop(fold.conv, fold.weight))
                 if conv.bias is None:
                     conv.bias = nn.Parameter(fold.bias.clone(), requires_grad=conv.weight.requires_grad)
                 else:
@@ -483,6 +511,9 @@ def compile(model: nn.Module, *, energy: Optional[float] = None, rank: Optional[
         setattr(target, FOLDED_ATTR, fold.bn)
         parent_fqn, _, attr = fold.bn.rpartition(".")
         setattr(modules[parent_fqn] if parent_fqn else model, attr, nn.Identity())
+    with torch.no_grad():
+        for fqn, weight in composed.items():  # not folded: the factors carry no BN scale
+            modules[fqn].weight.copy_(weight)
     for m, note in notes.values():
         setattr(m, NOTE_ATTR, note)
     for parent, name, new, _old in swaps:

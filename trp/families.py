@@ -323,6 +323,30 @@ class Tucker(Family):
         return Factored(tuple(_cast(t, weight) for t in weights), (r1, r2), (int(s_in.numel()), int(s_out.numel())),
                         (s_in, s_out), errors)
 
+    def factor_tt(self, weight, ranks: Sequence[int], what="weight") -> Factored:
+        """The tensor-train form of the same chain (Yin et al., CVPR 2021): the kernel as a
+        3-way tensor (n, kh·kw, c), factored by TT-SVD, a sequential truncated SVD: n × (kh·kw·c)
+        at rank ``ranks[1]`` gives the last stage (its left factor), and the remainder,
+        (ranks[1]·kh·kw) × c at rank ``ranks[0]``, the core (left) and the first stage (right).
+        ``ranks`` are in stage order, as everywhere in trp; ``spectra`` are the two SVDs'
+        singular values and ``errors`` the relative error of the composed chain."""
+        if weight.dim() != 4:
+            raise ValueError(f"{what} must be a conv weight (n, c, kh, kw), got shape {tuple(weight.shape)}")
+        r1, r2 = ranks
+        w = weight.detach().double()
+        n, c, kh, kw = w.shape
+        tensor = w.permute(0, 2, 3, 1)  # (n, kh, kw, c)
+        u2, s2_r, vh2, s2 = truncated_svd(tensor.reshape(n, -1), RankSpec(rank=r2), what)
+        r2 = int(s2_r.numel())
+        rest = (s2_r[:, None] * vh2).reshape(r2 * kh * kw, c)
+        u1, s1_r, vh1, s1 = truncated_svd(rest, RankSpec(rank=r1), what)
+        r1 = int(s1_r.numel())
+        core = u1.reshape(r2, kh, kw, r1).permute(0, 3, 1, 2)  # (r2, r1, kh, kw)
+        weights = ((s1_r[:, None] * vh1).reshape(r1, c, 1, 1), core, u2.reshape(n, r2, 1, 1))
+        error = float((self.compose(weights) - w).norm() / w.norm().clamp_min(1e-300))
+        return Factored(tuple(_cast(t, weight) for t in weights), (r1, r2), (int(s1.numel()), int(s2.numel())),
+                        (s1, s2), [error])
+
     def compose(self, weights):
         first, core, last = weights
         return torch.einsum("or,rskl,sc->ockl", last[:, :, 0, 0], core, first[:, :, 0, 0])

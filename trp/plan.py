@@ -4,8 +4,10 @@ override regexes."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Union
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import torch
 
 from trp import families
 
@@ -15,10 +17,16 @@ Ranks = Union[int, tuple]
 @dataclass(frozen=True)
 class LayerChoice:
     """One layer's choice: the family that factors it (a name in the family registry) and
-    its ranks (an int, or one per rank mode in stage order for a several-mode family)."""
+    its ranks (an int, or one per rank mode in stage order for a several-mode family).
+
+    ``weights``, when given, are the stage weights themselves (the method computed them, as
+    EigenDamage and ADMM do), in the layer's weight space before BatchNorm folding: compile
+    uses them as they are (folding a BN into the last stage) instead of factoring the
+    layer's weight again."""
 
     family: str
     ranks: Ranks
+    weights: Optional[tuple] = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         if not isinstance(self.family, str) or self.family not in families.REGISTRY:
@@ -27,6 +35,11 @@ class LayerChoice:
         if not ranks or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in ranks):
             raise ValueError(f"ranks must be an int >= 1 or a tuple of them, got {self.ranks!r}")
         object.__setattr__(self, "ranks", families.rank_value(ranks))
+        if self.weights is not None:
+            weights = tuple(self.weights) if isinstance(self.weights, (list, tuple)) else None
+            if not weights or not all(isinstance(w, torch.Tensor) for w in weights):
+                raise TypeError(f"weights must be a tuple of stage weight tensors or None, got {type(self.weights).__name__}")
+            object.__setattr__(self, "weights", tuple(w.detach() for w in weights))
 
 
 class Plan(dict):
@@ -41,6 +54,12 @@ class Plan(dict):
                 raise TypeError(f"plan[{fqn!r}] must be a trp.plan.LayerChoice, got {type(choice).__name__}")
 
     def to_json(self) -> dict:
+        """Each layer's family and ranks (a plan with explicit stage weights cannot be
+        written this way: save the compiled model with ``trp.save`` instead)."""
+        explicit = [fqn for fqn, c in self.items() if c.weights is not None]
+        if explicit:
+            raise ValueError(f"the plan carries stage weights for {explicit[:3]}; JSON holds families and ranks "
+                             f"only (trp.compile the model with this plan and trp.save it)")
         return {fqn: {"family": c.family, "ranks": c.ranks} for fqn, c in self.items()}
 
     @classmethod
