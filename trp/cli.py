@@ -17,14 +17,6 @@ import sys
 import torch
 
 
-def _conv_macs_params(model, x) -> tuple[int, int]:
-    import trp
-
-    rows = trp.summary(model, x).rows
-    return (sum(r["macs"] for r in rows if r["kind"] == "conv"),
-            sum(p.numel() for p in model.parameters()))
-
-
 def _spectra_plot(dense, trained, layers, path, scheme) -> None:
     import matplotlib
 
@@ -59,10 +51,13 @@ def demo(args: argparse.Namespace) -> dict:
 
     import trp
     from trp import data, models
+    from trp.compare import conv_macs_params
     from trp.timing import compare, machine_info
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.methods:
+        return demo_methods(args)
     epochs = args.epochs or (3 if args.quick else 30)
     repeats = 5 if args.quick else args.repeats
     train, test = data.digits(args.batch)
@@ -93,7 +88,7 @@ def demo(args: argparse.Namespace) -> dict:
                      "svd": lambda: _no_grad(compiled_svd, x1)}, warmup=3, repeats=repeats)
     result = {}
     for key, model in (("dense", dense), ("trp", compiled_trp), ("svd", compiled_svd)):
-        macs, params = _conv_macs_params(model, x1)
+        macs, params = conv_macs_params(model, x1)
         result[key] = {"accuracy": trp.evaluate(model, test)["accuracy"], "macs": macs, "params": params,
                        "latency_ms": timed[key]["median_ms"]}
     base = result["dense"]
@@ -126,6 +121,39 @@ def demo(args: argparse.Namespace) -> dict:
                       "nuclear_weight": args.nuclear_weight, "period": args.period, "scheme": args.scheme,
                       "lr": args.lr, "batch": args.batch, "ranks": controller.ranks, "machine": machine_info(),
                       "command": "python -m trp " + " ".join(args.argv)}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"wrote {args.json}")
+    return result
+
+
+def demo_methods(args: argparse.Namespace) -> dict:
+    """``demo --methods``: every method at every budget and seed (:mod:`trp.compare`)."""
+    from trp import compare
+    from trp.timing import machine_info
+
+    epochs = args.epochs or (3 if args.quick else 30)
+    finetune = args.finetune_epochs if args.finetune_epochs is not None else (1 if args.quick else 5)
+    seeds = args.seeds if args.seeds is not None else ([args.seed] if args.quick else [0, 1, 2])
+    repeats = 5 if args.quick else args.repeats
+    print(f"trp demo --methods: ResNet-20 on scikit-learn digits, {epochs} training epochs and {finetune} fine-tune "
+          f"epochs for every method, budgets {', '.join(f'{b:g}x' for b in args.budgets)} fewer conv MACs, seeds "
+          f"{seeds}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    result = compare.run(args.methods, args.budgets, seeds, epochs=epochs, finetune_epochs=finetune, lr=args.lr,
+                         finetune_lr=args.finetune_lr, batch=args.batch, admm_rho=args.admm_rho, repeats=repeats,
+                         progress=not args.quiet)
+    print()
+    print(compare.table(result["summary"], finetune))
+    print(f"accuracy: test %, mean ± std over {len(seeds)} seed(s); latency: median ms of one CPU forward pass "
+          f"through trp.compile's model, each model timed in blocks of its own")
+    plot = args.plot if args.plot != DEFAULT_PLOT else "trp_methods.png"
+    if plot:
+        compare.plot(result["summary"], plot)
+        print(f"wrote {plot}")
+    result["meta"] = {"epochs": epochs, "finetune_epochs": finetune, "seeds": seeds, "budgets": args.budgets,
+                      "lr": args.lr, "finetune_lr": args.finetune_lr, "batch": args.batch, "admm_rho": args.admm_rho,
+                      "machine": machine_info(), "command": "python -m trp " + " ".join(args.argv)}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
@@ -405,6 +433,40 @@ def _fraction(text):
     return value
 
 
+DEFAULT_PLOT = "trp_demo_spectra.png"
+
+
+def _method_names():
+    from trp.compare import METHODS
+
+    return METHODS
+
+
+def _methods(text):
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [n for n in names if n not in _method_names()]
+    if not names or bad or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"expected distinct names from {','.join(_method_names())}, got {text!r}")
+    return names
+
+
+def _budgets(text):
+    try:
+        values = [float(t) for t in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or any(not math.isfinite(v) or v <= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers > 1 (times fewer conv MACs), got {text!r}")
+    return values
+
+
+def _seeds(text):
+    try:
+        return [int(t) for t in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
 def _scheme(text):
     """``--scheme``: one family name, or several separated by commas (tried in order per layer)."""
     from trp import families
@@ -419,9 +481,12 @@ def _scheme(text):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from trp.compare import DIGITS_RHO
+
     p = argparse.ArgumentParser(prog="python -m trp", description="Trained Rank Pruning for CNNs.")
     sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="train ResNet-20 on the digits: dense, TRP + trp.compile, post-hoc SVD")
+    d = sub.add_parser("demo", help="train ResNet-20 on the digits: dense, TRP + trp.compile, post-hoc SVD "
+                                       "(or, with --methods, every method at matched MAC budgets)")
     d.add_argument("--epochs", type=_positive(int), default=None, help="training epochs (default 30, --quick 3)")
     d.add_argument("--quick", action="store_true", help="3 epochs and fewer timing repeats")
     d.add_argument("--energy", type=_fraction, default=0.95, help="TRP projection energy (default 0.95)")
@@ -436,7 +501,21 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--threads", type=_positive(int), default=None, help="CPU threads (default: torch's)")
     d.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
-    d.add_argument("--plot", default="trp_demo_spectra.png", help="PNG of singular-value spectra ('' for none)")
+    d.add_argument("--plot", default=DEFAULT_PLOT,
+                   help="PNG of singular-value spectra, or with --methods of accuracy against latency "
+                        "(default trp_methods.png); '' for none")
+    d.add_argument("--methods", type=_methods, default=None,
+                   help="compare these methods instead, comma-separated, from: " + ",".join(_method_names()) +
+                        " (each at every --budgets, for every --seeds, with the same training and fine-tune epochs)")
+    d.add_argument("--budgets", type=_budgets, default=[2.0, 4.0],
+                   help="with --methods: conv-MAC budgets, times fewer than dense (default 2,4)")
+    d.add_argument("--seeds", type=_seeds, default=None, help="with --methods: seeds (default 0,1,2; --quick: --seed)")
+    d.add_argument("--finetune-epochs", type=_positive(int), default=None,
+                   help="with --methods: fine-tune epochs of every compressed model (default 5, --quick 1)")
+    d.add_argument("--finetune-lr", type=_positive(float), default=0.02, help="fine-tune learning rate (default 0.02)")
+    d.add_argument("--admm-rho", type=_positive(float), default=DIGITS_RHO,
+                   help=f"ADMM's rho for this short schedule (default {DIGITS_RHO:g}; the authors' 1e-3 assumes ~200x "
+                        "the steps)")
     d.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     d.set_defaults(func=demo)
 

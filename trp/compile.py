@@ -205,21 +205,31 @@ def default_filter(model: nn.Module, scheme="channel") -> DefaultFilter:
 class BNFold:
     conv: str
     bn: str
-    weight: torch.Tensor
+    weight: Optional[torch.Tensor]  # the folded dense weight (None for a layer factored before)
     bias: torch.Tensor
     scale: torch.Tensor  # per output channel: weight = conv.weight · scale
 
 
-def _fold_tensors(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    w = conv.weight.detach().double()
-    b = conv.bias.detach().double() if conv.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype,
-                                                                               device=w.device)
+def _fold_tensors(conv: nn.Module, bn: nn.BatchNorm2d) -> tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """(folded weight, folded bias, per-channel scale) of ``bn`` after ``conv``: an
+    nn.Conv2d, or a low-rank conv factored before (its weight None: its last stage takes
+    the scale)."""
+    dense = isinstance(conv, nn.Conv2d)
+    like = conv.weight if dense else conv.weight1
+    b = conv.bias.detach().double() if conv.bias is not None else torch.zeros(conv.out_channels, dtype=torch.float64,
+                                                                               device=like.device)
     scale = (bn.running_var.double() + bn.eps).rsqrt()
     shift = -bn.running_mean.double() * scale
     if bn.affine:
         scale, shift = scale * bn.weight.detach().double(), shift * bn.weight.detach().double() + bn.bias.detach().double()
-    dtype = conv.weight.dtype
-    return (w * scale[:, None, None, None]).to(dtype), (b * scale + shift).to(dtype), scale
+    dtype = like.dtype
+    weight = (conv.weight.detach().double() * scale[:, None, None, None]).to(dtype) if dense else None
+    return weight, (b * scale + shift).to(dtype), scale
+
+
+def _scale_out(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``weight`` (output channels first) with each output channel's rows times ``scale``."""
+    return weight * scale.to(dtype=weight.dtype, device=weight.device).reshape(-1, *([1] * (weight.dim() - 1)))
 
 
 def _bn_pairs(model: nn.Module, graph: Optional[torch.fx.Graph]) -> list[tuple[str, str]]:
@@ -237,7 +247,7 @@ def _bn_pairs(model: nn.Module, graph: Optional[torch.fx.Graph]) -> list[tuple[s
                 continue
             src = node.args[0] if node.args else None
             if (isinstance(src, torch.fx.Node) and src.op == "call_module"
-                    and isinstance(modules.get(src.target), nn.Conv2d) and len(src.users) == 1
+                    and isinstance(modules.get(src.target), (nn.Conv2d, LowRankConv2d)) and len(src.users) == 1
                     and calls[src.target] == 1 and calls[node.target] == 1):
                 pairs.append((src.target, node.target))
         return pairs
@@ -250,7 +260,7 @@ def _bn_pairs(model: nn.Module, graph: Optional[torch.fx.Graph]) -> list[tuple[s
             names = list(seq._modules)
             for a, b in zip(names, names[1:]):
                 conv, bn = seq._modules[a], seq._modules[b]
-                if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) \
+                if isinstance(conv, (nn.Conv2d, LowRankConv2d)) and isinstance(bn, nn.BatchNorm2d) \
                         and seen[id(conv)] == 1 and seen[id(bn)] == 1:
                     prefix = f"{fqn}." if fqn else ""
                     pairs.append((prefix + a, prefix + b))
@@ -352,8 +362,7 @@ def _given_factors(fqn: str, m: nn.Module, family: families.Family, ranks, weigh
                          f"{families.rank_value(ranks)} has {want}")
     weights = [w.detach().to(dtype=m.weight.dtype, device=m.weight.device) for w in weights]
     if fold is not None:
-        scale = fold.scale.to(dtype=m.weight.dtype, device=m.weight.device)
-        weights[-1] = weights[-1] * scale.reshape(-1, *([1] * (weights[-1].dim() - 1)))
+        weights[-1] = _scale_out(weights[-1], fold.scale)
     return families.Factored(tuple(w.contiguous() for w in weights), ranks, family.full_ranks(shape), ())
 
 
@@ -502,9 +511,14 @@ def compile(model: nn.Module, *, energy: Optional[float] = None, rank: Optional[
         target = replaced.get(id(conv))
         if target is None:
             with torch.no_grad():
-                conv.weight.copy_(composed.pop(fold.conv, fold.weight))
+                if isinstance(conv, LowRankConv2d):  # factored before (fine-tuned with its BN): scale the last stage
+                    last = conv.stage_weights()[-1]
+                    last.copy_(_scale_out(last, fold.scale))
+                else:
+                    conv.weight.copy_(composed.pop(fold.conv, fold.weight))
                 if conv.bias is None:
-                    conv.bias = nn.Parameter(fold.bias.clone(), requires_grad=conv.weight.requires_grad)
+                    conv.bias = nn.Parameter(fold.bias.clone(),
+                                             requires_grad=any(p.requires_grad for p in conv.parameters()))
                 else:
                     conv.bias.copy_(fold.bias)
             target = conv

@@ -49,7 +49,10 @@ def decide_on_rank0(compute: Callable[[], Sequence[torch.Tensor]], like: Sequenc
     ranks receive into). Without a process group it is just ``compute()``."""
     if not distributed():
         return list(compute())
-    out = list(compute()) if dist.get_rank() == 0 else [torch.empty_like(t) for t in like]
+    # contiguous on every rank: a broadcast sends memory in order, so a transposed result
+    # (eigh's eigenvectors) would arrive transposed
+    out = [t.contiguous() for t in compute()] if dist.get_rank() == 0 else \
+        [torch.empty_like(t, memory_format=torch.contiguous_format) for t in like]
     for t in out:
         dist.broadcast(t, 0)
     return out

@@ -11,7 +11,7 @@
         optimizer.step()
 
 Every ``period`` iterations ``project()`` replaces each target weight by its truncated SVD
-at ``energy`` in the form of the family ``trp.compile`` will use (its unfolding; for
+at ``energy`` (default 0.9; or a fixed ``rank`` or ``ratio`` of each layer's full rank) in the form of the family ``trp.compile`` will use (its unfolding; for
 ``tucker`` each channel mode's in turn), and ``regularize()`` adds the nuclear-norm
 sub-gradient ``nuclear_weight · U_r V_rᵀ`` of that SVD (summed over the modes) to the
 weight's gradient (every iteration with ``nuclear_every_step=True``). Targets are the layers
@@ -61,9 +61,10 @@ class TRP(Method):
 
     name = "trp"
 
-    def __init__(self, model: nn.Module, *, energy: float = 0.9, nuclear_weight: float = 3e-4,
+    def __init__(self, model: nn.Module, *, energy: Optional[float] = None, nuclear_weight: float = 3e-4,
                  period: int = DEFAULT_PERIOD, scheme: str = "channel", filter_fn=None,
-                 overrides: Optional[dict] = None, nuclear_every_step: bool = False):
+                 overrides: Optional[dict] = None, nuclear_every_step: bool = False, rank=None,
+                 ratio: Optional[float] = None):
         if isinstance(nuclear_weight, bool) or not isinstance(nuclear_weight, (int, float)) \
                 or not math.isfinite(nuclear_weight) or nuclear_weight < 0:
             raise ValueError(f"nuclear_weight must be a number >= 0, got {nuclear_weight!r}")
@@ -71,7 +72,8 @@ class TRP(Method):
             raise ValueError(f"period must be an int >= 1, got {period!r}")
         if not isinstance(nuclear_every_step, bool):
             raise TypeError(f"nuclear_every_step must be a bool, got {nuclear_every_step!r}")
-        super().__init__(model, energy=energy, scheme=scheme, filter_fn=filter_fn, overrides=overrides)
+        super().__init__(model, energy=energy, rank=rank, ratio=ratio, scheme=scheme, filter_fn=filter_fn,
+                         overrides=overrides)
         self.nuclear_weight = float(nuclear_weight)
         self.period = period
         self.nuclear_every_step = nuclear_every_step
@@ -138,19 +140,21 @@ class TRP(Method):
         """Step count and settings (what a checkpoint needs to resume exactly)."""
         return {**super().state_dict(), "step_count": self.step_count, "period": self.period,
                 "nuclear_weight": self.nuclear_weight, "nuclear_every_step": self.nuclear_every_step,
-                "energy": self.config.energy, "scheme": self.config.scheme, "ranks": dict(self.ranks)}
+                "energy": self.config.spec.energy, "rank": self.config.spec.rank, "ratio": self.config.spec.ratio,
+                "scheme": self.config.scheme, "ranks": dict(self.ranks)}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        for key in ("period", "nuclear_weight", "nuclear_every_step", "energy", "scheme"):
-            mine = getattr(self, key) if hasattr(self, key) else getattr(self.config, key)
+        for key in ("period", "nuclear_weight", "nuclear_every_step", "energy", "rank", "ratio", "scheme"):
+            mine = getattr(self, key) if key in ("period", "nuclear_weight", "nuclear_every_step") \
+                else getattr(self.config.spec, key) if key in ("energy", "rank", "ratio") else getattr(self.config, key)
             if state.get(key) != mine:
                 raise ValueError(f"TRP state has {key}={state.get(key)!r}, this controller {mine!r}")
         self.step_count = int(state["step_count"])
         self.ranks = dict(state.get("ranks", {}))
 
     def __repr__(self) -> str:
-        return (f"TRP(targets={len(self.targets)}, energy={self.config.energy}, nuclear_weight={self.nuclear_weight}, "
+        return (f"TRP(targets={len(self.targets)}, {self.config.spec.describe()}, nuclear_weight={self.nuclear_weight}, "
                 f"period={self.period}, scheme={self.config.scheme!r}, step={self.step_count})")
 
 

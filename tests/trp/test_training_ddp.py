@@ -1,4 +1,6 @@
-"""trp.fit + trp.TRP under DistributedDataParallel: 2 gloo processes on CPU."""
+"""trp.fit with each method under DistributedDataParallel: 2 gloo processes on CPU. TRP
+and ADMM train with fit; EigenDamage prunes a trained model (statistics summed over the
+ranks, rank 0 deciding) and fit fine-tunes the compiled chain."""
 
 import os
 import socket
@@ -32,6 +34,55 @@ def _train(world: int, rank: int):
     controller = trp.TRP(model, period=2)
     history = trp.fit(model, loader, epochs=EPOCHS, method=controller, progress=False, lr=0.05)
     return model, controller, history
+
+
+def _loader(world: int, rank: int):
+    data = _data()
+    sampler = DistributedSampler(data, world, rank, shuffle=False) if world > 1 else None
+    return DataLoader(data, batch_size=GLOBAL_BATCH // world, sampler=sampler, shuffle=False)
+
+
+def _admm(world: int, rank: int):
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    model = models.resnet_cifar(8)
+    method = trp.ADMM(model, ratio=0.5, rho=0.1)
+    history = trp.fit(model, _loader(world, rank), epochs=EPOCHS, method=method, progress=False, lr=0.05)
+    return model, method, history
+
+
+def _eigendamage(world: int, rank: int):
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    model = models.resnet_cifar(8)
+    loader = _loader(world, rank)
+    trp.fit(model, loader, epochs=1, progress=False, lr=0.05)
+    method = trp.EigenDamage(model.eval(), ratio=0.3)
+    method.prune(model, loader)
+    compiled = trp.compile(model, plan=method.plan())
+    history = trp.fit(compiled, loader, epochs=1, progress=False, lr=0.01)
+    return compiled, method, history
+
+
+def _worker_for(name):
+    return {"trp": _train, "admm": _admm, "eigendamage": _eigendamage}[name]
+
+
+def _method_worker(rank: int, world: int, port: int, out_dir: str, name: str):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model, method, history = _worker_for(name)(world, rank)
+        flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+        gathered = [torch.empty_like(flat) for _ in range(world)]
+        dist.all_gather(gathered, flat)
+        state = method.state_dict()
+        torch.save({"equal": all(torch.equal(gathered[0], g) for g in gathered),
+                    "losses": [h["train_loss"] for h in history], "ranks": method.ranks,
+                    "extra": {k: v for k, v in state.items() if k in ("z", "u", "bases", "keep")}},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str):
@@ -68,3 +119,23 @@ def test_two_processes_stay_identical_and_match_one_process(tmp_path):
     for a, b in zip(one, two):
         assert abs(a - b) <= 0.1 * a, (one, two)
     assert two[-1] < two[0]
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+@pytest.mark.parametrize("name", ["admm", "eigendamage"])
+def test_two_processes_hold_identical_weights_with_admm_and_eigendamage(tmp_path, name):
+    mp.spawn(_method_worker, args=(2, _free_port(), str(tmp_path), name), nprocs=2, join=True)
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert all(r["equal"] for r in results)  # bit-identical parameters on both ranks
+    assert results[0]["losses"] == results[1]["losses"] and results[0]["ranks"] == results[1]["ranks"]
+    assert results[0]["extra"] and _same(results[0]["extra"], results[1]["extra"])  # Z and U, or bases and kept
