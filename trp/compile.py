@@ -328,7 +328,15 @@ def select_targets(model: nn.Module, cfg: CompileConfig,
 
 
 def _shape(m: nn.Module) -> tuple:
+    """The dense weight's shape (a low-rank conv's: the one its stages compose to)."""
+    if isinstance(m, LowRankConv2d):
+        return (m.out_channels, m.in_channels, *m.kernel_size)
     return tuple(m.weight.shape)
+
+
+def _like(m: nn.Module) -> torch.Tensor:
+    """A parameter of ``m`` with its dtype and device."""
+    return m.weight1 if isinstance(m, LOWRANK_TYPES) else m.weight
 
 
 def _stride(m: nn.Module) -> tuple:
@@ -342,7 +350,12 @@ def _from_plan(fqn: str, m: nn.Module, plan: Plan) -> tuple[Optional[str], Layer
     if choice is None:
         return "not in the plan", LayerPlan(None, ()), None
     family = families.get(choice.family)
-    why = decompose.refusal(m) or family.accepts(m)
+    if isinstance(m, LOWRANK_TYPES):  # factored before: only new stage weights can replace its factors
+        why = None if isinstance(m, LowRankConv2d) and choice.weights is not None else \
+            "a layer factored before is factored again only from stage weights the plan gives"
+        why = why or family.accepts(m)
+    else:
+        why = decompose.refusal(m) or family.accepts(m)
     if why:
         raise ValueError(f"plan[{fqn!r}] asks for family {choice.family!r}, which cannot factor it: {why}")
     return None, LayerPlan(decompose.RankSpec(rank=choice.ranks, rank_multiple=1), (family.name,)), family
@@ -360,7 +373,8 @@ def _given_factors(fqn: str, m: nn.Module, family: families.Family, ranks, weigh
     if got != want:
         raise ValueError(f"plan[{fqn!r}] gives stage weights of shapes {got}; family {family.name!r} at ranks "
                          f"{families.rank_value(ranks)} has {want}")
-    weights = [w.detach().to(dtype=m.weight.dtype, device=m.weight.device) for w in weights]
+    like = _like(m)
+    weights = [w.detach().to(dtype=like.dtype, device=like.device) for w in weights]
     if fold is not None:
         weights[-1] = _scale_out(weights[-1], fold.scale)
     return families.Factored(tuple(w.contiguous() for w in weights), ranks, family.full_ranks(shape), ())
@@ -383,7 +397,7 @@ def _decide(fqn: str, m: nn.Module, fold: Optional[BNFold], cfg: CompileConfig, 
     shape, stride = _shape(m), _stride(m)
     dense = family.macs_per_pixel(shape, stride, None)
     low = family.macs_per_pixel(shape, stride, f.ranks)
-    if low >= dense:
+    if low >= dense and not isinstance(m, LOWRANK_TYPES):  # (a layer factored before stays factored)
         ranks = families.rank_text(f.ranks, f.full_ranks)
         note = (f"{family.name} rank {ranks} ({plan.spec.describe()}) would not cut MACs "
                 f"({low} vs {dense} MACs per output pixel)")
@@ -415,7 +429,10 @@ def compile(model: nn.Module, *, energy: Optional[float] = None, rank: Optional[
     - ``filter_fn(module, fqn) -> bool`` chooses layers (default :func:`default_filter`:
       every k×k Conv2d except the stem).
     - ``fold_bn`` folds eval-mode BatchNorm2d into the conv that feeds it (the BN becomes
-      ``nn.Identity``); a model in training mode keeps its BNs, with a warning.
+      ``nn.Identity``), a low-rank conv factored before included (its last stage takes the
+      scale); a model in training mode keeps its BNs, with a warning. To fine-tune a
+      compressed model, compile with ``fold_bn=False``, train, then compile it again in eval
+      mode to fold.
     - ``backend``: 'auto' (per call: triton on CUDA, cpp on CPU, else torch), or one of
       'triton', 'cpp', 'torch', checked now against the layers' device and dtype.
     - ``fuse_epilogue``: fold a residual add and/or ReLU that follows a low-rank layer into
@@ -458,8 +475,13 @@ def compile(model: nn.Module, *, energy: Optional[float] = None, rank: Optional[
     entries = list(walk(model))
     layers = [(fqn, m) for fqn, m, _, _ in entries if decompose.is_layer(m) or isinstance(m, LOWRANK_TYPES)]
     if plan is not None:
-        names = {fqn for fqn, m in layers if not isinstance(m, LOWRANK_TYPES)}
+        names = {fqn for fqn, m in layers if not isinstance(m, LOWRANK_TYPES) or plan.get(fqn) is not None
+                 and plan[fqn].weights is not None}
         missing = sorted(set(plan) - names)
+        factored = [fqn for fqn, m in layers if fqn in missing and isinstance(m, LOWRANK_TYPES)]
+        if factored:
+            raise ValueError(f"plan names {factored[:5]}, factored before: a layer factored before is factored "
+                             f"again only from stage weights the plan gives (LayerChoice(..., weights=...))")
         if missing:
             raise ValueError(f"plan names {missing[:5]}, which are not conv or linear layers of this model "
                              f"(left to factor: {sorted(names)[:8]})")
@@ -487,7 +509,8 @@ def compile(model: nn.Module, *, energy: Optional[float] = None, rank: Optional[
     replaced: dict[int, nn.Module] = {}
     swaps, notes, composed = [], {}, {}
     for fqn, m, parent, name in entries:
-        if isinstance(m, LOWRANK_TYPES) or not decompose.is_layer(m):
+        refactor = isinstance(m, LOWRANK_TYPES) and plan is not None and fqn in plan
+        if not refactor and (isinstance(m, LOWRANK_TYPES) or not decompose.is_layer(m)):
             continue
         if id(m) in replaced:  # the same layer object registered twice: swap both
             swaps.append((parent, name, replaced[id(m)], m))

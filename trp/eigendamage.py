@@ -29,8 +29,18 @@ layer back exactly (the bases are orthonormal). Fine-tune after (the paper does)
     trp.fit(fast, train, val, epochs=5, lr=0.01)
 
 :meth:`select` changes the ratio without collecting again (what a MAC budget search needs).
-The iterative mode of the paper (several rounds, merging each round's bases into the
-last) is not built.
+
+Iterative mode (the paper's several rounds, each followed by fine-tuning): build the next
+round's EigenDamage on the compiled model. Its targets are then also the ``tucker`` chains
+of the round before (first stage W₁, core C, last stage W₃): the statistics are collected
+at the chain's input and output and carried through its 1×1 stages (A_C = W₁ A W₁ᵀ,
+S_C = W₃ᵀ S W₃), the core is rotated and pruned as a conv, and the new bases are merged
+into the old 1×1 factors (first stage Q_A[:, kept]ᵀ W₁, last stage W₃ Q_S[:, kept]), so the
+layer stays one three-stage chain::
+
+    ed2 = trp.EigenDamage(fast, ratio=0.3)     # fast: round one's compiled, fine-tuned model
+    ed2.prune(fast, train_loader)
+    fast = trp.compile(fast, plan=ed2.plan())  # each chain replaced by the merged, thinner one
 """
 
 from __future__ import annotations
@@ -43,7 +53,9 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from trp import families
 from trp.methods import Method, decide_on_rank0, distributed, unwrap
+from trp.modules import LowRankConv2d
 from trp.plan import LayerChoice, Plan
 
 CAP = 0.95         # at most this fraction of a layer's directions (per side) pruned, one shot
@@ -69,6 +81,34 @@ class EigenDamage(Method):
         self.keep: dict[str, tuple] = {}    # fqn -> (kept input directions, kept output directions)
         self.importance: dict[str, tuple] = {}  # fqn -> (input directions', output directions' importance)
 
+    def find_targets(self, model: nn.Module) -> dict:
+        """The k×k convs compile would factor as ``tucker``, and the ``tucker`` chains of an
+        earlier round (that ``filter_fn``, if given, admits)."""
+        targets = super().find_targets(model)
+        tucker = families.get("tucker")
+        for fqn, m in model.named_modules():
+            if isinstance(m, LowRankConv2d) and m.scheme == "tucker" and fqn not in targets \
+                    and (self.config.filter_fn is None or self.config.filter_fn(m, fqn)):
+                targets[fqn] = (m, None, tucker)
+        return targets
+
+    @staticmethod
+    def _parts(m: nn.Module) -> tuple:
+        """(W₁ or None, core, W₃ or None) in float64: the conv to prune and the 1×1 stages
+        around it (none for a dense conv)."""
+        if isinstance(m, LowRankConv2d):
+            w1, core, w3 = (w.detach().double() for w in m.stage_weights())
+            return w1[:, :, 0, 0], core, w3[:, :, 0, 0]
+        return None, m.weight.detach().double(), None
+
+    @staticmethod
+    def _padding(m: nn.Module) -> tuple:
+        """(left, right, top, bottom) zero padding of the conv's k×k stage."""
+        if isinstance(m, LowRankConv2d):
+            t, b, l, r = m._padding4
+            return (l, r, t, b)
+        return tuple(m._reversed_padding_repeated_twice)
+
     # -- statistics ----------------------------------------------------------------------
     def _collect(self, model: nn.Module, loader, device) -> dict:
         sums = {f: [None, None, 0, 0] for f in self.targets}  # A sum, S sum, positions, samples
@@ -76,8 +116,8 @@ class EigenDamage(Method):
 
         def forward_hook(fqn):
             def hook(m, inputs, output):
-                x = inputs[0].detach()
-                patches = F.unfold(x, m.kernel_size, m.dilation, m.padding, m.stride)  # (b, c·k², L)
+                x = F.pad(inputs[0].detach(), self._padding(m))
+                patches = F.unfold(x, m.kernel_size, m.dilation, 0, m.stride)  # (b, c·k², L)
                 b, _, positions = patches.shape
                 a = patches.reshape(b, m.in_channels, -1, positions).mean(2)  # (b, c, L)
                 a = a.transpose(1, 2).reshape(-1, m.in_channels).double()
@@ -141,7 +181,10 @@ class EigenDamage(Method):
         stats = self._collect(model, loader, device)
         for fqn, (m, _, _) in self.targets.items():
             a, s = stats[fqn]
-            n, c = m.weight.shape[:2]
+            w1, core, w3 = self._parts(m)
+            if w1 is not None:  # through the chain's 1×1 stages to the core's input and output
+                a, s = w1 @ a @ w1.T, w3.T @ s @ w3
+            n, c = core.shape[:2]
             like = [torch.empty(c, dtype=torch.float64), torch.empty(c, c, dtype=torch.float64),
                     torch.empty(n, dtype=torch.float64), torch.empty(n, n, dtype=torch.float64)]
             like = [t.to(a.device) for t in like]
@@ -154,7 +197,7 @@ class EigenDamage(Method):
         """Each direction's importance from the current weights and bases."""
         for fqn, (m, _, _) in self.targets.items():
             lam_a, q_a, lam_s, q_s = self.bases[fqn]
-            w_star = torch.einsum("on,nckl,cm->omkl", q_s.T, m.weight.detach().double(), q_a)
+            w_star = torch.einsum("on,nckl,cm->omkl", q_s.T, self._parts(m)[1], q_a)
             imp = (w_star.pow(2) * lam_s[:, None, None, None] * lam_a[None, :, None, None]).sum((2, 3))
             self.importance[fqn] = (imp.sum(0), imp.sum(1))
 
@@ -207,10 +250,12 @@ class EigenDamage(Method):
             _, q_a, _, q_s = self.bases[fqn]
             k_in, k_out = self.keep[fqn]
             qa, qs = q_a[:, k_in], q_s[:, k_out]
-            w = m.weight.detach().double()
+            w1, w, w3 = self._parts(m)
             core = torch.einsum("on,nckl,cm->omkl", qs.T, w, qa)
-            weights = (qa.T[:, :, None, None], core, qs[:, :, None, None])
-            weights = tuple(t.to(m.weight.dtype).contiguous() for t in weights)
+            first = qa.T if w1 is None else qa.T @ w1  # merged into the round before's 1×1 factors
+            last = qs if w3 is None else w3 @ qs
+            dtype = (m.weight1 if w1 is not None else m.weight).dtype
+            weights = tuple(t.to(dtype).contiguous() for t in (first[:, :, None, None], core, last[:, :, None, None]))
             choices[fqn] = LayerChoice(family.name, (len(k_in), len(k_out)), weights=weights)
         return Plan(choices)
 

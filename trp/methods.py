@@ -75,10 +75,15 @@ class Method:
         # rank_multiple=1: a method works at the ranks it is asked for; compile may round up.
         self.config = CompileConfig(energy=energy, rank=rank, ratio=ratio, overrides=overrides, scheme=scheme,
                                     rank_multiple=1, filter_fn=filter_fn)
-        self.targets = select_targets(unwrap(model), self.config)
+        self.targets = self.find_targets(unwrap(model))
         if not self.targets:
             raise ValueError(f"{type(self).__name__} found no target layer (no layer passes the filter with "
                              f"scheme {self.config.scheme!r}); pass filter_fn to choose layers")
+
+    def find_targets(self, model: nn.Module) -> dict:
+        """``{fqn: (module, layer plan, family)}``: the layers ``trp.compile`` would factor
+        with this method's arguments (a method may add others, e.g. layers factored before)."""
+        return select_targets(model, self.config)
 
     # -- the training step's hooks (trp.fit calls them) ------------------------------
     def epoch_start(self, epoch: int) -> None:

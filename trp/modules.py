@@ -385,7 +385,8 @@ def from_factors(layer: nn.Module, factors: "families.Factored", bias: Optional[
     """The low-rank module replacing ``layer`` (an nn.Conv2d or nn.Linear), holding
     ``factors`` (a :class:`trp.families.Factored` of family ``scheme``) and ``bias`` (which
     may differ from ``layer.bias``, e.g. after BN folding)."""
-    factory = dict(device=layer.weight.device, dtype=layer.weight.dtype)
+    like = layer.weight1 if isinstance(layer, _LowRank) else layer.weight  # a layer factored before: new factors
+    factory = dict(device=like.device, dtype=like.dtype)
     rank = factors.ranks  # one per stage but the last, as the constructors take them
     if isinstance(layer, nn.Linear):
         new = LowRankLinear(layer.in_features, layer.out_features, rank, bias is not None, backend, **factory)

@@ -305,3 +305,82 @@ def test_admm_resume_equals_an_uninterrupted_run(tmp_path):
         assert torch.equal(p, q), n
     for fqn in a1.targets:
         assert torch.equal(a1.z[fqn], a2.z[fqn]) and torch.equal(a1.u[fqn], a2.u[fqn])
+
+
+def test_a_bn_folds_into_a_low_rank_conv_factored_before():
+    """The fine-tuning form: compile with BNs kept, then compile again in eval mode: each BN
+    folds into the last stage of the chain before it (a bias made where there was none)."""
+    model = _trained()
+    x = next(iter(_loaders()[1]))[0][:4]
+    tunable = trp.compile(copy.deepcopy(model), ratio=0.5, rank_multiple=1, fold_bn=False)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in tunable.modules()) == 9
+    layer = tunable.get_submodule("layer1.0.conv1")
+    assert isinstance(layer, trp.LowRankConv2d) and layer.bias is None
+    with torch.no_grad():  # BN statistics of a trained-looking network
+        for m in tunable.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+    want = _out(tunable.eval(), x)
+    folded = trp.compile(tunable)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    layer = folded.get_submodule("layer1.0.conv1")
+    assert layer.bias is not None and layer.bias.requires_grad and layer.relu  # folded, then its ReLU fused
+    torch.testing.assert_close(_out(folded, x), want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+
+
+def test_methods_comparison_meets_its_budgets_and_reports_every_method():
+    from trp import compare
+
+    result = compare.run(compare.METHODS, budgets=(2.0,), seeds=(0,), epochs=1, finetune_epochs=1, repeats=2,
+                         progress=False, log=lambda *a: None)
+    rows = result["rows"]
+    dense = next(r for r in rows if r["method"] == "dense")
+    assert sorted(r["method"] for r in rows) == sorted(("dense",) + compare.METHODS)
+    for r in rows:
+        if r["method"] != "dense":
+            fewer = dense["conv_macs"] / r["conv_macs"]
+            assert 2.0 <= fewer < 2.2, (r["method"], fewer)  # met, and not by much more
+        assert r["latency_b1_ms"] > 0 and r["latency_b8_ms"] > 0 and 0 <= r["accuracy_finetuned"] <= 100
+    table = compare.table(result["summary"], 1)
+    assert all(compare.LABELS[m] in table for m in compare.METHODS)
+
+
+def test_eigendamage_iterative_round_merges_the_bases_into_the_chain():
+    """Round two on round one's compiled (and fine-tuned) model: its targets are the tucker
+    chains; at ratio 0 the merged chain computes what the old one did, and pruning more
+    thins the chains in place of the old ones, each still one three-stage layer."""
+    model = _trained()
+    train, val = _loaders()
+    x = next(iter(val))[0][:4]
+    first = trp.EigenDamage(model, ratio=0.4)
+    first.prune(model, train)
+    tunable = trp.compile(copy.deepcopy(model), plan=first.plan(), fold_bn=False)
+    torch.manual_seed(0)
+    trp.fit(tunable, train, epochs=1, lr=0.01, progress=False)
+    tunable.eval()
+    chains = [f for f in first.targets if isinstance(tunable.get_submodule(f), trp.LowRankConv2d)]
+    assert len(chains) >= 4  # (the others' factors would not cut MACs: dense again)
+    ranks_before = {f: tunable.get_submodule(f).ranks for f in chains}
+
+    again = trp.EigenDamage(tunable, ratio=0.0)
+    assert set(again.targets) == set(first.targets)  # the chains, and the dense 3x3s, found as targets
+    again.prune(tunable, train)
+    for fqn in chains:
+        _, q_a, _, q_s = again.bases[fqn]
+        assert q_a.shape[0] == ranks_before[fqn][0] and q_s.shape[0] == ranks_before[fqn][1]  # the core's sizes
+    want = _out(tunable, x)
+    same = trp.compile(copy.deepcopy(tunable), plan=again.plan(), fold_bn=False)
+    torch.testing.assert_close(_out(same, x), want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+
+    again.select(0.3)
+    thinner = trp.compile(copy.deepcopy(tunable), plan=again.plan())  # BNs fold into the new chains
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in thinner.modules())
+    for fqn in chains:
+        layer = thinner.get_submodule(fqn)
+        assert isinstance(layer, trp.LowRankConv2d) and layer.scheme == "tucker"
+        assert all(r <= b for r, b in zip(layer.ranks, ranks_before[fqn]))
+    assert sum(sum(thinner.get_submodule(f).ranks) for f in chains) < sum(map(sum, ranks_before.values()))
+    with pytest.raises(ValueError, match="factored again only from stage weights"):
+        trp.compile(copy.deepcopy(tunable), plan=Plan({chains[0]: LayerChoice("tucker", (2, 2))}))
