@@ -25,7 +25,7 @@ from __future__ import annotations
 import copy
 import math
 import statistics
-from typing import Callable, Optional, Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn

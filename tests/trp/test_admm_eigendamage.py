@@ -11,7 +11,7 @@ import torch.nn as nn
 import trp
 from trp import families, models
 from trp.plan import LayerChoice, Plan
-from tests.trp.test_training import Crash, _loaders
+from tests.trp.test_training import Crash, _loaders, crashing_loss
 
 TUCKER = families.REGISTRY["tucker"]
 
@@ -246,18 +246,10 @@ def _finetune_run(directory, resume, crash_after=None):
     ed = trp.EigenDamage(model, ratio=0.3)
     ed.prune(model, train)
     compiled = trp.compile(model, plan=ed.plan())
-    calls = [0]
-
-    def loss_fn(out, y, **kw):
-        calls[0] += 1
-        if crash_after is not None and calls[0] > crash_after:
-            raise Crash
-        return nn.functional.cross_entropy(out, y, **kw)
-
     torch.manual_seed(1)
     try:
         history = trp.fit(compiled, train, val, epochs=3, lr=0.01, checkpoint_dir=directory, resume=resume,
-                          progress=False, loss_fn=loss_fn)
+                          progress=False, loss_fn=crashing_loss(crash_after))
     except Crash:
         history = None
     return compiled, history
@@ -282,17 +274,9 @@ def test_admm_resume_equals_an_uninterrupted_run(tmp_path):
         model = models.resnet_cifar(8)
         train, val = _loaders()
         admm = trp.ADMM(model, ratio=0.5, rho=0.5)
-        calls = [0]
-
-        def loss_fn(out, y, **kw):
-            calls[0] += 1
-            if crash_after is not None and calls[0] > crash_after:
-                raise Crash
-            return nn.functional.cross_entropy(out, y, **kw)
-
         try:
             trp.fit(model, train, val, epochs=3, method=admm, checkpoint_dir=directory, resume=resume,
-                    progress=False, lr=0.05, loss_fn=loss_fn)
+                    progress=False, lr=0.05, loss_fn=crashing_loss(crash_after))
         except Crash:
             pass
         return model, admm

@@ -112,23 +112,28 @@ class Crash(Exception):
     pass
 
 
+def crashing_loss(crash_after=None):
+    """Cross entropy that raises Crash on its call after ``crash_after`` calls (a run killed
+    part-way; None: never)."""
+    calls = [0]
+
+    def loss_fn(out, y, **kw):
+        calls[0] += 1
+        if crash_after is not None and calls[0] > crash_after:
+            raise Crash
+        return nn.functional.cross_entropy(out, y, **kw)
+    return loss_fn
+
+
 def test_resume_after_a_crash_ends_with_the_same_weights(tmp_path):
     def run(directory, resume, crash_after=None):
         torch.manual_seed(0)
         model = models.resnet_cifar(8)
         train, val = _loaders()
         controller = TRP(model, period=2)
-        calls = [0]
-
-        def loss_fn(out, y, **kw):
-            calls[0] += 1
-            if crash_after is not None and calls[0] > crash_after:
-                raise Crash  # killed part-way through epoch 3
-            return nn.functional.cross_entropy(out, y, **kw)
-
         try:
             trp.fit(model, train, val, epochs=3, method=controller, checkpoint_dir=directory, resume=resume,
-                    progress=False, lr=0.05, loss_fn=loss_fn)
+                    progress=False, lr=0.05, loss_fn=crashing_loss(crash_after))
         except Crash:
             pass
         return model, controller
