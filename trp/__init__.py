@@ -16,6 +16,7 @@ from trp.io import load, save
 from trp.methods import Method
 from trp.modules import LowRankConv2d, LowRankLinear
 from trp.plan import LayerChoice, Plan
+from trp.spp import SPP
 from trp.summary import Summary, summary
 from trp.training import TRP, evaluate, fit
 from trp_kernels.ops import BackendError
@@ -25,5 +26,5 @@ __version__ = "0.1.0"
 __all__ = ["compile", "CompileConfig", "default_filter", "RankSpec", "select_rank", "save", "load",
            "LowRankConv2d", "LowRankLinear", "summary", "Summary", "BackendError", "TRP", "fit", "evaluate",
            "breakdown", "Breakdown", "deploy", "Deployed", "DeployError", "Method", "Plan", "LayerChoice",
-           "ADMM", "EigenDamage",
+           "ADMM", "EigenDamage", "SPP",
            "__version__"]

@@ -13,6 +13,7 @@ with the same ``scheme``/``filter_fn``/``overrides`` (one selection, :func:`trp.
         (loss + extra).backward()
         method.after_backward()            # e.g. add a sub-gradient to a weight's .grad
         optimizer.step()
+        method.after_step()                # e.g. put back weights a mask held out of the step
     method.epoch_end(epoch)
 
 A post-training method does its work in ``prune(model, loader)`` instead (one shot).
@@ -98,6 +99,9 @@ class Method:
 
     def after_backward(self) -> None:
         """After ``loss.backward()``, before ``optimizer.step()``."""
+
+    def after_step(self) -> None:
+        """After ``optimizer.step()``."""
 
     def epoch_end(self, epoch: int) -> None:
         """After the epoch's last step."""

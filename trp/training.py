@@ -352,6 +352,8 @@ def fit(model: nn.Module, train_loader, val_loader=None, *, epochs: int, optimiz
             if method is not None:
                 method.after_backward()
             optimizer.step()
+            if method is not None:
+                method.after_step()
             total, count = total + loss.item() * len(y), count + len(y)
             bar.set_postfix(loss=f"{total / count:.4f}")
         if method is not None:

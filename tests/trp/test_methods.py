@@ -39,6 +39,9 @@ class Decay(Method):
     def after_backward(self):
         self.calls.append("after_backward")
 
+    def after_step(self):
+        self.calls.append("after_step")
+
     def epoch_end(self, epoch):
         self.calls.append(("epoch_end", epoch))
         self.epochs += 1
@@ -64,7 +67,7 @@ def test_fit_calls_a_methods_hooks_in_order_and_records_it():
     method = Decay(model)
     history = trp.fit(model, train, val, epochs=2, method=method, progress=False, lr=0.05)
     steps = len(train)
-    epoch = [("epoch_start", 0)] + ["before_forward", "loss", "after_backward"] * steps + [("epoch_end", 0)]
+    epoch = [("epoch_start", 0)] + ["before_forward", "loss", "after_backward", "after_step"] * steps + [("epoch_end", 0)]
     assert method.calls == epoch + [("epoch_start", 1)] + epoch[1:-1] + [("epoch_end", 1)]
     assert [h["epochs_seen"] for h in history] == [1, 2]
 

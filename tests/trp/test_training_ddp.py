@@ -64,8 +64,26 @@ def _eigendamage(world: int, rank: int):
     return compiled, method, history
 
 
+class _RecordingSPP(trp.SPP):
+    """SPP that keeps every step's masks."""
+
+    def before_forward(self):
+        super().before_forward()
+        self.masks = getattr(self, "masks", []) + [torch.cat([self._held[f][0] for f in self.targets])]
+
+
+def _spp(world: int, rank: int):
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    model = models.resnet_cifar(8)
+    method = _RecordingSPP(model, target=0.3)
+    history = trp.fit(model, _loader(world, rank), epochs=EPOCHS, method=method, progress=False, lr=0.05)
+    method.ranks = torch.stack(method.masks)  # every step's masks, compared across the processes
+    return model, method, history
+
+
 def _worker_for(name):
-    return {"trp": _train, "admm": _admm, "eigendamage": _eigendamage}[name]
+    return {"trp": _train, "admm": _admm, "eigendamage": _eigendamage, "spp": _spp}[name]
 
 
 def _method_worker(rank: int, world: int, port: int, out_dir: str, name: str):
@@ -79,7 +97,7 @@ def _method_worker(rank: int, world: int, port: int, out_dir: str, name: str):
         state = method.state_dict()
         torch.save({"equal": all(torch.equal(gathered[0], g) for g in gathered),
                     "losses": [h["train_loss"] for h in history], "ranks": method.ranks,
-                    "extra": {k: v for k, v in state.items() if k in ("z", "u", "bases", "keep")}},
+                    "extra": {k: v for k, v in state.items() if k in ("z", "u", "bases", "keep", "q", "pruned")}},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -132,10 +150,11 @@ def _same(a, b) -> bool:
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-@pytest.mark.parametrize("name", ["admm", "eigendamage"])
-def test_two_processes_hold_identical_weights_with_admm_and_eigendamage(tmp_path, name):
+@pytest.mark.parametrize("name", ["admm", "eigendamage", "spp"])
+def test_two_processes_hold_identical_weights_with_each_method(tmp_path, name):
     mp.spawn(_method_worker, args=(2, _free_port(), str(tmp_path), name), nprocs=2, join=True)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert all(r["equal"] for r in results)  # bit-identical parameters on both ranks
-    assert results[0]["losses"] == results[1]["losses"] and results[0]["ranks"] == results[1]["ranks"]
-    assert results[0]["extra"] and _same(results[0]["extra"], results[1]["extra"])  # Z and U, or bases and kept
+    assert results[0]["losses"] == results[1]["losses"] and _same(results[0]["ranks"], results[1]["ranks"])
+    # Z and U; bases and kept directions; keep probabilities and pruned columns
+    assert results[0]["extra"] and _same(results[0]["extra"], results[1]["extra"])
