@@ -366,6 +366,65 @@ void lowrank_conv(py::handle x_obj, py::handle w1_obj, py::handle w2_obj, py::ha
     run_lowrank_conv(call.a, call.kernel);
 }
 
+// A tap-sparse conv (SPP's pruned convs), NHWC: the dense conv over the kept im2col columns
+// `kept` (int64, each (ki * kw + kj) * in_c + c, strictly ascending) with their weight rows
+// w (n_kept, out_channels). Everything the kernel reads is checked here first.
+void conv_taps(py::handle x_obj, py::handle w_obj, py::handle kept_obj, py::handle bias_obj,
+               py::handle residual_obj, py::handle out_obj, int64_t kh, int64_t kw, py::handle stride_obj,
+               py::handle pad_obj, py::handle dilation_obj, bool relu, int threads) {
+    Checking checking("conv_taps");
+    py::array x = require_f32(x_obj, "x", 4, "(batch, height, width, channels) NHWC");
+    py::array w = require_f32(w_obj, "w", 2, "(kept columns, out_channels)");
+    auto kept = py::array_t<int64_t, py::array::c_style>::ensure(kept_obj);
+    if (!kept || kept.ndim() != 1) value_error("kept must be a 1-D int64 array of im2col columns");
+    py::array out = require_f32(out_obj, "out", 4, "(batch, out_h, out_w, out_channels) NHWC");
+    if (!out.writeable()) value_error("out must be writeable");
+    const bool has_bias = !bias_obj.is_none(), has_res = !residual_obj.is_none();
+    py::array bias, res;
+    if (has_bias) bias = require_f32(bias_obj, "bias", 1, "(out_channels,)");
+    if (has_res) res = require_f32(residual_obj, "residual", 4, "(batch, out_h, out_w, out_channels) NHWC");
+    const auto [stride, pad, dil] = parse_geometry(stride_obj, pad_obj, dilation_obj);
+    if (kh < 1 || kw < 1 || kh > kMaxKernel || kw > kMaxKernel) {
+        value_error("kernel size must be within 1.." + std::to_string(kMaxKernel) + ", got " + pair_str(kh, kw));
+    }
+    if (threads < 1) value_error("threads must be >= 1, got " + std::to_string(threads));
+    for (py::ssize_t d = 1; d < 3; ++d) {
+        if (x.shape(d) > kMaxDim) value_error("x spatial sizes must be <= " + std::to_string(kMaxDim));
+    }
+    trp::LowRankConvArgs a{};
+    a.batch = x.shape(0); a.in_h = x.shape(1); a.in_w = x.shape(2); a.in_c = x.shape(3);
+    a.kh = kh; a.kw = kw;
+    a.stride_h = stride[0]; a.stride_w = stride[1]; a.pad_top = pad[0]; a.pad_left = pad[1];
+    a.dil_h = dil[0]; a.dil_w = dil[1];
+    a.out_h = out.shape(1); a.out_w = out.shape(2); a.out_c = out.shape(3);
+    a.n_kept = kept.shape(0);
+    const int64_t* cols = kept.data();
+    for (int64_t k = 0; k < a.n_kept; ++k) {
+        if (cols[k] < 0 || cols[k] >= kh * kw * a.in_c || (k > 0 && cols[k] <= cols[k - 1])) {
+            value_error("kept must be strictly ascending columns in [0, " + std::to_string(kh * kw * a.in_c) +
+                        "), got " + std::to_string(cols[k]) + " at " + std::to_string(k));
+        }
+    }
+    check_dim(w, "w", 0, a.n_kept, "kept columns");
+    check_dim(w, "w", 1, a.out_c, "out's channels");
+    check_dim(out, "out", 0, a.batch, "x's batch");
+    if (has_bias) check_dim(bias, "bias", 0, a.out_c, "out channels");
+    if (has_res) {
+        for (py::ssize_t d = 0; d < 4; ++d) check_dim(res, "residual", d, out.shape(d), "out's shape");
+    }
+    a.x = static_cast<const float*>(x.data());
+    a.w1 = static_cast<const float*>(w.data());
+    a.kept = a.n_kept ? cols : nullptr;
+    static const int64_t kNone = 0;
+    if (!a.kept) a.kept = &kNone;  // none kept: still the tap-sparse kernel (bias, residual, ReLU only)
+    a.bias = has_bias ? static_cast<const float*>(bias.data()) : nullptr;
+    a.residual = has_res ? static_cast<const float*>(res.data()) : nullptr;
+    a.out = static_cast<float*>(out.mutable_data());
+    a.relu = relu;
+    a.threads = threads;
+    run_lowrank_conv(a, Kernel::kDense);
+}
+
 // lowrank_conv, checked once on sample buffers and then run on others of the same shapes:
 // a layer's per-call cost is then only its data pointers crossing the binding. The caller
 // (trp_kernels/cpp.py) guarantees that every buffer it passes has the sample's shape and
@@ -651,6 +710,12 @@ PYBIND11_MODULE(_C, m) {
              py::arg("w3").none(true) = py::none())
         .def("run", &LowRankPlan::run, py::arg("x"), py::arg("out"), py::arg("residual"), py::arg("threads"),
              "Run on the buffers at these addresses (residual: 0 for none). Releases the GIL.");
+    m.def("conv_taps", &conv_taps, py::arg("x"), py::arg("w"), py::arg("kept"), py::arg("bias").none(true),
+          py::arg("residual").none(true), py::arg("out"), py::arg("kh"), py::arg("kw"), py::arg("stride"),
+          py::arg("padding"), py::arg("dilation"), py::arg("relu"), py::arg("threads"),
+          "Tap-sparse conv (SPP) into `out`, NHWC float32: the dense conv over the kept im2col columns `kept` "
+          "(int64, each (ki * kw + kj) * in_channels + c, strictly ascending) with their weight rows w "
+          "(n_kept, out_channels), + bias, + residual, ReLU. padding: (top, left). Releases the GIL.");
     m.attr("MAX_KERNEL") = kMaxKernel;
     py::class_<Program>(m, "Program",
                         "Steps over numbered NHWC float32 slots, run in one call (trp/program.py builds it).")

@@ -184,7 +184,7 @@ void lowrank_count_flat_tucker() { flat_tucker().fetch_add(1, std::memory_order_
 bool lowrank_conv_channel(const LowRankConvArgs& a) { return run_active(&Kernels::channel, a, a.rank); }
 bool lowrank_conv_spatial(const LowRankConvArgs& a) { return run_active(&Kernels::spatial, a, 0); }
 bool lowrank_conv_tucker(const LowRankConvArgs& a) { return run_active(&Kernels::tucker, a, 0); }
-bool lowrank_conv_dense(const LowRankConvArgs& a) { return run_active(&Kernels::dense, a, a.out_c); }
+bool lowrank_conv_dense(const LowRankConvArgs& a) { return run_active(&Kernels::dense, a, a.kept ? 0 : a.out_c); }
 void nhwc_max_pool(const PoolArgs& a) { kernels(current().load()).max_pool(a); }
 void nhwc_global_avg_pool(const PoolArgs& a) { kernels(current().load()).global_avg_pool(a); }
 void elementwise_add_relu(const float* x, const float* y, float* out, int64_t n, bool relu, int threads) {

@@ -40,6 +40,10 @@ struct LowRankConvArgs {
     bool w1_oi = false;       // dense 1x1 only: w1 is [out_c][in_c] (PyTorch's own layout), not [in_c][out_c]
     bool winograd = false;    // a 3x3 stride-1 first stage (channel, dense) runs as Winograd
                               // F(2x2, 3x3); the entry points decide (lowrank_winograd)
+    const int64_t* kept = nullptr;  // dense only, tap-sparse (SPP): the im2col columns kept,
+                              // each (ki * kw + kj) * in_c + c, ascending; w1 is then their
+                              // rows [n_kept][out_c]
+    int64_t n_kept = 0;
 };
 
 // channel scheme: kh x kw conv in_c -> rank, then 1x1 rank -> out_c.

@@ -417,3 +417,42 @@ def _pair(v: int | Sequence[int], name: str) -> tuple[int, int]:
     ):
         return (operator.index(v[0]), operator.index(v[1]))
     raise TypeError(f"conv2d_direct: {name} must be an int or a pair of ints, got {v!r}")
+
+
+# --- tap-sparse convs (SPP) ---------------------------------------------------------------
+
+def pack_taps(weight: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A conv weight (n, c, kh, kw) and its kept im2col columns ``keep`` (bool (c, kh, kw))
+    as :func:`conv_taps` takes them: the kept columns in the kernel's order, each
+    ``(ki * kw + kj) * c + ci`` ascending (int64), and their weight rows (n_kept, n), float32."""
+    if weight.dim() != 4 or tuple(keep.shape) != tuple(weight.shape[1:]) or keep.dtype is not torch.bool:
+        raise ValueError(f"pack_taps: keep must be a bool tensor of shape {tuple(weight.shape[1:])} (the weight's "
+                         f"(in, kh, kw)), got {keep.dtype} {tuple(keep.shape)}")
+    hwio = weight.detach().permute(2, 3, 1, 0)            # (kh, kw, c, n): rows in the kernel's column order
+    mask = keep.permute(1, 2, 0).reshape(-1)
+    kept = torch.nonzero(mask).flatten()
+    rows = hwio.reshape(-1, weight.shape[0])[kept]
+    return rows.to(torch.float32).contiguous(), kept.to(torch.int64).contiguous()
+
+
+def conv_taps(x: torch.Tensor, weight: torch.Tensor, kept: torch.Tensor, bias: Optional[torch.Tensor],
+              kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+              residual: Optional[torch.Tensor] = None, relu: bool = False) -> torch.Tensor:
+    """A tap-sparse conv in the fused C++ kernel: ``conv2d`` over the kept im2col columns only
+    (``weight``, ``kept`` from :func:`pack_taps`), + bias, + residual, ReLU; float32 CPU,
+    channels_last output. ``padding``: (top, bottom, left, right), symmetric."""
+    lib = _require()
+    from trp_kernels.reference import checked_output_hw
+
+    kh, kw = (int(k) for k in kernel_size)
+    x = _checked(x, "x").contiguous(memory_format=torch.channels_last)
+    ho, wo = checked_output_hw("conv_taps", x.shape[-2:], (kh, kw), stride, padding, dilation)
+    out = torch.empty((x.shape[0], weight.shape[1], ho, wo), dtype=torch.float32, memory_format=torch.channels_last)
+    if out.numel():
+        ra = None
+        if residual is not None:
+            ra = _nhwc(_checked(residual, "residual").contiguous(memory_format=torch.channels_last))
+        lib.conv_taps(_nhwc(x), _array(weight, "weight"), kept.numpy(), None if bias is None else _array(bias, "bias"),
+                      ra, _nhwc(out), kh, kw, (int(stride[0]), int(stride[1])), (int(padding[0]), int(padding[2])),
+                      (int(dilation[0]), int(dilation[1])), bool(relu), torch.get_num_threads())
+    return out

@@ -98,6 +98,18 @@ for isa in ("avx512", "avx2", "generic"):
                 out = cpp.fused_chain(x, [w], bias, "dense", (st, st), (p, p, p, p), (1, 1), res, True)
                 assert (out - exp).abs().max() <= 1e-4 * exp.abs().max(), (isa, "dense_oi", b, c)
             n += 1
+        # The tap-sparse conv (SPP): the kept im2col columns only, gathered per tile; none, some
+        # and all kept, strided, dilated, partial blocks.
+        for (b, c, no, hw, st, dil, frac) in [(1,5,7,(9,7),1,1,0.5), (3,20,18,(11,9),2,1,0.3), (2,6,33,(5,6),1,2,1.0), (1,3,5,(4,70),1,1,0.0)]:
+            x = torch.randn(b, c, *hw).contiguous(memory_format=torch.channels_last)
+            w, bias, keep = torch.randn(no, c, 3, 3), torch.randn(no), torch.rand(c, 3, 3) < frac
+            ref = torch.nn.functional.conv2d(x, w * keep, bias, st, dil, dil)
+            res = torch.randn_like(ref).contiguous(memory_format=torch.channels_last)
+            exp = torch.relu(ref + res)
+            packed, cols = cpp.pack_taps(w, keep)
+            out = cpp.conv_taps(x, packed, cols, bias, (3, 3), (st, st), (dil,) * 4, (dil, dil), res, True)
+            assert (out - exp).abs().max() <= 1e-4 * exp.abs().max(), (isa, "taps", b, c)
+            n += 1
         # The whole-model program's own steps (trp.program): max pool with ReLU, global average
         # pool, add; each slot exactly the size its step reads or writes.
         for (b, c, h, w, k, st, p) in [(2, 19, 9, 11, 3, 2, 1), (1, 3, 5, 4, 2, 1, 0), (1, 33, 3, 3, 3, 1, 1)]:
