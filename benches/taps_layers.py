@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from trp.timing import compare, machine_info
-from trp_kernels import cpp
+from trp_kernels import cpp, reference
 
 SHAPES = [(64, 56), (128, 28), (256, 14), (512, 7)]  # (channels, size): ResNet-18's 3x3 stride-1 convs
 
@@ -42,7 +42,7 @@ def main(repeats: int = 30) -> None:
             wl = cpp.kernel_layout(w)
             for pruned in (0.5, 0.75):
                 keep = torch.rand(c, 3, 3, generator=g) >= pruned
-                packed, cols = cpp.pack_taps(w, keep)
+                packed, cols = reference.pack_taps(w, keep)
                 wz = (w * keep).contiguous(memory_format=torch.channels_last)
 
                 def dense(mode):

@@ -421,20 +421,6 @@ def _pair(v: int | Sequence[int], name: str) -> tuple[int, int]:
 
 # --- tap-sparse convs (SPP) ---------------------------------------------------------------
 
-def pack_taps(weight: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A conv weight (n, c, kh, kw) and its kept im2col columns ``keep`` (bool (c, kh, kw))
-    as :func:`conv_taps` takes them: the kept columns in the kernel's order, each
-    ``(ki * kw + kj) * c + ci`` ascending (int64), and their weight rows (n_kept, n), float32."""
-    if weight.dim() != 4 or tuple(keep.shape) != tuple(weight.shape[1:]) or keep.dtype is not torch.bool:
-        raise ValueError(f"pack_taps: keep must be a bool tensor of shape {tuple(weight.shape[1:])} (the weight's "
-                         f"(in, kh, kw)), got {keep.dtype} {tuple(keep.shape)}")
-    hwio = weight.detach().permute(2, 3, 1, 0)            # (kh, kw, c, n): rows in the kernel's column order
-    mask = keep.permute(1, 2, 0).reshape(-1)
-    kept = torch.nonzero(mask).flatten()
-    rows = hwio.reshape(-1, weight.shape[0])[kept]
-    return rows.to(torch.float32).contiguous(), kept.to(torch.int64).contiguous()
-
-
 def conv_taps(x: torch.Tensor, weight: torch.Tensor, kept: torch.Tensor, bias: Optional[torch.Tensor],
               kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
               residual: Optional[torch.Tensor] = None, relu: bool = False) -> torch.Tensor:

@@ -342,3 +342,35 @@ def lowrank_linear_backward(grad_out, x, weight1, weight2, has_bias, needs):
         if needs[1]:
             gw1 = gh.reshape(-1, gh.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
     return gx, gw1, gw2, gb
+
+
+# --- tap-sparse convs (SPP) -------------------------------------------------------------
+
+def pack_taps(weight: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A conv weight (n, c, kh, kw) and its kept im2col columns ``keep`` (bool (c, kh, kw))
+    as :func:`conv_taps` takes them: the kept columns in the kernel's order, each
+    ``(ki * kw + kj) * c + ci`` ascending (int64), and their weight rows (n_kept, n), float32."""
+    if weight.dim() != 4 or tuple(keep.shape) != tuple(weight.shape[1:]) or keep.dtype is not torch.bool:
+        raise ValueError(f"pack_taps: keep must be a bool tensor of shape {tuple(weight.shape[1:])} (the weight's "
+                         f"(in, kh, kw)), got {keep.dtype} {tuple(keep.shape)}")
+    hwio = weight.detach().permute(2, 3, 1, 0)            # (kh, kw, c, n): rows in the kernel's column order
+    mask = keep.permute(1, 2, 0).reshape(-1)
+    kept = torch.nonzero(mask).flatten()
+    rows = hwio.reshape(-1, weight.shape[0])[kept]
+    return rows.to(torch.float32).contiguous(), kept.to(torch.int64).contiguous()
+
+
+def conv_taps(x: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor, bias: Optional[torch.Tensor],
+              stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+              residual: Optional[torch.Tensor] = None, relu: bool = False) -> torch.Tensor:
+    """The tap-sparse conv as plain PyTorch: the conv with the pruned im2col columns
+    (``keep`` False, bool (c, kh, kw)) zeroed, + residual, ReLU. ``padding``: (top, bottom,
+    left, right)."""
+    t, b, l, r = padding
+    if t != b or l != r:
+        x = torch.nn.functional.pad(x, (l, r, t, b))
+        t = l = 0
+    y = torch.nn.functional.conv2d(x, weight * keep.to(weight.dtype), bias, tuple(stride), (t, l), tuple(dilation))
+    if residual is not None:
+        y = y + residual
+    return torch.relu(y) if relu else y

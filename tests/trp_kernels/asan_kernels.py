@@ -106,7 +106,7 @@ for isa in ("avx512", "avx2", "generic"):
             ref = torch.nn.functional.conv2d(x, w * keep, bias, st, dil, dil)
             res = torch.randn_like(ref).contiguous(memory_format=torch.channels_last)
             exp = torch.relu(ref + res)
-            packed, cols = cpp.pack_taps(w, keep)
+            packed, cols = reference.pack_taps(w, keep)
             out = cpp.conv_taps(x, packed, cols, bias, (3, 3), (st, st), (dil,) * 4, (dil, dil), res, True)
             assert (out - exp).abs().max() <= 1e-4 * exp.abs().max(), (isa, "taps", b, c)
             n += 1

@@ -1,5 +1,5 @@
 """The tap-sparse C++ conv (SPP's pruned convs): the dense conv over the kept im2col columns
-only, against the float64 conv with the pruned taps zeroed, on every instruction-set build,
+only, against the float64 reference (the conv with the pruned taps zeroed), on every instruction-set build,
 1 and 2 threads, awkward shapes and every epilogue; and its argument checks."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.trp_kernels.test_cpp_fused import ISAS, assert_within_bound, threads  # noqa: F401 (a fixture)
-from trp_kernels import cpp
+from trp_kernels import cpp, reference
 
 pytestmark = pytest.mark.skipif(not cpp.has_fused_kernels(),
                                 reason=f"fused C++ kernels not built ({cpp.unavailable_reason()})")
@@ -42,18 +42,16 @@ def test_tap_sparse_conv_matches_the_conv_with_pruned_taps_zeroed(isa, threads, 
     wo = (w + 2 * pw - dil[1] * (kw - 1) - 1) // stride[1] + 1
     residual = torch.randn(batch, n, ho, wo, generator=g) if "residual" in epilogue else None
     relu = "relu" in epilogue
-    packed, columns = cpp.pack_taps(weight, keep)
+    packed, columns = reference.pack_taps(weight, keep)
     assert columns.numel() == int(keep.sum())
     out = cpp.conv_taps(x, packed, columns, bias, (kh, kw), stride, (ph, ph, pw, pw), dil, residual, relu)
 
-    def reference(dtype):
-        y = F.conv2d(x.to(dtype), (weight * keep).to(dtype), None if bias is None else bias.to(dtype), stride,
-                     (ph, pw), dil)
-        y = y + residual.to(dtype) if residual is not None else y
-        return torch.relu(y) if relu else y
+    def ref(dtype):
+        return reference.conv_taps(x.to(dtype), weight.to(dtype), keep, None if bias is None else bias.to(dtype),
+                                   stride, (ph, ph, pw, pw), dil, None if residual is None else residual.to(dtype), relu)
 
     assert out.is_contiguous(memory_format=torch.channels_last)
-    assert_within_bound(out, reference(torch.float64), reference(torch.float32))
+    assert_within_bound(out, ref(torch.float64), ref(torch.float32))
 
 
 def test_tap_sparse_conv_argument_checks():
@@ -72,4 +70,4 @@ def test_tap_sparse_conv_argument_checks():
         lib.conv_taps(nhwc(x), w, torch.tensor([0, 5]).numpy(), None, None, nhwc(out), 3, 3, (1, 1), (1, 1),
                       (1, 1), False, 1)
     with pytest.raises(ValueError, match="pack_taps: keep must be a bool tensor of shape \\(4, 3, 3\\)"):
-        cpp.pack_taps(torch.randn(6, 4, 3, 3), torch.ones(4, 3))
+        reference.pack_taps(torch.randn(6, 4, 3, 3), torch.ones(4, 3))

@@ -127,7 +127,16 @@ def source(job: Job):
     from triton.runtime.jit import native_specialize_impl
 
     kernel, args, consts = launch_arguments(job)
-    consts = consts | job.config | {"PRECISION": "tf32" if job.pclass == "tf32" else "ieee"}
+    return source_of(kernel, args, consts | job.config | {"PRECISION": "tf32" if job.pclass == "tf32" else "ieee"})
+
+
+def source_of(kernel, args: tuple, consts: dict):
+    """The ``ASTSource`` of ``kernel`` launched with ``args`` (tensors stand in for pointers)
+    and the constexprs ``consts`` (the config included)."""
+    from triton.backends.nvidia.compiler import CUDABackend
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import native_specialize_impl
+
     signature, constexprs, attrs = {}, {}, {}
     values = iter(args)
     for i, p in enumerate(kernel.params):
@@ -199,18 +208,24 @@ _SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 
 def compile_one(job: Job) -> dict:
     """Compile one config; its row: registers, spill bytes, shared bytes, seconds, error."""
+    row = asdict(job) | {"dtype": job.dtype}
+    return compile_source(source(job), job.arch, job.num_warps, job.num_stages, row)
+
+
+def compile_source(src, arch: int, num_warps: int, num_stages: int, row: dict) -> dict:
+    """Compile ``src`` for ``arch``; ``row`` with registers, spill bytes, shared bytes,
+    seconds and error added."""
     import triton
     from triton.backends.compiler import GPUTarget
 
-    row = asdict(job) | {"dtype": job.dtype, "registers": None, "spill_stores": None, "spill_loads": None, "shared": None,
-                         "shared_limit": SHARED_LIMIT[job.arch], "seconds": None, "error": None}
-    src = source(job)
+    row = row | {"arch": arch, "registers": None, "spill_stores": None, "spill_loads": None, "shared": None,
+                 "shared_limit": SHARED_LIMIT[arch], "seconds": None, "error": None}
     log = io.StringIO()
     t0 = time.perf_counter()
     try:
         with contextlib.redirect_stdout(log):  # TRITON_DUMP_PTXAS_LOG=1: ptxas -v's report
-            compiled = triton.compile(src, target=GPUTarget("cuda", job.arch, 32),
-                                      options=dict(num_warps=job.num_warps, num_stages=job.num_stages))
+            compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                      options=dict(num_warps=num_warps, num_stages=num_stages))
     except Exception as e:  # noqa: BLE001 - a compile failure is this config's result
         row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"[:400]
         return row
@@ -224,6 +239,30 @@ def compile_one(job: Job) -> dict:
     row["registers"] = int(regs.group(1))
     row["spill_stores"], row["spill_loads"] = int(spills.group(1)), int(spills.group(2))
     return row
+
+
+def compile_taps() -> list[dict]:
+    """The tap-sparse conv kernel (``conv_taps.py``, one config) compiled for every
+    architecture, in float32 (TF32) and float16, with the full epilogue, from the launch a
+    ResNet 3x3 layer (128 channels at 28x28, half the columns kept) makes."""
+    import torch
+
+    from trp_kernels import reference
+    from trp_kernels.triton import _common, conv_taps
+
+    rows = []
+    for arch, (dtype, precision) in itertools.product(ARCHS, ((torch.float32, "tf32"), (torch.float16, "ieee"))):
+        x = torch.empty((8, 128, 28, 28), dtype=dtype).to(memory_format=torch.channels_last)
+        keep = torch.arange(128 * 9).reshape(128, 3, 3) % 2 == 0
+        packed, cols = reference.pack_taps(torch.empty((128, 128, 3, 3)), keep)
+        bias, res = torch.empty(128, dtype=dtype), torch.empty((8, 128, 28, 28), dtype=dtype)
+        with _common.capture_launches() as launches:
+            conv_taps.conv_taps(x, packed.to(dtype), cols, bias, res, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), True)
+        (kernel, args, consts), = launches
+        src = source_of(kernel, args, consts | conv_taps.CONFIG | {"PRECISION": precision})
+        rows.append(compile_source(src, arch, conv_taps.WARPS, conv_taps.STAGES,
+                                   {"family": "conv_taps", "dtype": str(dtype).split(".")[-1]}))
+    return rows
 
 
 def kernel_keys() -> dict:
