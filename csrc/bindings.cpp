@@ -244,6 +244,59 @@ struct CheckedCall {
     py::array x, w1, w2, w3, bias, res, out;
 };
 
+// What every fused conv call shares: x, out, bias and residual (NHWC float32), the kernel
+// size and geometry, checked, and the arguments filled from them (not the weights).
+struct ConvIO {
+    py::array x, out, bias, res;  // (a default py::array is an empty array, not None: has_bias, has_res say)
+    bool has_bias = false, has_res = false;
+    trp::LowRankConvArgs a{};
+};
+
+ConvIO check_conv_io(py::handle x_obj, py::handle out_obj, py::handle bias_obj, py::handle residual_obj, int64_t kh,
+                     int64_t kw, py::handle stride_obj, py::handle pad_obj, py::handle dilation_obj, int threads) {
+    ConvIO io;
+    io.x = require_f32(x_obj, "x", 4, "(batch, height, width, channels) NHWC");
+    io.out = require_f32(out_obj, "out", 4, "(batch, out_h, out_w, out_channels) NHWC");
+    if (!io.out.writeable()) value_error("out must be writeable");
+    io.has_bias = !bias_obj.is_none();
+    io.has_res = !residual_obj.is_none();
+    if (io.has_bias) io.bias = require_f32(bias_obj, "bias", 1, "(out_channels,)");
+    if (io.has_res) io.res = require_f32(residual_obj, "residual", 4, "(batch, out_h, out_w, out_channels) NHWC");
+    const auto [stride, pad, dil] = parse_geometry(stride_obj, pad_obj, dilation_obj);
+    if (kh < 1 || kw < 1 || kh > kMaxKernel || kw > kMaxKernel) {
+        value_error("kernel size must be within 1.." + std::to_string(kMaxKernel) + ", got " + pair_str(kh, kw));
+    }
+    if (threads < 1) value_error("threads must be >= 1, got " + std::to_string(threads));
+    for (py::ssize_t d = 1; d < 3; ++d) {
+        if (io.x.shape(d) > kMaxDim) value_error("x spatial sizes must be <= " + std::to_string(kMaxDim));
+    }
+    trp::LowRankConvArgs& a = io.a;
+    a.batch = io.x.shape(0); a.in_h = io.x.shape(1); a.in_w = io.x.shape(2); a.in_c = io.x.shape(3);
+    a.kh = kh; a.kw = kw;
+    a.stride_h = stride[0]; a.stride_w = stride[1]; a.pad_top = pad[0]; a.pad_left = pad[1];
+    a.dil_h = dil[0]; a.dil_w = dil[1];
+    a.out_h = io.out.shape(1); a.out_w = io.out.shape(2); a.out_c = io.out.shape(3);
+    a.threads = threads;
+    return io;
+}
+
+// After the weights' checks: out, bias and residual against each other, and the pointers.
+void finish_conv_io(ConvIO& io, bool relu) {
+    trp::LowRankConvArgs& a = io.a;
+    check_dim(io.out, "out", 0, a.batch, "x's batch");
+    // out's size fixes the bottom/right padding; any size is memory-safe, since every input
+    // read outside x is replaced by a zero row.
+    if (io.has_bias) check_dim(io.bias, "bias", 0, a.out_c, "out channels");
+    if (io.has_res) {
+        for (py::ssize_t d = 0; d < 4; ++d) check_dim(io.res, "residual", d, io.out.shape(d), "out's shape");
+    }
+    a.x = static_cast<const float*>(io.x.data());
+    a.bias = io.has_bias ? static_cast<const float*>(io.bias.data()) : nullptr;
+    a.residual = io.has_res ? static_cast<const float*>(io.res.data()) : nullptr;
+    a.out = static_cast<float*>(io.out.mutable_data());
+    a.relu = relu;
+}
+
 // Fused low-rank conv, NHWC. Everything the kernel reads is checked here first.
 CheckedCall check_lowrank_conv(py::handle x_obj, py::handle w1_obj, py::handle w2_obj, py::handle bias_obj,
                                py::handle residual_obj, py::handle out_obj, const std::string& scheme, int64_t kh,
@@ -257,7 +310,8 @@ CheckedCall check_lowrank_conv(py::handle x_obj, py::handle w1_obj, py::handle w
     else value_error("scheme must be 'channel', 'spatial', 'tucker', 'dense' or 'dense_oi', got '" + scheme + "'");
     const bool dense = kernel == Kernel::kDense, tucker = kernel == Kernel::kTucker;
     const bool oi = scheme == "dense_oi";  // a 1x1 conv's weight as PyTorch keeps it: (out_channels, in_channels)
-    py::array x = require_f32(x_obj, "x", 4, "(batch, height, width, channels) NHWC");
+    ConvIO io = check_conv_io(x_obj, out_obj, bias_obj, residual_obj, kh, kw, stride_obj, pad_obj, dilation_obj,
+                              threads);
     py::array w1 = require_f32(w1_obj, "w1", 2, oi ? "(out_channels, in_channels)"
                                                 : dense ? "(taps * in_channels, out_channels)"
                                                         : "(taps * in_channels, rank)");
@@ -273,27 +327,7 @@ CheckedCall check_lowrank_conv(py::handle x_obj, py::handle w1_obj, py::handle w
     } else if (!w3_obj.is_none()) {
         value_error("w3 must be None for scheme '" + scheme + "' (only tucker has a third weight)");
     }
-    py::array out = require_f32(out_obj, "out", 4, "(batch, out_h, out_w, out_channels) NHWC");
-    if (!out.writeable()) value_error("out must be writeable");
-    const bool has_bias = !bias_obj.is_none(), has_res = !residual_obj.is_none();
-    py::array bias, res;
-    if (has_bias) bias = require_f32(bias_obj, "bias", 1, "(out_channels,)");
-    if (has_res) res = require_f32(residual_obj, "residual", 4, "(batch, out_h, out_w, out_channels) NHWC");
-    const auto [stride, pad, dil] = parse_geometry(stride_obj, pad_obj, dilation_obj);
-    if (kh < 1 || kw < 1 || kh > kMaxKernel || kw > kMaxKernel) {
-        value_error("kernel size must be within 1.." + std::to_string(kMaxKernel) + ", got " + pair_str(kh, kw));
-    }
-    if (threads < 1) value_error("threads must be >= 1, got " + std::to_string(threads));
-    for (py::ssize_t d = 1; d < 3; ++d) {
-        if (x.shape(d) > kMaxDim) value_error("x spatial sizes must be <= " + std::to_string(kMaxDim));
-    }
-
-    trp::LowRankConvArgs a{};
-    a.batch = x.shape(0); a.in_h = x.shape(1); a.in_w = x.shape(2); a.in_c = x.shape(3);
-    a.kh = kh; a.kw = kw;
-    a.stride_h = stride[0]; a.stride_w = stride[1]; a.pad_top = pad[0]; a.pad_left = pad[1];
-    a.dil_h = dil[0]; a.dil_w = dil[1];
-    a.out_h = out.shape(1); a.out_w = out.shape(2); a.out_c = out.shape(3);
+    trp::LowRankConvArgs& a = io.a;
     if (oi) {
         if (kh != 1 || kw != 1) value_error("scheme 'dense_oi' is for 1x1 convs, got kernel " + pair_str(kh, kw));
         check_dim(w1, "w1", 0, a.out_c, "out's channels");
@@ -318,23 +352,11 @@ CheckedCall check_lowrank_conv(py::handle x_obj, py::handle w1_obj, py::handle w
             check_dim(w2, "w2", 1, a.out_c, "out's channels");
         }
     }
-    check_dim(out, "out", 0, a.batch, "x's batch");
-    // out's size fixes the bottom/right padding; any size is memory-safe, since every input
-    // read outside x is replaced by a zero row.
-    if (has_bias) check_dim(bias, "bias", 0, a.out_c, "out channels");
-    if (has_res) {
-        for (py::ssize_t d = 0; d < 4; ++d) check_dim(res, "residual", d, out.shape(d), "out's shape");
-    }
-    a.x = static_cast<const float*>(x.data());
+    finish_conv_io(io, relu);
     a.w1 = static_cast<const float*>(w1.data());
     a.w2 = dense ? nullptr : static_cast<const float*>(w2.data());
     a.w3 = tucker ? static_cast<const float*>(w3.data()) : nullptr;
-    a.bias = has_bias ? static_cast<const float*>(bias.data()) : nullptr;
-    a.residual = has_res ? static_cast<const float*>(res.data()) : nullptr;
-    a.out = static_cast<float*>(out.mutable_data());
-    a.relu = relu;
-    a.threads = threads;
-    return CheckedCall{a, kernel, x, w1, w2, w3, bias, res, out};
+    return CheckedCall{a, kernel, io.x, w1, w2, w3, io.bias, io.res, io.out};
 }
 
 // The kernel's call (the GIL released by the caller); false when scratch memory ran out.
@@ -373,30 +395,12 @@ void conv_taps(py::handle x_obj, py::handle w_obj, py::handle kept_obj, py::hand
                py::handle residual_obj, py::handle out_obj, int64_t kh, int64_t kw, py::handle stride_obj,
                py::handle pad_obj, py::handle dilation_obj, bool relu, int threads) {
     Checking checking("conv_taps");
-    py::array x = require_f32(x_obj, "x", 4, "(batch, height, width, channels) NHWC");
+    ConvIO io = check_conv_io(x_obj, out_obj, bias_obj, residual_obj, kh, kw, stride_obj, pad_obj, dilation_obj,
+                              threads);
     py::array w = require_f32(w_obj, "w", 2, "(kept columns, out_channels)");
     auto kept = py::array_t<int64_t, py::array::c_style>::ensure(kept_obj);
     if (!kept || kept.ndim() != 1) value_error("kept must be a 1-D int64 array of im2col columns");
-    py::array out = require_f32(out_obj, "out", 4, "(batch, out_h, out_w, out_channels) NHWC");
-    if (!out.writeable()) value_error("out must be writeable");
-    const bool has_bias = !bias_obj.is_none(), has_res = !residual_obj.is_none();
-    py::array bias, res;
-    if (has_bias) bias = require_f32(bias_obj, "bias", 1, "(out_channels,)");
-    if (has_res) res = require_f32(residual_obj, "residual", 4, "(batch, out_h, out_w, out_channels) NHWC");
-    const auto [stride, pad, dil] = parse_geometry(stride_obj, pad_obj, dilation_obj);
-    if (kh < 1 || kw < 1 || kh > kMaxKernel || kw > kMaxKernel) {
-        value_error("kernel size must be within 1.." + std::to_string(kMaxKernel) + ", got " + pair_str(kh, kw));
-    }
-    if (threads < 1) value_error("threads must be >= 1, got " + std::to_string(threads));
-    for (py::ssize_t d = 1; d < 3; ++d) {
-        if (x.shape(d) > kMaxDim) value_error("x spatial sizes must be <= " + std::to_string(kMaxDim));
-    }
-    trp::LowRankConvArgs a{};
-    a.batch = x.shape(0); a.in_h = x.shape(1); a.in_w = x.shape(2); a.in_c = x.shape(3);
-    a.kh = kh; a.kw = kw;
-    a.stride_h = stride[0]; a.stride_w = stride[1]; a.pad_top = pad[0]; a.pad_left = pad[1];
-    a.dil_h = dil[0]; a.dil_w = dil[1];
-    a.out_h = out.shape(1); a.out_w = out.shape(2); a.out_c = out.shape(3);
+    trp::LowRankConvArgs& a = io.a;
     a.n_kept = kept.shape(0);
     const int64_t* cols = kept.data();
     for (int64_t k = 0; k < a.n_kept; ++k) {
@@ -407,21 +411,10 @@ void conv_taps(py::handle x_obj, py::handle w_obj, py::handle kept_obj, py::hand
     }
     check_dim(w, "w", 0, a.n_kept, "kept columns");
     check_dim(w, "w", 1, a.out_c, "out's channels");
-    check_dim(out, "out", 0, a.batch, "x's batch");
-    if (has_bias) check_dim(bias, "bias", 0, a.out_c, "out channels");
-    if (has_res) {
-        for (py::ssize_t d = 0; d < 4; ++d) check_dim(res, "residual", d, out.shape(d), "out's shape");
-    }
-    a.x = static_cast<const float*>(x.data());
+    finish_conv_io(io, relu);
     a.w1 = static_cast<const float*>(w.data());
-    a.kept = a.n_kept ? cols : nullptr;
     static const int64_t kNone = 0;
-    if (!a.kept) a.kept = &kNone;  // none kept: still the tap-sparse kernel (bias, residual, ReLU only)
-    a.bias = has_bias ? static_cast<const float*>(bias.data()) : nullptr;
-    a.residual = has_res ? static_cast<const float*>(res.data()) : nullptr;
-    a.out = static_cast<float*>(out.mutable_data());
-    a.relu = relu;
-    a.threads = threads;
+    a.kept = a.n_kept ? cols : &kNone;  // none kept: still the tap-sparse kernel (bias, residual, ReLU only)
     run_lowrank_conv(a, Kernel::kDense);
 }
 
