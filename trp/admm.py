@@ -57,7 +57,10 @@ class ADMM(Method):
         self.projection = projection
         self.ranks: dict[str, tuple] = {}
         for fqn, (m, layer, family) in self.targets.items():
-            self.ranks[fqn] = family.select(family.spectra(m.weight), layer.spec)
+            r1, r2 = family.select(family.spectra(m.weight), layer.spec)
+            if projection == "tt":  # a tensor train's second split, (r2·kh·kw) × c, has rank at most r2·kh·kw
+                r1 = min(r1, r2 * m.kernel_size[0] * m.kernel_size[1])
+            self.ranks[fqn] = (r1, r2)
         self.z: dict[str, torch.Tensor] = {}
         self.u: dict[str, torch.Tensor] = {}
         self.updated = 0  # the last epoch whose start updated Z and U (0: only the start state)

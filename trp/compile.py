@@ -246,8 +246,10 @@ def _bn_pairs(model: nn.Module, graph: Optional[torch.fx.Graph]) -> list[tuple[s
             if node.op != "call_module" or not isinstance(modules.get(node.target), nn.BatchNorm2d):
                 continue
             src = node.args[0] if node.args else None
-            if (isinstance(src, torch.fx.Node) and src.op == "call_module"
-                    and isinstance(modules.get(src.target), (nn.Conv2d, LowRankConv2d)) and len(src.users) == 1
+            conv = modules.get(src.target) if isinstance(src, torch.fx.Node) and src.op == "call_module" else None
+            # a low-rank conv with a fused ReLU or residual: the BN reads their result, not the conv's
+            fused = isinstance(conv, LowRankConv2d) and (conv.relu or len(src.args) > 1 or bool(src.kwargs))
+            if (conv is not None and isinstance(conv, (nn.Conv2d, LowRankConv2d)) and not fused and len(src.users) == 1
                     and calls[src.target] == 1 and calls[node.target] == 1):
                 pairs.append((src.target, node.target))
         return pairs
@@ -260,7 +262,8 @@ def _bn_pairs(model: nn.Module, graph: Optional[torch.fx.Graph]) -> list[tuple[s
             names = list(seq._modules)
             for a, b in zip(names, names[1:]):
                 conv, bn = seq._modules[a], seq._modules[b]
-                if isinstance(conv, (nn.Conv2d, LowRankConv2d)) and isinstance(bn, nn.BatchNorm2d) \
+                if (isinstance(conv, nn.Conv2d) or isinstance(conv, LowRankConv2d) and not conv.relu) \
+                        and isinstance(bn, nn.BatchNorm2d) \
                         and seen[id(conv)] == 1 and seen[id(bn)] == 1:
                     prefix = f"{fqn}." if fqn else ""
                     pairs.append((prefix + a, prefix + b))
@@ -524,6 +527,10 @@ def compile(model: nn.Module, *, energy: Optional[float] = None, rank: Optional[
             continue
         bias = fold.bias if fold else m.bias
         new = from_factors(m, factors, bias, family.name, cfg.backend)
+        if isinstance(m, LOWRANK_TYPES):  # factored again: its fused epilogue goes with it
+            new.relu = m.relu
+            if hasattr(m, epilogue.EPILOGUE_ATTR):
+                setattr(new, epilogue.EPILOGUE_ATTR, getattr(m, epilogue.EPILOGUE_ATTR))
         replaced[id(m)] = new
         swaps.append((parent, name, new, m))
 

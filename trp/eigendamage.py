@@ -125,8 +125,14 @@ class EigenDamage(Method):
                 s[0] = a.T @ a if s[0] is None else s[0] + a.T @ a
                 s[2] += a.shape[0]
 
+                # A chain with a fused ReLU (an earlier round's): the gradient at its linear output
+                # is the one at the ReLU's output where that is positive, 0 elsewhere.
+                alive = (output.detach() > 0) if getattr(m, "relu", False) else None
+
                 def grad_hook(grad):
                     g = grad.detach() * grad.shape[0]  # a sample's gradient (the loss is the batch mean)
+                    if alive is not None:
+                        g = g * alive
                     g = g.transpose(1, -1).reshape(-1, g.shape[1]).double()
                     s[1] = g.T @ g if s[1] is None else s[1] + g.T @ g
                     s[3] += grad.shape[0]

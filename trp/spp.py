@@ -120,7 +120,11 @@ class SPP(Method):
                 newly[order[remaining:]] = False
             return [new_q, pruned | newly]
 
-        self.q[fqn], self.pruned[fqn] = decide_on_rank0(compute, [q, pruned])
+        # the broadcast on the weight's device (an NCCL group has no CPU tensors); kept on CPU
+        device = m.weight.device
+        new_q, new_pruned = decide_on_rank0(lambda: [t.to(device) for t in compute()],
+                                            [q.to(device), pruned.to(device)])
+        self.q[fqn], self.pruned[fqn] = new_q.cpu(), new_pruned.cpu()
         if int(self.pruned[fqn].sum()) >= self.quota(fqn):
             self.done[fqn] = True
             self.q[fqn] = torch.where(self.pruned[fqn], torch.zeros_like(q), torch.ones_like(q))
@@ -192,10 +196,12 @@ class SPP(Method):
         for fqn, q in state["q"].items():
             if q.shape != self.q[fqn].shape:
                 raise ValueError(f"SPP state's q[{fqn!r}] has {q.numel()} columns, the layer {self.q[fqn].numel()}")
+        generator = torch.Generator(device="cpu")
+        generator.set_state(state["generator"].cpu())  # (a checkpoint may be mapped to the GPU)
         self.step_count = int(state["step_count"])
-        self.generator.set_state(state["generator"])
-        self.q = {f: t.clone() for f, t in state["q"].items()}
-        self.pruned = {f: t.clone() for f, t in state["pruned"].items()}
+        self.generator = generator
+        self.q = {f: t.detach().cpu().clone() for f, t in state["q"].items()}
+        self.pruned = {f: t.detach().cpu().clone() for f, t in state["pruned"].items()}
         self.done = dict(state["done"])
 
     def __repr__(self) -> str:

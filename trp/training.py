@@ -173,7 +173,7 @@ def _rng_state() -> dict:
 def _set_rng_state(state: dict) -> None:
     import random
 
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(state["torch"].cpu())  # (a checkpoint may be mapped to the GPU)
     random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -368,3 +368,51 @@ def test_eigendamage_iterative_round_merges_the_bases_into_the_chain():
     assert sum(sum(thinner.get_submodule(f).ranks) for f in chains) < sum(map(sum, ranks_before.values()))
     with pytest.raises(ValueError, match="factored again only from stage weights"):
         trp.compile(copy.deepcopy(tunable), plan=Plan({chains[0]: LayerChoice("tucker", (2, 2))}))
+
+
+def test_a_chain_factored_again_keeps_its_fused_relu():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
+                      nn.Conv2d(16, 16, 3, padding=1)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    f = TUCKER.factor(m[1].weight, trp.RankSpec(rank=(4, 8), rank_multiple=1))
+    fast = trp.compile(m, plan=Plan({"1": LayerChoice("tucker", (4, 8), weights=f.weights)}))
+    assert fast.get_submodule("1").relu  # the ReLU fused into the chain
+    want = _out(fast, x)
+    same = [w.detach().clone() for w in fast.get_submodule("1").stage_weights()]
+    again = trp.compile(fast, plan=Plan({"1": LayerChoice("tucker", (4, 8), weights=tuple(same))}))
+    assert again.get_submodule("1").relu
+    torch.testing.assert_close(_out(again, x), want)
+
+
+class _BnAfterRelu(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.conv, self.bn = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32)
+
+    def forward(self, x):
+        return self.bn(torch.relu(self.conv(self.stem(x))))
+
+
+def test_a_bn_after_a_fused_relu_is_not_folded_into_the_chain():
+    torch.manual_seed(0)
+    model = _BnAfterRelu()
+    with torch.no_grad():
+        model.bn.weight.uniform_(-1, 1)
+        model.bn.running_mean.uniform_(-1, 1)
+        model.bn.running_var.uniform_(0.5, 2)
+    tunable = trp.compile(model, rank=(4, 8), scheme="tucker", rank_multiple=1, fold_bn=False)
+    assert tunable.conv.relu
+    x = torch.randn(2, 3, 8, 8)
+    want = _out(tunable.eval(), x)
+    again = trp.compile(tunable)
+    assert isinstance(again.bn, nn.BatchNorm2d)  # kept: it reads the ReLU's output
+    torch.testing.assert_close(_out(again, x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_admm_tensor_train_ranks_are_ones_a_tensor_train_can_hold():
+    m = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)).eval()
+    admm = trp.ADMM(m, rank=(12, 1))
+    assert admm.ranks["1"] == (9, 1)  # the second split, (r2·3·3) × c, has rank at most 9
+    compiled = trp.compile(copy.deepcopy(m), plan=admm.plan(), fold_bn=False)
+    assert compiled.get_submodule("1").ranks == (9, 1)
