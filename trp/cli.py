@@ -51,7 +51,7 @@ def demo(args: argparse.Namespace) -> dict:
 
     import trp
     from trp import data, models
-    from trp.compare import conv_macs_params
+    from trp.compare import conv_macs_params, no_grad_call as _no_grad
     from trp.timing import compare, machine_info
 
     if args.threads:
@@ -393,11 +393,6 @@ def verify(args: argparse.Namespace) -> int:
     if not info["structure_digest"]:
         print("warning: an older format: the tensors are checksummed, the structure is not; save it again")
     return 0
-
-
-def _no_grad(model, x):
-    with torch.no_grad():
-        return model(x)
 
 
 def _number(kind, text):

@@ -189,7 +189,7 @@ def run(methods: Sequence[str] = METHODS, budgets: Sequence[float] = (2.0, 4.0),
                 rows.append(row)
                 timed_models[(name, budget)] = compiled
         for batch_size, x in ((1, x1), (8, x8)):
-            fns = {f"{n}@{b}": (lambda m=m, x=x: _no_grad(m, x)) for (n, b), m in timed_models.items()}
+            fns = {f"{n}@{b}": (lambda m=m, x=x: no_grad_call(m, x)) for (n, b), m in timed_models.items()}
             timed = compare(fns, warmup=3, repeats=repeats)
             for row in rows:
                 if row["seed"] == seed:
@@ -197,7 +197,8 @@ def run(methods: Sequence[str] = METHODS, budgets: Sequence[float] = (2.0, 4.0),
     return {"rows": rows, "summary": summarize(rows)}
 
 
-def _no_grad(model, x):
+def no_grad_call(model, x):
+    """``model(x)`` under ``torch.no_grad`` (what the timed calls run)."""
     with torch.no_grad():
         return model(x)
 

@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from trp import decompose, epilogue, families, layout, program
 from trp.plan import Plan
-from trp.modules import LOWRANK_TYPES, NAME_ATTR, LowRankConv2d, check_backend, from_factors
+from trp.modules import LOWRANK_TYPES, NAME_ATTR, LowRankConv2d, check_backend, from_factors, parameter_of
 from trp_kernels import ops
 
 FilterFn = Callable[[nn.Module, str], bool]
@@ -215,7 +215,7 @@ def _fold_tensors(conv: nn.Module, bn: nn.BatchNorm2d) -> tuple[Optional[torch.T
     nn.Conv2d, or a low-rank conv factored before (its weight None: its last stage takes
     the scale)."""
     dense = isinstance(conv, nn.Conv2d)
-    like = conv.weight if dense else conv.weight1
+    like = parameter_of(conv)
     b = conv.bias.detach().double() if conv.bias is not None else torch.zeros(conv.out_channels, dtype=torch.float64,
                                                                                device=like.device)
     scale = (bn.running_var.double() + bn.eps).rsqrt()
@@ -337,11 +337,6 @@ def _shape(m: nn.Module) -> tuple:
     return tuple(m.weight.shape)
 
 
-def _like(m: nn.Module) -> torch.Tensor:
-    """A parameter of ``m`` with its dtype and device."""
-    return m.weight1 if isinstance(m, LOWRANK_TYPES) else m.weight
-
-
 def _stride(m: nn.Module) -> tuple:
     return (1, 1) if isinstance(m, nn.Linear) else tuple(m.stride)
 
@@ -376,7 +371,7 @@ def _given_factors(fqn: str, m: nn.Module, family: families.Family, ranks, weigh
     if got != want:
         raise ValueError(f"plan[{fqn!r}] gives stage weights of shapes {got}; family {family.name!r} at ranks "
                          f"{families.rank_value(ranks)} has {want}")
-    like = _like(m)
+    like = parameter_of(m)
     weights = [w.detach().to(dtype=like.dtype, device=like.device) for w in weights]
     if fold is not None:
         weights[-1] = _scale_out(weights[-1], fold.scale)

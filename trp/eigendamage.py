@@ -55,7 +55,7 @@ import torch.nn.functional as F
 
 from trp import families
 from trp.methods import Method, decide_on_rank0, distributed, unwrap
-from trp.modules import LowRankConv2d
+from trp.modules import LowRankConv2d, parameter_of
 from trp.plan import LayerChoice, Plan
 
 CAP = 0.95         # at most this fraction of a layer's directions (per side) pruned, one shot
@@ -260,7 +260,7 @@ class EigenDamage(Method):
             core = torch.einsum("on,nckl,cm->omkl", qs.T, w, qa)
             first = qa.T if w1 is None else qa.T @ w1  # merged into the round before's 1×1 factors
             last = qs if w3 is None else w3 @ qs
-            dtype = (m.weight1 if w1 is not None else m.weight).dtype
+            dtype = parameter_of(m).dtype
             weights = tuple(t.to(dtype).contiguous() for t in (first[:, :, None, None], core, last[:, :, None, None]))
             choices[fqn] = LayerChoice(family.name, (len(k_in), len(k_out)), weights=weights)
         return Plan(choices)

@@ -380,12 +380,18 @@ LOWRANK_TYPES = (LowRankConv2d, LowRankLinear)
 
 
 
+def parameter_of(layer: nn.Module) -> torch.Tensor:
+    """A parameter of a conv or linear layer, low-rank or not: its dtype and device are the
+    layer's (``weight``, or a low-rank layer's first factor)."""
+    return layer.weight1 if isinstance(layer, _LowRank) else layer.weight
+
+
 def from_factors(layer: nn.Module, factors: "families.Factored", bias: Optional[torch.Tensor],
                  scheme: str = "channel", backend: str = "auto") -> _LowRank:
     """The low-rank module replacing ``layer`` (an nn.Conv2d or nn.Linear), holding
     ``factors`` (a :class:`trp.families.Factored` of family ``scheme``) and ``bias`` (which
     may differ from ``layer.bias``, e.g. after BN folding)."""
-    like = layer.weight1 if isinstance(layer, _LowRank) else layer.weight  # a layer factored before: new factors
+    like = parameter_of(layer)  # (a layer factored before gets new factors)
     factory = dict(device=like.device, dtype=like.dtype)
     rank = factors.ranks  # one per stage but the last, as the constructors take them
     if isinstance(layer, nn.Linear):

@@ -11,7 +11,7 @@ import torch.nn as nn
 import trp
 from trp import families, models
 from trp.plan import LayerChoice, Plan
-from tests.trp.test_training import Crash, _loaders, crashing_loss
+from tests.trp.test_training import Crash, _loaders, crashing_loss, straight_and_resumed
 
 TUCKER = families.REGISTRY["tucker"]
 
@@ -269,24 +269,8 @@ def test_finetuning_a_compiled_model_trains_its_factors_and_resumes_exactly(tmp_
 
 
 def test_admm_resume_equals_an_uninterrupted_run(tmp_path):
-    def run(directory, resume, crash_after=None):
-        torch.manual_seed(0)
-        model = models.resnet_cifar(8)
-        train, val = _loaders()
-        admm = trp.ADMM(model, ratio=0.5, rho=0.5)
-        try:
-            trp.fit(model, train, val, epochs=3, method=admm, checkpoint_dir=directory, resume=resume,
-                    progress=False, lr=0.05, loss_fn=crashing_loss(crash_after))
-        except Crash:
-            pass
-        return model, admm
-
-    straight, a1 = run(tmp_path / "a", False)
-    run(tmp_path / "b", False, crash_after=2 * (8 + 2) + 3)
-    resumed, a2 = run(tmp_path / "b", True)
+    (_, a1), (_, a2) = straight_and_resumed(tmp_path, lambda model: trp.ADMM(model, ratio=0.5, rho=0.5))
     assert a1.updated == a2.updated == 2
-    for (n, p), (_, q) in zip(straight.state_dict().items(), resumed.state_dict().items()):
-        assert torch.equal(p, q), n
     for fqn in a1.targets:
         assert torch.equal(a1.z[fqn], a2.z[fqn]) and torch.equal(a1.u[fqn], a2.u[fqn])
 

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 import trp
 from trp import models, spp
-from tests.trp.test_training import _loaders, crashing_loss
+from tests.trp.test_training import _loaders, straight_and_resumed
 
 
 def test_delta_schedule_values():
@@ -96,25 +96,8 @@ def test_pruned_columns_stay_zero_through_training_and_the_layer_stops_at_its_ta
 
 
 def test_spp_resume_equals_an_uninterrupted_run(tmp_path):
-    def run(directory, resume, crash_after=None):
-        torch.manual_seed(0)
-        model = models.resnet_cifar(8)
-        train, val = _loaders()
-        method = trp.SPP(model, target=0.5)
-        try:
-            trp.fit(model, train, val, epochs=3, method=method, checkpoint_dir=directory, resume=resume,
-                    progress=False, lr=0.05, loss_fn=crashing_loss(crash_after))
-        except Exception as e:  # noqa: BLE001
-            if type(e).__name__ != "Crash":
-                raise
-        return model, method
-
-    straight, a = run(tmp_path / "a", False)
-    run(tmp_path / "b", False, crash_after=2 * (8 + 2) + 3)
-    resumed, b = run(tmp_path / "b", True)
+    (_, a), (_, b) = straight_and_resumed(tmp_path, lambda model: trp.SPP(model, target=0.5))
     assert a.step_count == b.step_count == 24
-    for (n, p), (_, q) in zip(straight.state_dict().items(), resumed.state_dict().items()):
-        assert torch.equal(p, q), n
     for fqn in a.targets:
         assert torch.equal(a.q[fqn], b.q[fqn]) and torch.equal(a.pruned[fqn], b.pruned[fqn])
     assert torch.equal(a.generator.get_state(), b.generator.get_state())

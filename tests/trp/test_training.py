@@ -125,25 +125,33 @@ def crashing_loss(crash_after=None):
     return loss_fn
 
 
-def test_resume_after_a_crash_ends_with_the_same_weights(tmp_path):
+def straight_and_resumed(tmp_path, make_method):
+    """Train resnet_cifar(8) with ``make_method(model)`` for 3 epochs straight (in
+    tmp_path/a), and again killed part-way through epoch 3 and resumed (in tmp_path/b):
+    ((model, method) straight, (model, method) resumed), asserting the same weights."""
     def run(directory, resume, crash_after=None):
         torch.manual_seed(0)
         model = models.resnet_cifar(8)
         train, val = _loaders()
-        controller = TRP(model, period=2)
+        method = make_method(model)
         try:
-            trp.fit(model, train, val, epochs=3, method=controller, checkpoint_dir=directory, resume=resume,
+            trp.fit(model, train, val, epochs=3, method=method, checkpoint_dir=directory, resume=resume,
                     progress=False, lr=0.05, loss_fn=crashing_loss(crash_after))
         except Crash:
             pass
-        return model, controller
+        return model, method
 
-    straight, c1 = run(tmp_path / "a", False)
+    straight = run(tmp_path / "a", False)
     run(tmp_path / "b", False, crash_after=2 * (8 + 2) + 3)  # 8 train batches + 2 val batches per epoch
-    resumed, c2 = run(tmp_path / "b", True)
-    assert c1.step_count == c2.step_count == 3 * 8
-    for (n, p), (_, q) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+    resumed = run(tmp_path / "b", True)
+    for (n, p), (_, q) in zip(straight[0].state_dict().items(), resumed[0].state_dict().items()):
         assert torch.equal(p, q), n
+    return straight, resumed
+
+
+def test_resume_after_a_crash_ends_with_the_same_weights(tmp_path):
+    (_, c1), (_, c2) = straight_and_resumed(tmp_path, lambda model: TRP(model, period=2))
+    assert c1.step_count == c2.step_count == 3 * 8
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["last.pt", "previous.pt"]
 
 
