@@ -36,7 +36,8 @@ LABELS = {"dense": "dense", "trp": "TRP", "admm": "ADMM (tensor train)", "eigend
           "svd": "post-hoc SVD", "tucker-svd": "post-hoc Tucker-2"}
 # The authors' rho (1e-3) assumes ~78k steps (CIFAR, 200 epochs of 391); 30 epochs of the
 # digits are 360 steps, at which 1e-3 barely pulls (compiled accuracy 9.7%, chance): 0.1 is
-# what a sweep of 1e-3, 0.1 and 1 on this task kept (96.4% compiled, seed 0).
+# what a sweep of 1e-3, 0.1 and 1 on this task kept (96.4% compiled, seed 0:
+# benches/results/methods-digits/admm-rho.txt).
 DIGITS_RHO = 0.1
 
 
