@@ -31,7 +31,7 @@ import torch.nn as nn
 
 from trp import program
 from trp.compile import find_stem, walk
-from trp.modules import LOWRANK_TYPES
+from trp.modules import LAYER_TYPES
 from trp.timing import compare, summarize
 
 PARTS = ("stem", "low-rank layers", "dense 1×1 convs", "dense k×k convs", "pooling and head", "glue")
@@ -46,7 +46,7 @@ def part_of(fqn: str, module: nn.Module, stem: Optional[str]) -> Optional[str]:
     activations, identities: their time is glue)."""
     if fqn == stem:
         return "stem"
-    if isinstance(module, LOWRANK_TYPES):
+    if isinstance(module, LAYER_TYPES):
         return "low-rank layers"
     if isinstance(module, nn.modules.conv._ConvNd):
         return "dense 1×1 convs" if all(k == 1 for k in module.kernel_size) else "dense k×k convs"

@@ -10,7 +10,9 @@ Per seed:
   meet it;
 - ``eigendamage``: EigenDamage on the dense model, its global ratio searched to meet it;
 - ``svd``: the dense model's channel SVD at the budget's ranks (no training);
-- ``tucker-svd``: the dense model's Tucker-2 (HOSVD + HOOI) at the budget's ranks.
+- ``tucker-svd``: the dense model's Tucker-2 (HOSVD + HOOI) at the budget's ranks;
+- ``spp``: SPP trained from scratch for ``epochs``, pruning the fraction of every target's
+  taps that meets the budget (counted at the kept taps' cost), compiled to tap-sparse convs.
 
 Each compressed model is scored with no fine-tuning and after ``finetune_epochs`` of
 ``trp.fit`` on its factors with its BatchNorms kept (``trp.compile(..., fold_bn=False)``; the
@@ -30,10 +32,12 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
-METHODS = ("trp", "admm", "eigendamage", "svd", "tucker-svd")
-FAMILY = {"trp": "channel", "svd": "channel", "admm": "tucker", "tucker-svd": "tucker", "eigendamage": "tucker"}
+METHODS = ("trp", "admm", "eigendamage", "svd", "tucker-svd", "spp")
+# the family whose targets a method takes (SPP's: the k×k convs but the stem, as channel's)
+FAMILY = {"trp": "channel", "svd": "channel", "admm": "tucker", "tucker-svd": "tucker", "eigendamage": "tucker",
+          "spp": "channel"}
 LABELS = {"dense": "dense", "trp": "TRP", "admm": "ADMM (tensor train)", "eigendamage": "EigenDamage",
-          "svd": "post-hoc SVD", "tucker-svd": "post-hoc Tucker-2"}
+          "svd": "post-hoc SVD", "tucker-svd": "post-hoc Tucker-2", "spp": "SPP (tap-sparse)"}
 # The authors' rho (1e-3) assumes ~78k steps (CIFAR, 200 epochs of 391); 30 epochs of the
 # digits are 360 steps, at which 1e-3 barely pulls (compiled accuracy 9.7%, chance): 0.1 is
 # what a sweep of 1e-3, 0.1 and 1 on this task kept (96.4% compiled, seed 0:
@@ -70,6 +74,15 @@ class Budget:
         for fqn, (family, shape, stride, pixels, dense) in self.layers.items():
             total += min(dense, pixels * family.macs_per_pixel(shape, stride, ranks[fqn]))
         return total
+
+    def tap_fraction(self, fewer: float) -> float:
+        """The fraction of every target's taps (im2col columns) to prune for ``fewer`` times
+        fewer conv MACs, a tap-sparse conv costing its kept taps' share of the dense one."""
+        pruneable = sum(v[4] for v in self.layers.values())
+        fraction = 1 - (self.dense_total / fewer - self.fixed) / pruneable
+        if not 0 < fraction < 1:
+            raise ValueError(f"no tap fraction meets a budget of {fewer}x fewer conv MACs")
+        return fraction
 
     def uniform_ranks(self, ratio: float) -> dict:
         """Each target at ``ratio`` of each of its full ranks (rounded up, at least 1)."""
@@ -168,6 +181,16 @@ def run(methods: Sequence[str] = METHODS, budgets: Sequence[float] = (2.0, 4.0),
                     eigen.select(ratio)
                     source, plan = dense, eigen.plan()
                     extra = {"ratio": ratio, "ranks": {f: list(r) for f, r in eigen.ranks.items()}}
+                elif name == "spp":
+                    fraction = Budget(dense, x1, targets).tap_fraction(budget)
+                    log(f"seed {seed}: spp at {budget}x fewer conv MACs ({fraction:.3f} of the taps pruned), "
+                        f"{epochs} epochs")
+                    torch.manual_seed(seed)
+                    model = models.resnet_cifar(20)
+                    method = trp.SPP(model, target=fraction, seed=seed)
+                    history = fit(model, epochs, lr, method)
+                    extra = {"target": fraction, "final_record": dict(history[-1])}
+                    source, plan = model.eval(), method.plan()
                 else:
                     budget_of = Budget(dense, x1, targets)
                     ratio, ranks = budget_of.search(budget, budget_of.uniform_ranks)
@@ -252,7 +275,7 @@ def plot(summary: list, path: str) -> None:
 
     fig = Figure(figsize=(6.4, 4.4))
     ax = fig.add_subplot(1, 1, 1)
-    markers = dict(zip(["dense", *METHODS], "o^sDvP"))
+    markers = dict(zip(["dense", *METHODS], "o^sDvPX"))
     for method in dict.fromkeys(s["method"] for s in summary):
         group = [s for s in summary if s["method"] == method]
         ax.errorbar([s["latency_b1_ms"] for s in group], [s["accuracy_finetuned"] for s in group],

@@ -18,8 +18,9 @@ import torch.fx
 import torch.nn as nn
 
 from trp import decompose, epilogue, families, layout, program
-from trp.plan import Plan
-from trp.modules import LOWRANK_TYPES, NAME_ATTR, LowRankConv2d, check_backend, from_factors, parameter_of
+from trp.plan import Plan, TapChoice
+from trp.modules import (CONV_TYPES, LAYER_TYPES, LOWRANK_TYPES, NAME_ATTR, LowRankConv2d, TapSparseConv2d,
+                         check_backend, from_factors, parameter_of)
 from trp_kernels import ops
 
 FilterFn = Callable[[nn.Module, str], bool]
@@ -124,7 +125,7 @@ def _compile_pattern(pattern) -> re.Pattern:
 
 class _Tracer(torch.fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, LOWRANK_TYPES) or super().is_leaf_module(m, qualname)
+        return isinstance(m, LAYER_TYPES) or super().is_leaf_module(m, qualname)
 
 
 def trace(model: nn.Module) -> Optional[torch.fx.Graph]:
@@ -139,14 +140,14 @@ def trace(model: nn.Module) -> Optional[torch.fx.Graph]:
 
 def walk(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module, nn.Module, str]]:
     """(fqn, module, parent, attribute name) for every module below ``model``, not
-    descending into low-rank modules. A module registered under several names is
+    descending into trp's layers. A module registered under several names is
     yielded under each (``named_children`` would hide the repeats)."""
     for name, child in model._modules.items():
         if child is None:
             continue
         fqn = f"{prefix}.{name}" if prefix else name
         yield fqn, child, model, name
-        if not isinstance(child, LOWRANK_TYPES):
+        if not isinstance(child, LAYER_TYPES):
             yield from walk(child, fqn)
 
 
@@ -158,10 +159,10 @@ def find_stem(model: nn.Module, graph: Optional[torch.fx.Graph] = None) -> Optio
     if graph is not None:
         for node in graph.nodes:
             if node.op == "call_module" and isinstance(modules.get(node.target),
-                                                        (nn.modules.conv._ConvNd, LowRankConv2d)):
+                                                        (nn.modules.conv._ConvNd, *CONV_TYPES)):
                 return node.target
     for fqn, m in model.named_modules():
-        if isinstance(m, (nn.modules.conv._ConvNd, LowRankConv2d)):
+        if isinstance(m, (nn.modules.conv._ConvNd, *CONV_TYPES)):
             return fqn
     return None
 
@@ -247,9 +248,9 @@ def _bn_pairs(model: nn.Module, graph: Optional[torch.fx.Graph]) -> list[tuple[s
                 continue
             src = node.args[0] if node.args else None
             conv = modules.get(src.target) if isinstance(src, torch.fx.Node) and src.op == "call_module" else None
-            # a low-rank conv with a fused ReLU or residual: the BN reads their result, not the conv's
-            fused = isinstance(conv, LowRankConv2d) and (conv.relu or len(src.args) > 1 or bool(src.kwargs))
-            if (conv is not None and isinstance(conv, (nn.Conv2d, LowRankConv2d)) and not fused and len(src.users) == 1
+            # a trp conv with a fused ReLU or residual: the BN reads their result, not the conv's
+            fused = isinstance(conv, CONV_TYPES) and (conv.relu or len(src.args) > 1 or bool(src.kwargs))
+            if (conv is not None and isinstance(conv, (nn.Conv2d, *CONV_TYPES)) and not fused and len(src.users) == 1
                     and calls[src.target] == 1 and calls[node.target] == 1):
                 pairs.append((src.target, node.target))
         return pairs
@@ -262,7 +263,7 @@ def _bn_pairs(model: nn.Module, graph: Optional[torch.fx.Graph]) -> list[tuple[s
             names = list(seq._modules)
             for a, b in zip(names, names[1:]):
                 conv, bn = seq._modules[a], seq._modules[b]
-                if (isinstance(conv, nn.Conv2d) or isinstance(conv, LowRankConv2d) and not conv.relu) \
+                if (isinstance(conv, nn.Conv2d) or isinstance(conv, CONV_TYPES) and not conv.relu) \
                         and isinstance(bn, nn.BatchNorm2d) \
                         and seen[id(conv)] == 1 and seen[id(bn)] == 1:
                     prefix = f"{fqn}." if fqn else ""
@@ -411,6 +412,21 @@ def _decide(fqn: str, m: nn.Module, fold: Optional[BNFold], cfg: CompileConfig, 
     return None, f, family
 
 
+def _tap_sparse(fqn: str, m: nn.Module, choice: TapChoice, fold: Optional[BNFold], backend: str) -> TapSparseConv2d:
+    """The tap-sparse conv a plan's :class:`TapChoice` makes of layer ``m`` (its BN folded)."""
+    if not isinstance(m, nn.Conv2d):
+        raise ValueError(f"plan[{fqn!r}] makes a {type(m).__name__} tap-sparse; only an nn.Conv2d can be (a layer "
+                         f"factored before cannot: SPP prunes the dense conv's taps)")
+    why = decompose.refusal(m)
+    if why:
+        raise ValueError(f"plan[{fqn!r}] makes this conv tap-sparse, which it cannot be: {why}")
+    if tuple(choice.keep.shape) != tuple(m.weight.shape[1:]):
+        raise ValueError(f"plan[{fqn!r}]'s keep mask has shape {tuple(choice.keep.shape)}; the layer's taps are "
+                         f"{tuple(m.weight.shape[1:])} (in_channels, kh, kw)")
+    return TapSparseConv2d.from_conv(m, choice.keep, weight=fold.weight if fold else None,
+                                     bias=fold.bias if fold else m.bias, backend=backend)
+
+
 def compile(model: nn.Module, *, energy: Optional[float] = None, rank: Optional[int] = None,
             ratio: Optional[float] = None, overrides: Optional[dict] = None, scheme: str = "channel",
             rank_multiple: int = 16, backend: str = "auto", filter_fn: Optional[FilterFn] = None,
@@ -474,7 +490,7 @@ def compile(model: nn.Module, *, energy: Optional[float] = None, rank: Optional[
     layers = [(fqn, m) for fqn, m, _, _ in entries if decompose.is_layer(m) or isinstance(m, LOWRANK_TYPES)]
     if plan is not None:
         names = {fqn for fqn, m in layers if not isinstance(m, LOWRANK_TYPES) or plan.get(fqn) is not None
-                 and plan[fqn].weights is not None}
+                 and getattr(plan[fqn], "weights", None) is not None}
         missing = sorted(set(plan) - names)
         factored = [fqn for fqn, m in layers if fqn in missing and isinstance(m, LOWRANK_TYPES)]
         if factored:
@@ -514,6 +530,11 @@ def compile(model: nn.Module, *, energy: Optional[float] = None, rank: Optional[
             swaps.append((parent, name, replaced[id(m)], m))
             continue
         fold = folded.get(fqn)
+        if plan is not None and isinstance(plan.get(fqn), TapChoice):
+            new = _tap_sparse(fqn, m, plan[fqn], fold, cfg.backend)
+            replaced[id(m)] = new
+            swaps.append((parent, name, new, m))
+            continue
         note, factors, family = _decide(fqn, m, fold, cfg, filt, plan)
         if note is not None:
             notes[id(m)] = (m, note)
@@ -539,6 +560,8 @@ def compile(model: nn.Module, *, energy: Optional[float] = None, rank: Optional[
                 if isinstance(conv, LowRankConv2d):  # factored before (fine-tuned with its BN): scale the last stage
                     last = conv.stage_weights()[-1]
                     last.copy_(_scale_out(last, fold.scale))
+                elif isinstance(conv, TapSparseConv2d):  # (taps: kept columns × output channels)
+                    conv.taps.mul_(fold.scale.to(conv.taps)[None, :])
                 else:
                     conv.weight.copy_(composed.pop(fold.conv, fold.weight))
                 if conv.bias is None:
@@ -558,13 +581,13 @@ def compile(model: nn.Module, *, energy: Optional[float] = None, rank: Optional[
     for parent, name, new, _old in swaps:
         setattr(parent, name, new)
     for fqn, m, _, _ in walk(model):
-        if isinstance(m, LOWRANK_TYPES):
+        if isinstance(m, LAYER_TYPES):
             m.backend = cfg.backend
             m.lay_out()  # a layer factored before may hold its factors for another backend
             setattr(m, NAME_ATTR, fqn)
     if cfg.fuse_epilogue:
         model, _ = epilogue.fuse(model)
     if channels_last is None:
-        channels_last = cfg.backend != "torch" and any(isinstance(m, LowRankConv2d) for m in model.modules())
+        channels_last = cfg.backend != "torch" and any(isinstance(m, CONV_TYPES) for m in model.modules())
     layout.set_channels_last(model, bool(channels_last))
     return program.install(model, bool(channels_last))

@@ -28,7 +28,7 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from trp.modules import LOWRANK_TYPES
+from trp.modules import LAYER_TYPES
 
 EPILOGUE_ATTR = "_trp_epilogue"  # on a low-rank layer: "residual", "relu" or "residual+relu"
 
@@ -107,7 +107,7 @@ def _rewrite(root: nn.Module, graph: torch.fx.Graph, prefix: str, once: set) -> 
     fusions = []
     for node in list(graph.nodes):
         layer = modules.get(node.target) if node.op == "call_module" else None
-        if (not isinstance(layer, LOWRANK_TYPES) or layer.relu or calls[node.target] != 1
+        if (not isinstance(layer, LAYER_TYPES) or layer.relu or calls[node.target] != 1
                 or id(layer) not in once or len(node.args) != 1 or node.kwargs):
             continue
         chain, cur = [node], node
@@ -154,7 +154,7 @@ def _fuse_sequential(seq: nn.Sequential, prefix: str, once: set) -> list[Fusion]
     fusions = []
     for i, name in enumerate(names):
         layer = seq._modules[name]
-        if not isinstance(layer, LOWRANK_TYPES) or layer.relu or id(layer) not in once:
+        if not isinstance(layer, LAYER_TYPES) or layer.relu or id(layer) not in once:
             continue
         j = i + 1
         while j < len(names) and type(seq._modules[names[j]]) is nn.Identity:
@@ -196,7 +196,7 @@ def fuse(model: nn.Module) -> tuple[nn.Module, list[Fusion]]:
     once = {i for i, c in counts.items() if c == 1}  # a layer registered twice is left alone
     fusions, swaps = [], []
     for fqn, m in list(model.named_modules()):
-        if isinstance(m, LOWRANK_TYPES) or not any(isinstance(c, LOWRANK_TYPES) for c in m.children()):
+        if isinstance(m, LAYER_TYPES) or not any(isinstance(c, LAYER_TYPES) for c in m.children()):
             continue
         if type(m) is nn.Sequential:
             fusions += _fuse_sequential(m, fqn, once)

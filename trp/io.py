@@ -37,13 +37,13 @@ from safetensors.torch import save as save_bytes
 from trp import epilogue, files, layout, program
 from trp.compile import FOLDED_ATTR, NOTE_ATTR, walk
 from trp.epilogue import EPILOGUE_ATTR
-from trp.modules import LOWRANK_TYPES, NAME_ATTR, LowRankConv2d, LowRankLinear
+from trp.modules import CONV_TYPES, LAYER_TYPES, NAME_ATTR, LowRankLinear
 from trp_kernels.reference import resolve_padding
 
 FORMAT = "trp-safetensors/2"
 _OLD_FORMAT = "trp-safetensors/1"  # no digest over the structure: read, with a warning
 _META_KEY = "trp"
-_LAYER_TYPES = {cls.__name__: cls for cls in (LowRankConv2d, LowRankLinear)}
+_LAYER_TYPES = {cls.__name__: cls for cls in LAYER_TYPES}
 _STR_MAPS = ("folded", "notes", "epilogues", "aliases", "sha256")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
@@ -78,7 +78,7 @@ def save(model: nn.Module, path) -> str:
     path = Path(path)
     layers, folded, notes, epilogues = {}, {}, {}, {}
     for fqn, m, _, _ in walk(model):
-        if isinstance(m, LOWRANK_TYPES):
+        if isinstance(m, LAYER_TYPES):
             layers[fqn] = {"type": type(m).__name__, "config": m.config()}
             if getattr(m, EPILOGUE_ATTR, None):
                 epilogues[fqn] = getattr(m, EPILOGUE_ATTR)
@@ -317,7 +317,7 @@ def _apply(meta: dict, tensors: dict, model: nn.Module, path: Path, device=None)
                                f"{sorted(_config_keys(cls))}")
         if isinstance(cfg.get("padding"), list):
             cfg["padding"] = tuple(cfg["padding"])
-        ref = tensors.get(f"{fqn}.weight1")
+        ref = next((t for k, t in tensors.items() if k.startswith(fqn + ".") and t.is_floating_point()), None)
         param = next(old.parameters(), None)
         factory = dict(device=device or (param.device if param is not None else "cpu"),
                        dtype=ref.dtype if ref is not None else (param.dtype if param is not None else None))
@@ -326,7 +326,7 @@ def _apply(meta: dict, tensors: dict, model: nn.Module, path: Path, device=None)
         except (TypeError, ValueError) as e:
             raise TrpFileError(f"{path}: bad layer config at {fqn!r}: {e}") from None
         want, have = _geometry(new), _geometry(old)
-        if fqn not in meta["folded"] and isinstance(new, LowRankConv2d):
+        if fqn not in meta["folded"] and isinstance(new, CONV_TYPES):
             want["bias"], have["bias"] = new.bias is not None, old.bias is not None
         diff = {k: (have[k], want[k]) for k in want if have[k] != want[k]}
         if diff:
@@ -346,7 +346,7 @@ def _apply(meta: dict, tensors: dict, model: nn.Module, path: Path, device=None)
     for fqn, bn_fqn in meta["folded"].items():
         replace(bn_fqn, nn.Identity())
         target = modules[fqn]
-        if not isinstance(target, LOWRANK_TYPES) and target.bias is None:
+        if not isinstance(target, LAYER_TYPES) and target.bias is None:
             target.bias = nn.Parameter(torch.zeros(target.out_channels, device=target.weight.device,
                                                    dtype=target.weight.dtype))
         setattr(target, FOLDED_ATTR, bn_fqn)

@@ -24,8 +24,9 @@ import torch.nn as nn
 
 from trp import decompose, families
 from trp_kernels import ops
+from trp_kernels import reference
 from trp_kernels.reference import (_pair, chain_min_input_hw, check_chain, conv_output_hw, epilogue, input_too_small,
-                                  resolve_padding, stage_geometry)
+                                  min_input_hw, resolve_padding, stage_geometry)
 
 BACKEND_CHOICES = ("auto", *ops.BACKENDS)
 # The fqn under which trp.compile / trp.load put a layer in its model, named in its errors.
@@ -55,17 +56,103 @@ def _check_broadcast(residual: torch.Tensor, out_shape) -> None:
                          f"got {tuple(residual.shape)}")
 
 
-class _LowRank(nn.Module):
-    """What both low-rank layers share: the rank, the backend setting and the epilogue.
+class _Layer(nn.Module):
+    """What every trp layer shares: the backend setting, the fused epilogue and its name
+    in errors.
 
     ``forward(x, residual=None)`` computes ``layer(x) + residual``, then ReLU when
     ``relu`` is set, in the kernel's epilogue where the backend fuses it (set by
     :func:`trp.compile`'s epilogue pass, see :mod:`trp.epilogue`).
     """
 
+    relu: bool = False
+
+    @property
+    def backend(self) -> str:
+        """Requested backend: 'auto' (chosen per call from the input) or a backend name."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        self._backend = check_backend(value)
+
+    def _describe(self) -> str:
+        name = getattr(self, NAME_ATTR, None)
+        return f"layer {name!r} ({type(self).__name__})" if name else f"{type(self).__name__}({self.extra_repr()})"
+
+    def lay_out(self) -> None:
+        """Put the weights in the layout the backend's kernel reads in place (no-op here)."""
+
+    # -- what both conv layers share ----------------------------------------------------
+    def _set_geometry(self, in_channels, out_channels, kernel_size, stride, padding, dilation) -> None:
+        """The ``nn.Conv2d`` arguments, checked, as attributes (and ``_padding4``)."""
+        self.in_channels = _positive_int(in_channels, "in_channels")
+        self.out_channels = _positive_int(out_channels, "out_channels")
+        self.kernel_size = _pair(kernel_size, "kernel_size")
+        self.stride = _pair(stride, "stride")
+        self.dilation = _pair(dilation, "dilation")
+        for name in ("kernel_size", "stride", "dilation"):
+            for v in getattr(self, name):
+                _positive_int(v, name)
+        if padding == "same" and self.stride != (1, 1):
+            raise ValueError("padding='same' is not supported for strided convolutions")
+        self.padding = tuple(padding) if isinstance(padding, (list, tuple)) else padding
+        self._padding4 = resolve_padding(padding, self.kernel_size, self.dilation)
+
+    def _conv_input(self, x: torch.Tensor, residual: Optional[torch.Tensor]):
+        """``(x, residual, unbatched, fused)`` for a conv call: an unbatched input as a batch
+        of one, checked; ``fused`` False when ``residual`` only broadcasts to the output
+        (then it is added outside the kernel)."""
+        unbatched = x.dim() == 3
+        if unbatched:
+            x = x.unsqueeze(0)
+            residual = residual.unsqueeze(0) if residual is not None and residual.dim() == 3 else residual
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"input must be (N, {self.in_channels}, H, W) or ({self.in_channels}, H, W), "
+                             f"got shape {tuple(x.shape)}")
+        if x.shape[2] < self._min_hw[0] or x.shape[3] < self._min_hw[1]:
+            raise input_too_small(self._describe(), x.shape[2:], self.kernel_size, self._padding4, self.dilation)
+        fused = residual is None or residual.shape == self._out_shape(x)
+        if not fused:
+            _check_broadcast(residual, self._out_shape(x))
+        return x, residual, unbatched, fused
+
+    def _out_shape(self, x: torch.Tensor) -> torch.Size:
+        hw = conv_output_hw(x.shape[-2:], self.kernel_size, self.stride, self._padding4, self.dilation)
+        return torch.Size((x.shape[0], self.out_channels, *hw))
+
+    def _conv_config(self) -> dict:
+        return dict(in_channels=self.in_channels, out_channels=self.out_channels,
+                    kernel_size=list(self.kernel_size), stride=list(self.stride),
+                    padding=self.padding if isinstance(self.padding, (str, int)) else list(self.padding),
+                    dilation=list(self.dilation), bias=self.bias is not None, backend=self._backend)
+
+    def _conv_repr(self) -> str:
+        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+             f"stride={self.stride}, padding={self.padding}")
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        return s + (", bias=False" if self.bias is None else "")
+
+    def _dense_conv(self) -> nn.Conv2d:
+        """An ``nn.Conv2d`` holding :meth:`dense_weight` (and the bias)."""
+        p = parameter_of(self)
+        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
+                         self.padding, self.dilation, bias=self.bias is not None,
+                         device=p.device, dtype=p.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(self.dense_weight())
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        conv.train(self.training)
+        return conv
+
+
+class _LowRank(_Layer):
+    """What both low-rank layers share: the rank and the factors' layout."""
+
     ranks: tuple       # one per stage but the last (stage order)
     full_ranks: tuple
-    relu: bool = False
 
     @property
     def rank(self):
@@ -80,12 +167,7 @@ class _LowRank(nn.Module):
         """The factors, stage by stage (``weight1``, ``weight2``, ...)."""
         return [self._parameters[f"weight{i + 1}"] for i in range(self._n_stages)]
 
-    @property
-    def backend(self) -> str:
-        """Requested backend: 'auto' (chosen per call from the input) or a backend name."""
-        return self._backend
-
-    @backend.setter
+    @_Layer.backend.setter
     def backend(self, value: str) -> None:
         self._backend = check_backend(value)
         self._kept = [None]  # what the last call kept (ops.conv_chain's kept) was for the old backend
@@ -103,10 +185,6 @@ class _LowRank(nn.Module):
         p = self.weight1
         return ops.resolve_backend(self._backend, device or p.device, dtype or p.dtype, max(self.ranks),
                                    getattr(self, "kernel_size", (1, 1)))
-
-    def _describe(self) -> str:
-        name = getattr(self, NAME_ATTR, None)
-        return f"layer {name!r} ({type(self).__name__})" if name else f"{type(self).__name__}({self.extra_repr()})"
 
     def lay_out(self) -> None:
         """Put the factors (and their gradients, so that an optimizer sees one layout) in the
@@ -164,18 +242,7 @@ class LowRankConv2d(_LowRank):
                  padding=0, dilation=1, bias: bool = True, scheme: str = "channel",
                  backend: str = "auto", device=None, dtype=None):
         super().__init__()
-        self.in_channels = _positive_int(in_channels, "in_channels")
-        self.out_channels = _positive_int(out_channels, "out_channels")
-        self.kernel_size = _pair(kernel_size, "kernel_size")
-        self.stride = _pair(stride, "stride")
-        self.dilation = _pair(dilation, "dilation")
-        for name in ("kernel_size", "stride", "dilation"):
-            for v in getattr(self, name):
-                _positive_int(v, name)
-        if padding == "same" and self.stride != (1, 1):
-            raise ValueError("padding='same' is not supported for strided convolutions")
-        self.padding = tuple(padding) if isinstance(padding, (list, tuple)) else padding
-        self._padding4 = resolve_padding(padding, self.kernel_size, self.dilation)
+        self._set_geometry(in_channels, out_channels, kernel_size, stride, padding, dilation)
         family = families.get(scheme)
         shape = (out_channels, in_channels, *self.kernel_size)
         refused = family.refuses_kernel(self.kernel_size)
@@ -238,61 +305,29 @@ class LowRankConv2d(_LowRank):
 
     def to_dense(self) -> nn.Conv2d:
         """An ``nn.Conv2d`` computing the same function (up to rounding)."""
-        p = self.weight1
-        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
-                         self.padding, self.dilation, bias=self.bias is not None,
-                         device=p.device, dtype=p.dtype)
-        with torch.no_grad():
-            conv.weight.copy_(self.dense_weight())
-            if self.bias is not None:
-                conv.bias.copy_(self.bias)
-        conv.train(self.training)
-        return conv
+        return self._dense_conv()
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         weights = self.stage_weights()
         out = ops.run_kept(self._kept, x, weights, self.bias, residual, self.relu)
         if out is not None:  # the same call as the last one: its checks hold
             return out
-        unbatched = x.dim() == 3
-        if unbatched:
-            x = x.unsqueeze(0)
-            residual = residual.unsqueeze(0) if residual is not None and residual.dim() == 3 else residual
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"input must be (N, {self.in_channels}, H, W) or ({self.in_channels}, H, W), "
-                             f"got shape {tuple(x.shape)}")
-        if x.shape[2] < self._min_hw[0] or x.shape[3] < self._min_hw[1]:
-            raise input_too_small(self._describe(), x.shape[2:], self.kernel_size, self._padding4, self.dilation)
+        x, residual, unbatched, fused = self._conv_input(x, residual)
         chain = (weights, self._strides, self._paddings, self._dilations, self.bias)
-        if residual is not None and residual.shape != self._out_shape(x):  # broadcasting: not fused
-            _check_broadcast(residual, self._out_shape(x))
+        if not fused:
             out = epilogue(ops.conv_chain(x, *chain, backend=self._backend), residual, self.relu)
         else:
             out = ops.conv_chain(x, *chain, residual, self.relu, self._backend, None if unbatched else self._kept)
         return out.squeeze(0) if unbatched else out
 
-    def _out_shape(self, x: torch.Tensor) -> torch.Size:
-        hw = conv_output_hw(x.shape[-2:], self.kernel_size, self.stride, self._padding4, self.dilation)
-        return torch.Size((x.shape[0], self.out_channels, *hw))
-
     def config(self) -> dict:
         """JSON-ready constructor arguments (no weights)."""
-        return dict(in_channels=self.in_channels, out_channels=self.out_channels,
-                    kernel_size=list(self.kernel_size), rank=self.rank if len(self.ranks) == 1 else list(self.ranks),
-                    stride=list(self.stride),
-                    padding=self.padding if isinstance(self.padding, (str, int)) else list(self.padding),
-                    dilation=list(self.dilation), bias=self.bias is not None, scheme=self.scheme,
-                    backend=self._backend)
+        return dict(self._conv_config(), rank=self.rank if len(self.ranks) == 1 else list(self.ranks),
+                    scheme=self.scheme)
 
     def extra_repr(self) -> str:
-        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-             f"stride={self.stride}, padding={self.padding}")
-        if self.dilation != (1, 1):
-            s += f", dilation={self.dilation}"
-        if self.bias is None:
-            s += ", bias=False"
         ranks = families.rank_text(self.ranks, self.full_ranks)
-        s += f", rank={ranks}, scheme={self.scheme}, backend={self._backend}"
+        s = self._conv_repr() + f", rank={ranks}, scheme={self.scheme}, backend={self._backend}"
         return s + (", relu=True" if self.relu else "")
 
 
@@ -376,14 +411,153 @@ class LowRankLinear(_LowRank):
         return s + (", relu=True" if self.relu else "")
 
 
+class TapSparseConv2d(_Layer):
+    """A k×k ``nn.Conv2d`` whose pruned im2col columns are gone (SPP's pruned convs): a
+    column is one (input channel, kernel row, kernel column) tap across all filters. It
+    holds the kept columns only, and runs at their cost (:func:`trp_kernels.ops.conv_taps`):
+
+    - ``taps``: parameter (n_kept, out_channels), the kept columns' weights;
+    - ``kept``: buffer (n_kept,) int64, each kept column as ``(ki * kw + kj) * in_channels +
+      ci``, ascending (the packed form of :func:`trp_kernels.reference.pack_taps`).
+
+    Training it trains the kept taps only: the pruned ones stay zero by construction.
+    Same constructor arguments as ``nn.Conv2d`` (zero padding, groups=1) plus ``kept``
+    (a bool mask (in_channels, kh, kw) of the kept taps, or how many are kept, their
+    columns then set by ``load_state_dict``) and ``backend``. Usually built with
+    :meth:`from_conv` or by :func:`trp.compile` from :meth:`trp.SPP.plan`.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, kept, stride=1, padding=0, dilation=1,
+                 bias: bool = True, backend: str = "auto", device=None, dtype=None):
+        super().__init__()
+        self._set_geometry(in_channels, out_channels, kernel_size, stride, padding, dilation)
+        self.backend = backend
+        cols = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+        shape = (self.in_channels, *self.kernel_size)
+        if isinstance(kept, torch.Tensor):
+            if kept.dtype is not torch.bool or tuple(kept.shape) != shape:
+                raise ValueError(f"kept must be a bool mask of shape {shape} (in_channels, kh, kw) or an int, got "
+                                 f"{kept.dtype} {tuple(kept.shape)}")
+            columns = reference.pack_taps(torch.empty((1, *shape), device="meta"), kept.cpu())[1]
+        elif isinstance(kept, int) and not isinstance(kept, bool) and 0 <= kept <= cols:
+            columns = torch.arange(kept, dtype=torch.int64)
+        else:
+            raise ValueError(f"kept must be a bool mask of shape {shape} or an int in [0, {cols}], got {kept!r}")
+        self._min_hw = min_input_hw(self.kernel_size, self._padding4, self.dilation)
+        factory = dict(device=device, dtype=dtype)
+        self.taps = nn.Parameter(torch.empty((columns.numel(), self.out_channels), **factory))
+        self.register_buffer("kept", columns.to(device=device))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_channels, **factory))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    @property
+    def n_kept(self) -> int:
+        return self.kept.numel()
+
+    @property
+    def n_taps(self) -> int:
+        """All the im2col columns: in_channels · kh · kw."""
+        return self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+
+    def keep_mask(self) -> torch.Tensor:
+        """The kept taps as a bool mask (in_channels, kh, kw)."""
+        kh, kw = self.kernel_size
+        flat = torch.zeros(kh * kw * self.in_channels, dtype=torch.bool, device=self.kept.device)
+        flat[self.kept] = True
+        return flat.reshape(kh, kw, self.in_channels).permute(2, 0, 1)
+
+    def reset_parameters(self) -> None:
+        fan_in = max(self.n_kept, 1)
+        bound = 1 / math.sqrt(fan_in)
+        nn.init.uniform_(self.taps, -bound, bound)
+        if self.bias is not None:
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, keep: Optional[torch.Tensor] = None, *, weight: Optional[torch.Tensor] = None,
+                  bias="conv", backend: str = "auto") -> "TapSparseConv2d":
+        """``conv`` without its pruned taps: ``keep`` a bool mask (in_channels, kh, kw) of the
+        kept ones (default: the taps whose column is not all zero). ``weight``/``bias``
+        replace the conv's (e.g. after BN folding)."""
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
+        reason = decompose.refusal(conv)
+        if reason:
+            raise ValueError(f"cannot make this conv tap-sparse: {reason}")
+        w = (conv.weight if weight is None else weight).detach()
+        if tuple(w.shape) != tuple(conv.weight.shape):
+            raise ValueError(f"weight must have the conv's shape {tuple(conv.weight.shape)}, got {tuple(w.shape)}")
+        if keep is None:
+            keep = (w != 0).any(0)
+        bias = conv.bias if isinstance(bias, str) and bias == "conv" else bias
+        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, keep.to(torch.bool), conv.stride,
+                  conv.padding, conv.dilation, bias is not None, backend, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            new.taps.copy_(reference.pack_taps(w, keep.to(device=w.device, dtype=torch.bool))[0])
+            if bias is not None:
+                new.bias.copy_(bias)
+        new.train(conv.training)
+        return new
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        k = self.kept.cpu()
+        if k.numel() and (k.dtype != torch.int64 or int(k.min()) < 0 or int(k.max()) >= self.n_taps
+                          or (k.numel() > 1 and not bool((k[1:] > k[:-1]).all()))):
+            error_msgs.append(f"{prefix}kept must hold ascending column numbers in [0, {self.n_taps}), "
+                              f"got {k.tolist()[:8]}...")
+
+    def resolved_backend(self, device=None, dtype=None) -> str:
+        """The backend a call with tensors of ``device``/``dtype`` would run (default: the
+        weights'); raises :class:`trp_kernels.ops.BackendError` if an explicit backend cannot."""
+        p = self.taps
+        return ops.resolve_backend(self._backend, device or p.device, dtype or p.dtype, None, self.kernel_size)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The (out, in, kh, kw) weight, zero at the pruned taps."""
+        return reference.unpack_taps(self.taps, self.kept, self.in_channels, self.kernel_size)
+
+    def to_dense(self) -> nn.Conv2d:
+        """An ``nn.Conv2d`` computing the same function (its pruned taps zero)."""
+        return self._dense_conv()
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x, residual, unbatched, fused = self._conv_input(x, residual)
+        args = (self.taps, self.kept, self.bias, self.kernel_size, self.stride, self._padding4, self.dilation)
+        if not fused:
+            out = epilogue(ops.conv_taps(x, *args, backend=self._backend), residual, self.relu)
+        else:
+            out = ops.conv_taps(x, *args, residual, self.relu, self._backend)
+        return out.squeeze(0) if unbatched else out
+
+    def config(self) -> dict:
+        """JSON-ready constructor arguments (no weights; the kept columns are the ``kept`` buffer)."""
+        return dict(self._conv_config(), kept=self.n_kept)
+
+    def extra_repr(self) -> str:
+        s = self._conv_repr() + f", taps={self.n_kept}/{self.n_taps}, backend={self._backend}"
+        return s + (", relu=True" if self.relu else "")
+
+
 LOWRANK_TYPES = (LowRankConv2d, LowRankLinear)
+# Every layer trp swaps in: a leaf to tracing, compile, save and the epilogue pass.
+LAYER_TYPES = (LowRankConv2d, LowRankLinear, TapSparseConv2d)
+# The conv layers among them.
+CONV_TYPES = (LowRankConv2d, TapSparseConv2d)
 
 
 
 def parameter_of(layer: nn.Module) -> torch.Tensor:
     """A parameter of a conv or linear layer, low-rank or not: its dtype and device are the
     layer's (``weight``, or a low-rank layer's first factor)."""
-    return layer.weight1 if isinstance(layer, _LowRank) else layer.weight
+    if isinstance(layer, _LowRank):
+        return layer.weight1
+    return layer.taps if isinstance(layer, TapSparseConv2d) else layer.weight
 
 
 def from_factors(layer: nn.Module, factors: "families.Factored", bias: Optional[torch.Tensor],

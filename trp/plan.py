@@ -42,6 +42,26 @@ class LayerChoice:
             object.__setattr__(self, "weights", tuple(w.detach() for w in weights))
 
 
+@dataclass(frozen=True)
+class TapChoice:
+    """One layer made tap-sparse (SPP): ``keep``, a bool mask (in_channels, kh, kw) of the
+    im2col columns (taps) it keeps. compile swaps in a :class:`trp.modules.TapSparseConv2d`
+    holding those taps of the layer's (BN-folded) weight."""
+
+    keep: torch.Tensor = field(compare=False)
+    family = "taps"
+
+    def __post_init__(self):
+        if not isinstance(self.keep, torch.Tensor) or self.keep.dtype is not torch.bool or self.keep.dim() != 3:
+            raise TypeError(f"keep must be a bool tensor (in_channels, kh, kw), got {self.keep!r:.80}")
+        object.__setattr__(self, "keep", self.keep.detach().cpu())
+
+    @property
+    def ranks(self) -> int:
+        """How many taps it keeps."""
+        return int(self.keep.sum())
+
+
 class Plan(dict):
     """``{fqn: LayerChoice}``: the layers to factor and how. Layers not in it stay dense."""
 
@@ -50,19 +70,25 @@ class Plan(dict):
         for fqn, choice in self.items():
             if not isinstance(fqn, str):
                 raise TypeError(f"a plan's keys are layer names (str), got {fqn!r}")
-            if not isinstance(choice, LayerChoice):
-                raise TypeError(f"plan[{fqn!r}] must be a trp.plan.LayerChoice, got {type(choice).__name__}")
+            if not isinstance(choice, (LayerChoice, TapChoice)):
+                raise TypeError(f"plan[{fqn!r}] must be a trp.plan.LayerChoice or TapChoice, got "
+                                f"{type(choice).__name__}")
 
     def to_json(self) -> dict:
         """Each layer's family and ranks (a plan with explicit stage weights cannot be
         written this way: save the compiled model with ``trp.save`` instead)."""
-        explicit = [fqn for fqn, c in self.items() if c.weights is not None]
+        explicit = [fqn for fqn, c in self.items() if isinstance(c, LayerChoice) and c.weights is not None]
         if explicit:
             raise ValueError(f"the plan carries stage weights for {explicit[:3]}; JSON holds families and ranks "
                              f"only (trp.compile the model with this plan and trp.save it)")
-        return {fqn: {"family": c.family, "ranks": c.ranks} for fqn, c in self.items()}
+        return {fqn: {"family": c.family, "keep": c.keep.int().tolist()} if isinstance(c, TapChoice)
+                else {"family": c.family, "ranks": c.ranks} for fqn, c in self.items()}
 
     @classmethod
     def from_json(cls, data: dict) -> "Plan":
-        return cls({fqn: LayerChoice(d["family"], tuple(d["ranks"]) if isinstance(d["ranks"], list) else d["ranks"])
-                    for fqn, d in data.items()})
+        def choice(d):
+            if d["family"] == TapChoice.family:
+                return TapChoice(torch.tensor(d["keep"], dtype=torch.bool))
+            return LayerChoice(d["family"], tuple(d["ranks"]) if isinstance(d["ranks"], list) else d["ranks"])
+
+        return cls({fqn: choice(d) for fqn, d in data.items()})

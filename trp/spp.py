@@ -23,8 +23,9 @@ weights are zeroed for the forward pass, its gradient is masked, and after
 ``optimizer.step()`` its weights are put back as they were (the step's momentum or decay
 cannot move them); pruned columns are zeroed again after every step.
 
-The trained model holds the pruned taps as zeros. Running a tap-sparse conv at the cost of
-its kept taps (the kernel path of issue 18) is not built yet: :meth:`plan` says so.
+The trained model holds the pruned taps as zeros; ``trp.compile(model, plan=spp.plan())``
+swaps each pruned conv for a :class:`trp.modules.TapSparseConv2d`, which holds and
+multiplies the kept taps only (:func:`trp_kernels.ops.conv_taps`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import torch
 import torch.nn as nn
 
 from trp.methods import Method, decide_on_rank0
+from trp.plan import Plan, TapChoice
 
 U = 0.25   # the authors' u: Δ(N₁) = u·A
 A = 0.05   # the authors' A: the largest drop of a keep probability in one update
@@ -178,9 +180,15 @@ class SPP(Method):
         kept = self.kept()
         return {"spp_kept": sum(kept.values()) / len(kept), "spp_done": sum(self.done.values())}
 
-    def plan(self):
-        raise NotImplementedError("SPP's tap-sparse convs have no kernel path yet (issue 18): the trained model "
-                                  "holds the pruned taps as zeros and runs as it is")
+    def plan(self) -> Plan:
+        """Every target as a tap-sparse conv without its pruned columns
+        (:class:`trp.plan.TapChoice`), for ``trp.compile(model, plan=spp.plan())``; a target
+        with nothing pruned yet stays dense."""
+        choices = {}
+        for fqn, (m, _, _) in self.targets.items():
+            if bool(self.pruned[fqn].any()):
+                choices[fqn] = TapChoice(~self.pruned[fqn].view(m.weight.shape[1:]))
+        return Plan(choices)
 
     # -- resume --------------------------------------------------------------------------
     def state_dict(self) -> dict:

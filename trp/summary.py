@@ -10,7 +10,7 @@ import torch.nn as nn
 from trp import decompose, families
 from trp.compile import FOLDED_ATTR, NOTE_ATTR, ROUNDED
 from trp.epilogue import EPILOGUE_ATTR
-from trp.modules import LOWRANK_TYPES, LowRankConv2d, LowRankLinear
+from trp.modules import LAYER_TYPES, LowRankConv2d, LowRankLinear, TapSparseConv2d, parameter_of
 from trp_kernels import ops
 from trp_kernels.reference import conv_output_hw
 
@@ -103,6 +103,8 @@ def _call_macs(m: nn.Module, x_shape, y: torch.Size) -> tuple[int, int]:
             hw = conv_output_hw(hw, w.shape[-2:], *geometry)
             macs += batch * hw[0] * hw[1] * w[0].numel() * w.shape[0]
         return macs, out * m.in_channels * m.kernel_size[0] * m.kernel_size[1]
+    if isinstance(m, TapSparseConv2d):  # each output element sums the kept taps only
+        return out * m.n_kept, out * m.n_taps
     if isinstance(m, nn.Linear):
         macs = out * m.in_features
     elif isinstance(m, nn.modules.conv._ConvTransposeNd):
@@ -122,18 +124,20 @@ def _row(fqn: str, m: nn.Module, shapes: list, batch: int) -> dict:
     note, backend = getattr(m, NOTE_ATTR, None), "dense"
     row = dict(name=fqn, kind="", scheme=None, rank=None, full_rank=None, macs_dense=macs_dense, macs=macs,
                params_dense=params, params=params, backend=backend, note="")
-    if isinstance(m, LOWRANK_TYPES):
-        p = m.weight1
+    if isinstance(m, LAYER_TYPES):
+        p = parameter_of(m)
         try:
             backend = m.resolved_backend(p.device, p.dtype)
             if backend != "torch" and not ops.is_fused(backend):
                 note = "runs the reference arithmetic (fused kernel not built yet)"
         except ops.BackendError as e:
             backend, note = f"{m.backend}!", str(e)
+        conv = not isinstance(m, LowRankLinear)
         dense_params = (m.out_channels * m.in_channels * m.kernel_size[0] * m.kernel_size[1]
-                        if isinstance(m, LowRankConv2d) else m.in_features * m.out_features)
-        row.update(kind="conv" if isinstance(m, LowRankConv2d) else "linear",
-                   scheme=getattr(m, "scheme", None), rank=m.rank, full_rank=m.full_rank,
+                        if conv else m.in_features * m.out_features)
+        taps = isinstance(m, TapSparseConv2d)
+        row.update(kind="conv" if conv else "linear", scheme="taps" if taps else getattr(m, "scheme", None),
+                   rank=m.n_kept if taps else m.rank, full_rank=m.n_taps if taps else m.full_rank,
                    params_dense=dense_params + (0 if m.bias is None else m.bias.numel()), backend=backend)
     else:
         row["kind"] = "linear" if isinstance(m, nn.Linear) else type(m).__name__.lower().replace("2d", "")
@@ -160,7 +164,7 @@ def summary(model: nn.Module, example_input) -> Summary:
     if not args or not all(isinstance(a, torch.Tensor) for a in args):
         raise TypeError("example_input must be a tensor or a tuple of tensors")
     layers = [(fqn, m) for fqn, m in model.named_modules(remove_duplicate=False)
-              if isinstance(m, LOWRANK_TYPES) or decompose.is_layer(m)]
+              if isinstance(m, LAYER_TYPES) or decompose.is_layer(m)]
     shapes: dict[int, list] = {id(m): [] for _, m in layers}
 
     def hook(m, inputs, output):

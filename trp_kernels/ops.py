@@ -63,6 +63,7 @@ if _TRITON_INSTALLED:
         from trp_kernels.triton.conv_tucker import MAX_RANK as _TRITON_TUCKER_RANK
         from trp_kernels.triton.conv_tucker import conv_tucker as _triton_conv_tucker
         from trp_kernels.triton.linear import linear as _triton_linear
+        from trp_kernels.triton.conv_taps import conv_taps as _triton_conv_taps
         _TRITON_IMPORT_ERROR = ""
     except Exception as e:  # noqa: BLE001 - e.g. a Triton too old for the kernels
         _TRITON_IMPORT_ERROR = f"the Triton kernels could not be imported ({type(e).__name__}: {e})"
@@ -392,3 +393,53 @@ def lowrank_linear(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor
     if direct and _runs_cpp_kernel(x, name):
         return cpp.lowrank_linear(x, weight1, weight2, bias, residual, relu)
     return torch.ops.trp.lowrank_linear(x, weight1, weight2, bias, residual, relu, name)
+
+
+# --- tap-sparse convs (SPP) ------------------------------------------------------------
+
+def _run_taps(x, taps, kept, bias, residual, kernel_size, stride, padding, dilation, relu, backend):
+    if _runs_cpp_kernel(x, backend):
+        out = cpp.conv_taps(x, taps, kept, bias, kernel_size, stride, padding, dilation, residual, relu)
+    elif backend == "triton" and _triton_kernels is not None and x.device.type == "cuda":
+        out = _triton_conv_taps(x, taps, kept, bias, residual, kernel_size, stride, padding, dilation, relu)
+    else:
+        out = reference.conv_taps(x, taps, kept, bias, kernel_size, stride, padding, dilation, residual, relu)
+    return out.contiguous(memory_format=reference.output_memory_format(x))
+
+
+@torch.library.custom_op("trp::conv_taps", mutates_args=(), device_types=("cpu", "cuda"))
+def _conv_taps_op(x: torch.Tensor, taps: torch.Tensor, kept: torch.Tensor, bias: Optional[torch.Tensor],
+                  residual: Optional[torch.Tensor], kernel_size: list[int], stride: list[int], padding: list[int],
+                  dilation: list[int], relu: bool, backend: str) -> torch.Tensor:
+    return _run_taps(x, taps, kept, bias, residual, kernel_size, stride, padding, dilation, relu, backend)
+
+
+@_conv_taps_op.register_fake
+def _(x, taps, kept, bias, residual, kernel_size, stride, padding, dilation, relu, backend):
+    hw = reference.checked_output_hw("trp::conv_taps", x.shape[-2:], kernel_size, stride, padding, dilation)
+    return torch.empty((x.shape[0], taps.shape[1], *hw), dtype=x.dtype, device=x.device,
+                       memory_format=reference.output_memory_format(x))
+
+
+def conv_taps(x: torch.Tensor, taps: torch.Tensor, kept: torch.Tensor, bias: Optional[torch.Tensor],
+              kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+              residual: Optional[torch.Tensor] = None, relu: bool = False, backend: str = "auto") -> torch.Tensor:
+    """A tap-sparse conv (SPP's pruned convs) at the cost of its kept taps: the conv over the
+    im2col columns ``kept`` only, their weights ``taps`` (n_kept, n) (the packed form of
+    :func:`trp_kernels.reference.pack_taps`), + bias, + residual, ReLU. ``padding``: (top,
+    bottom, left, right). The fused C++ kernel on CPU float32, the Triton kernel on CUDA,
+    else the reference; a call that needs gradients runs the reference (differentiable in
+    ``taps``, so pruned taps get none), and so does ONNX export (a dense conv whose pruned
+    taps are zero: exact)."""
+    if torch.onnx.is_in_onnx_export():
+        return reference.conv_taps(x, taps, kept, bias, kernel_size, stride, padding, dilation, residual, relu)
+    name = _backend_for(backend, x.device.type, x.dtype, None, tuple(kernel_size))
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, taps, bias, residual))
+    if name == "torch" or grad or not is_fused(name):
+        return reference.conv_taps(x, taps, kept, bias, kernel_size, stride, padding, dilation, residual, relu)
+    if name == "cpp" and x.dim() == 4:  # (as conv_chain does: the kernel computes in channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    args = (x, taps, kept, bias, residual, list(kernel_size), list(stride), list(padding), list(dilation), relu, name)
+    if _plain_eager(x, taps, kept, bias, residual):
+        return _run_taps(*args)
+    return torch.ops.trp.conv_taps(*args)

@@ -349,7 +349,8 @@ def lowrank_linear_backward(grad_out, x, weight1, weight2, has_bias, needs):
 def pack_taps(weight: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A conv weight (n, c, kh, kw) and its kept im2col columns ``keep`` (bool (c, kh, kw))
     as :func:`conv_taps` takes them: the kept columns in the kernel's order, each
-    ``(ki * kw + kj) * c + ci`` ascending (int64), and their weight rows (n_kept, n), float32."""
+    ``(ki * kw + kj) * c + ci`` ascending (int64), and their weight rows (n_kept, n) in the
+    weight's dtype: ``(taps, kept)``."""
     if weight.dim() != 4 or tuple(keep.shape) != tuple(weight.shape[1:]) or keep.dtype is not torch.bool:
         raise ValueError(f"pack_taps: keep must be a bool tensor of shape {tuple(weight.shape[1:])} (the weight's "
                          f"(in, kh, kw)), got {keep.dtype} {tuple(keep.shape)}")
@@ -357,20 +358,23 @@ def pack_taps(weight: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, t
     mask = keep.permute(1, 2, 0).reshape(-1)
     kept = torch.nonzero(mask).flatten()
     rows = hwio.reshape(-1, weight.shape[0])[kept]
-    return rows.to(torch.float32).contiguous(), kept.to(torch.int64).contiguous()
+    return rows.contiguous(), kept.to(torch.int64).contiguous()
 
 
-def conv_taps(x: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor, bias: Optional[torch.Tensor],
-              stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+def unpack_taps(taps: torch.Tensor, kept: torch.Tensor, in_channels: int, kernel_size: Sequence[int]) -> torch.Tensor:
+    """The dense conv weight (n, c, kh, kw) of a tap-sparse conv's packed form (``taps``
+    (n_kept, n), ``kept`` as :func:`pack_taps` gives them), zero at the pruned taps;
+    differentiable in ``taps``."""
+    kh, kw = (int(k) for k in kernel_size)
+    flat = taps.new_zeros((kh * kw * int(in_channels), taps.shape[1])).index_copy(0, kept.to(taps.device), taps)
+    return flat.reshape(kh, kw, int(in_channels), taps.shape[1]).permute(3, 2, 0, 1)
+
+
+def conv_taps(x: torch.Tensor, taps: torch.Tensor, kept: torch.Tensor, bias: Optional[torch.Tensor],
+              kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
               residual: Optional[torch.Tensor] = None, relu: bool = False) -> torch.Tensor:
-    """The tap-sparse conv as plain PyTorch: the conv with the pruned im2col columns
-    (``keep`` False, bool (c, kh, kw)) zeroed, + residual, ReLU. ``padding``: (top, bottom,
-    left, right)."""
-    t, b, l, r = padding
-    if t != b or l != r:
-        x = torch.nn.functional.pad(x, (l, r, t, b))
-        t = l = 0
-    y = torch.nn.functional.conv2d(x, weight * keep.to(weight.dtype), bias, tuple(stride), (t, l), tuple(dilation))
-    if residual is not None:
-        y = y + residual
-    return torch.relu(y) if relu else y
+    """The tap-sparse conv as plain PyTorch, from its packed form (:func:`pack_taps`): the
+    conv whose pruned im2col columns are zero (:func:`unpack_taps`), + residual, ReLU.
+    ``padding``: (top, bottom, left, right). Differentiable in every tensor but ``kept``."""
+    weight = unpack_taps(taps, kept, x.shape[-3], kernel_size).to(x.dtype)
+    return conv_chain(x, [weight], stride, padding, dilation, bias, residual, relu)

@@ -47,11 +47,25 @@ def test_tap_sparse_conv_matches_the_conv_with_pruned_taps_zeroed(isa, threads, 
     out = cpp.conv_taps(x, packed, columns, bias, (kh, kw), stride, (ph, ph, pw, pw), dil, residual, relu)
 
     def ref(dtype):
-        return reference.conv_taps(x.to(dtype), weight.to(dtype), keep, None if bias is None else bias.to(dtype),
-                                   stride, (ph, ph, pw, pw), dil, None if residual is None else residual.to(dtype), relu)
+        return reference.conv_taps(x.to(dtype), packed.to(dtype), columns, None if bias is None else bias.to(dtype),
+                                   (kh, kw), stride, (ph, ph, pw, pw), dil,
+                                   None if residual is None else residual.to(dtype), relu)
 
     assert out.is_contiguous(memory_format=torch.channels_last)
     assert_within_bound(out, ref(torch.float64), ref(torch.float32))
+
+
+def test_packed_taps_unpack_to_the_weight_with_pruned_taps_zeroed():
+    g = torch.Generator().manual_seed(3)
+    weight = torch.randn(5, 3, 3, 2, generator=g)
+    keep = torch.rand(3, 3, 2, generator=g) < 0.5
+    taps, kept = reference.pack_taps(weight, keep)
+    assert taps.shape == (int(keep.sum()), 5) and kept.tolist() == sorted(kept.tolist())
+    assert torch.equal(reference.unpack_taps(taps, kept, 3, (3, 2)), weight * keep)
+    # the column of tap (ki, kj) and input channel ci is (ki * kw + kj) * c + ci
+    one = torch.zeros(3, 3, 2, dtype=torch.bool)
+    one[1, 2, 1] = True
+    assert reference.pack_taps(weight, one)[1].tolist() == [(2 * 2 + 1) * 3 + 1]
 
 
 def test_tap_sparse_conv_argument_checks():

@@ -42,13 +42,14 @@ def test_triton_tap_sparse_conv_matches_the_reference(dtype, shape, kept, epilog
     keep = (torch.rand(c, kh, kw, generator=g) < kept).to(DEVICE)
     full = epilogue != "none"
     bias = torch.randn(n, generator=g).to(DEVICE, dtype) if full else None
-    ref_out = reference.conv_taps(x.float(), weight.float(), keep, None, stride, pad, dil)
-    residual = torch.randn(ref_out.shape, generator=g).to(DEVICE, dtype) if full else None
     packed, cols = reference.pack_taps(weight, keep)
-    out = conv_taps(x, packed.to(dtype), cols, bias, residual, (kh, kw), stride, pad, dil, full, config=SMALL)
+    ref_out = reference.conv_taps(x.float(), packed.float(), cols, None, (kh, kw), stride, pad, dil)
+    residual = torch.randn(ref_out.shape, generator=g).to(DEVICE, dtype) if full else None
+    out = conv_taps(x, packed, cols, bias, residual, (kh, kw), stride, pad, dil, full, config=SMALL)
 
     def ref(x, weight, bias, residual):
-        return reference.conv_taps(x, weight, keep, bias, stride, pad, dil, residual, full)
+        return reference.conv_taps(x, *reference.pack_taps(weight, keep), bias, (kh, kw), stride, pad, dil,
+                                   residual, full)
 
     assert_matches_reference(out, ref, (x, weight, bias, residual), dtype)
 
