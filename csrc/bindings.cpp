@@ -242,6 +242,15 @@ struct CheckedCall {
     trp::LowRankConvArgs a{};
     Kernel kernel = Kernel::kChannel;
     py::array x, w1, w2, w3, bias, res, out;
+    // A tap-sparse conv's kept columns, copied: a kept plan reads its own copy, so nothing the
+    // caller later writes into its array can send the kernel out of bounds. a.kept points here
+    // (point_kept() after every copy or move of the call).
+    std::vector<int64_t> kept;
+
+    void point_kept() {
+        static const int64_t kNone = 0;
+        if (a.kept) a.kept = kept.empty() ? &kNone : kept.data();  // none kept: still the tap-sparse kernel
+    }
 };
 
 // What every fused conv call shares: x, out, bias and residual (NHWC float32), the kernel
@@ -391,10 +400,10 @@ void lowrank_conv(py::handle x_obj, py::handle w1_obj, py::handle w2_obj, py::ha
 // A tap-sparse conv (SPP's pruned convs), NHWC: the dense conv over the kept im2col columns
 // `kept` (int64, each (ki * kw + kj) * in_c + c, strictly ascending) with their weight rows
 // w (n_kept, out_channels). Everything the kernel reads is checked here first.
-void conv_taps(py::handle x_obj, py::handle w_obj, py::handle kept_obj, py::handle bias_obj,
-               py::handle residual_obj, py::handle out_obj, int64_t kh, int64_t kw, py::handle stride_obj,
-               py::handle pad_obj, py::handle dilation_obj, bool relu, int threads) {
-    Checking checking("conv_taps");
+CheckedCall check_conv_taps(py::handle x_obj, py::handle w_obj, py::handle kept_obj, py::handle bias_obj,
+                            py::handle residual_obj, py::handle out_obj, int64_t kh, int64_t kw,
+                            py::handle stride_obj, py::handle pad_obj, py::handle dilation_obj, bool relu,
+                            int threads) {
     ConvIO io = check_conv_io(x_obj, out_obj, bias_obj, residual_obj, kh, kw, stride_obj, pad_obj, dilation_obj,
                               threads);
     py::array w = require_f32(w_obj, "w", 2, "(kept columns, out_channels)");
@@ -413,9 +422,20 @@ void conv_taps(py::handle x_obj, py::handle w_obj, py::handle kept_obj, py::hand
     check_dim(w, "w", 1, a.out_c, "out's channels");
     finish_conv_io(io, relu);
     a.w1 = static_cast<const float*>(w.data());
-    static const int64_t kNone = 0;
-    a.kept = a.n_kept ? cols : &kNone;  // none kept: still the tap-sparse kernel (bias, residual, ReLU only)
-    run_lowrank_conv(a, Kernel::kDense);
+    CheckedCall call{a, Kernel::kDense, io.x, w, py::array(), py::array(), io.bias, io.res, io.out,
+                     std::vector<int64_t>(cols, cols + a.n_kept)};
+    call.a.kept = cols;  // (non-null: the tap-sparse kernel)
+    call.point_kept();
+    return call;
+}
+
+void conv_taps(py::handle x_obj, py::handle w_obj, py::handle kept_obj, py::handle bias_obj,
+               py::handle residual_obj, py::handle out_obj, int64_t kh, int64_t kw, py::handle stride_obj,
+               py::handle pad_obj, py::handle dilation_obj, bool relu, int threads) {
+    Checking checking("conv_taps");
+    const CheckedCall call = check_conv_taps(x_obj, w_obj, kept_obj, bias_obj, residual_obj, out_obj, kh, kw,
+                                             stride_obj, pad_obj, dilation_obj, relu, threads);
+    run_lowrank_conv(call.a, call.kernel);
 }
 
 // lowrank_conv, checked once on sample buffers and then run on others of the same shapes:
@@ -428,15 +448,26 @@ public:
                 py::handle residual_obj, py::handle out_obj, const std::string& scheme, int64_t kh, int64_t kw,
                 py::handle stride_obj, py::handle pad_obj, py::handle dilation_obj, bool relu, py::handle w3_obj) {
         Checking checking("lowrank_conv");  // the same checks, the same messages
-        call_ = check_lowrank_conv(x_obj, w1_obj, w2_obj, bias_obj, residual_obj, out_obj, scheme, kh, kw,
-                                   stride_obj, pad_obj, dilation_obj, relu, 1, w3_obj);
-        call_.x = py::array();  // the samples themselves are not kept
-        call_.res = py::array();
-        call_.out = py::array();
-        call_.a.x = nullptr;
-        call_.a.residual = nullptr;
-        call_.a.out = nullptr;
-        has_residual_ = !residual_obj.is_none();
+        keep(check_lowrank_conv(x_obj, w1_obj, w2_obj, bias_obj, residual_obj, out_obj, scheme, kh, kw,
+                                stride_obj, pad_obj, dilation_obj, relu, 1, w3_obj), residual_obj);
+    }
+
+    // conv_taps, checked once the same way (the plan holds its own copy of the kept columns).
+    static LowRankPlan taps(py::handle x_obj, py::handle w_obj, py::handle kept_obj, py::handle bias_obj,
+                            py::handle residual_obj, py::handle out_obj, int64_t kh, int64_t kw,
+                            py::handle stride_obj, py::handle pad_obj, py::handle dilation_obj, bool relu) {
+        Checking checking("conv_taps");
+        LowRankPlan plan;
+        plan.keep(check_conv_taps(x_obj, w_obj, kept_obj, bias_obj, residual_obj, out_obj, kh, kw, stride_obj,
+                                  pad_obj, dilation_obj, relu, 1), residual_obj);
+        return plan;
+    }
+
+    LowRankPlan(const LowRankPlan& other) : call_(other.call_), has_residual_(other.has_residual_) {
+        call_.point_kept();
+    }
+    LowRankPlan(LowRankPlan&& other) noexcept : call_(std::move(other.call_)), has_residual_(other.has_residual_) {
+        call_.point_kept();
     }
 
     void run(std::uintptr_t x, std::uintptr_t out, std::uintptr_t residual, int threads) const {
@@ -460,6 +491,20 @@ public:
     bool has_residual() const { return has_residual_; }
 
 private:
+    LowRankPlan() = default;
+
+    void keep(CheckedCall call, py::handle residual_obj) {
+        call_ = std::move(call);
+        call_.point_kept();
+        call_.x = py::array();  // the samples themselves are not kept
+        call_.res = py::array();
+        call_.out = py::array();
+        call_.a.x = nullptr;
+        call_.a.residual = nullptr;
+        call_.a.out = nullptr;
+        has_residual_ = !residual_obj.is_none();
+    }
+
     CheckedCall call_;
     bool has_residual_ = false;
 };
@@ -701,6 +746,11 @@ PYBIND11_MODULE(_C, m) {
              py::arg("residual").none(true), py::arg("out"), py::arg("scheme"), py::arg("kh"), py::arg("kw"),
              py::arg("stride"), py::arg("padding"), py::arg("dilation"), py::arg("relu"),
              py::arg("w3").none(true) = py::none())
+        .def_static("taps", &LowRankPlan::taps, py::arg("x"), py::arg("w"), py::arg("kept"),
+                    py::arg("bias").none(true), py::arg("residual").none(true), py::arg("out"), py::arg("kh"),
+                    py::arg("kw"), py::arg("stride"), py::arg("padding"), py::arg("dilation"), py::arg("relu"),
+                    "conv_taps checked once (arguments as conv_taps' but threads); the plan keeps its own copy "
+                    "of the kept columns.")
         .def("run", &LowRankPlan::run, py::arg("x"), py::arg("out"), py::arg("residual"), py::arg("threads"),
              "Run on the buffers at these addresses (residual: 0 for none). Releases the GIL.");
     m.def("conv_taps", &conv_taps, py::arg("x"), py::arg("w"), py::arg("kept"), py::arg("bias").none(true),

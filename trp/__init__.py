@@ -14,8 +14,8 @@ from trp.deploy import Deployed, DeployError, deploy
 from trp.eigendamage import EigenDamage
 from trp.io import load, save
 from trp.methods import Method
-from trp.modules import LowRankConv2d, LowRankLinear
-from trp.plan import LayerChoice, Plan
+from trp.modules import LowRankConv2d, LowRankLinear, TapSparseConv2d
+from trp.plan import LayerChoice, Plan, TapChoice
 from trp.spp import SPP
 from trp.summary import Summary, summary
 from trp.training import TRP, evaluate, fit
@@ -24,7 +24,7 @@ from trp_kernels.ops import BackendError
 __version__ = "0.1.0"
 
 __all__ = ["compile", "CompileConfig", "default_filter", "RankSpec", "select_rank", "save", "load",
-           "LowRankConv2d", "LowRankLinear", "summary", "Summary", "BackendError", "TRP", "fit", "evaluate",
-           "breakdown", "Breakdown", "deploy", "Deployed", "DeployError", "Method", "Plan", "LayerChoice",
+           "LowRankConv2d", "LowRankLinear", "TapSparseConv2d", "summary", "Summary", "BackendError", "TRP", "fit", "evaluate",
+           "breakdown", "Breakdown", "deploy", "Deployed", "DeployError", "Method", "Plan", "LayerChoice", "TapChoice",
            "ADMM", "EigenDamage", "SPP",
            "__version__"]

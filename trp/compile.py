@@ -460,8 +460,9 @@ def compile(model: nn.Module, *, energy: Optional[float] = None, rank: Optional[
       when the model has a low-rank conv and ``backend`` is not 'torch' (which stays the
       plain two-conv reference, layout untouched).
     - ``plan``: a training method's choice per layer (``method.plan()``, a
-      :class:`trp.plan.Plan`): the family and exact ranks of each layer it names, every
-      other layer dense. It replaces ``energy``/``rank``/``ratio``/``overrides``/
+      :class:`trp.plan.Plan`): the family and exact ranks of each layer it names (or, for a
+      :class:`trp.plan.TapChoice`, the taps it keeps: the layer becomes a
+      :class:`trp.modules.TapSparseConv2d`), every other layer dense. It replaces ``energy``/``rank``/``ratio``/``overrides``/
       ``filter_fn``/``scheme``/``rank_multiple``; a layer it names that the family cannot
       factor is an error.
     - Layers already factored are not factored again (their backend is updated).

@@ -75,6 +75,13 @@ class _Layer(nn.Module):
     @backend.setter
     def backend(self, value: str) -> None:
         self._backend = check_backend(value)
+        self._kept = [None]  # what the last call kept (ops' kept plan) was for the old backend
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        if "_kept" in state:  # a plan for this process's memory: a copy or a pickle starts without it
+            state = {**state, "_kept": [None]}
+        return state
 
     def _describe(self) -> str:
         name = getattr(self, NAME_ATTR, None)
@@ -166,17 +173,6 @@ class _LowRank(_Layer):
     def stage_weights(self) -> list:
         """The factors, stage by stage (``weight1``, ``weight2``, ...)."""
         return [self._parameters[f"weight{i + 1}"] for i in range(self._n_stages)]
-
-    @_Layer.backend.setter
-    def backend(self, value: str) -> None:
-        self._backend = check_backend(value)
-        self._kept = [None]  # what the last call kept (ops.conv_chain's kept) was for the old backend
-
-    def __getstate__(self):
-        state = super().__getstate__()
-        if "_kept" in state:  # a plan for this process's memory: a copy or a pickle starts without it
-            state = {**state, "_kept": [None]}
-        return state
 
     def resolved_backend(self, device=None, dtype=None) -> str:
         """The backend a call with tensors of ``device``/``dtype`` would run (default: the
@@ -506,6 +502,8 @@ class TapSparseConv2d(_Layer):
                               error_msgs):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        self.kept = self.kept.clone()  # a new tensor: plans kept for the old columns no longer match
+        self._kept = [None]
         k = self.kept.cpu()
         if k.numel() and (k.dtype != torch.int64 or int(k.min()) < 0 or int(k.max()) >= self.n_taps
                           or (k.numel() > 1 and not bool((k[1:] > k[:-1]).all()))):
@@ -527,12 +525,15 @@ class TapSparseConv2d(_Layer):
         return self._dense_conv()
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        out = ops.run_kept(self._kept, x, (self.taps, self.kept), self.bias, residual, self.relu)
+        if out is not None:  # the same call as the last one: its checks hold
+            return out
         x, residual, unbatched, fused = self._conv_input(x, residual)
         args = (self.taps, self.kept, self.bias, self.kernel_size, self.stride, self._padding4, self.dilation)
         if not fused:
             out = epilogue(ops.conv_taps(x, *args, backend=self._backend), residual, self.relu)
         else:
-            out = ops.conv_taps(x, *args, residual, self.relu, self._backend)
+            out = ops.conv_taps(x, *args, residual, self.relu, self._backend, None if unbatched else self._kept)
         return out.squeeze(0) if unbatched else out
 
     def config(self) -> dict:

@@ -236,7 +236,7 @@ def _medians(fns: dict, rounds: int = 3) -> dict:
 
 def _classify(node: torch.fx.Node, modules: dict, values: dict, uses: Optional[dict] = None) -> Optional[_Step]:
     """The step ``node`` becomes, or None when the C++ side has none for it."""
-    from trp.modules import LowRankConv2d
+    from trp.modules import CONV_TYPES
 
     def tensor_args(*ns):
         return all(isinstance(n, torch.fx.Node) and _plannable(values.get(n)) for n in ns)
@@ -247,7 +247,7 @@ def _classify(node: torch.fx.Node, modules: dict, values: dict, uses: Optional[d
             return None
         if isinstance(m, nn.Identity) and len(node.args) == 1 and not node.kwargs and tensor_args(node.args[0]):
             return _Step(node, "alias", node.args, m)
-        if isinstance(m, LowRankConv2d):
+        if isinstance(m, CONV_TYPES):
             bound = m._kept[0]
             res = node.kwargs.get("residual")
             if (bound is None or len(node.args) != 1 or set(node.kwargs) - {"residual"} or not tensor_args(node.args[0])
@@ -570,11 +570,12 @@ class Program:
         # __dict__ entries), the traced modules' training flags, no hook on what is bypassed
         self._dicts, self._names, self._objects = [], [], []
         for m in [m for m, _ in self.plans] + [m for m, _ in self.dense]:
-            for name, p in m._parameters.items():
-                if p is not None:
-                    self._dicts.append(m._parameters)
-                    self._names.append(name)
-                    self._objects.append(p)
+            for entries in (m._parameters, m._buffers):  # (a tap-sparse conv's kept columns are a buffer)
+                for name, p in entries.items():
+                    if p is not None:
+                        self._dicts.append(entries)
+                        self._names.append(name)
+                        self._objects.append(p)
         self._tensors = [t for _, bound in self.plans for t, *_ in bound.params if t is not None]
         self._ptrs = [tag[0] for _, bound in self.plans for t, *tag in bound.params if t is not None]
         # A dense conv that joins the program reads its weight in the kernel's layout: the
@@ -713,7 +714,7 @@ class Runner:
 def install(model: nn.Module, enabled: bool = True) -> nn.Module:
     """Give ``model`` a :class:`Runner` as its ``forward`` (``enabled``), or take it away.
     Models without a low-rank conv are left as they are."""
-    from trp.modules import LowRankConv2d
+    from trp.modules import CONV_TYPES
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -722,7 +723,7 @@ def install(model: nn.Module, enabled: bool = True) -> nn.Module:
     runner = model.__dict__.get("forward")
     if isinstance(runner, Runner):
         del model.forward
-    if enabled and any(isinstance(m, LowRankConv2d) for m in model.modules()):
+    if enabled and any(isinstance(m, CONV_TYPES) for m in model.modules()):
         model.forward = Runner(model)
     return model
 

@@ -427,6 +427,15 @@ def conv_taps(x: torch.Tensor, weight: torch.Tensor, kept: torch.Tensor, bias: O
     """A tap-sparse conv in the fused C++ kernel: ``conv2d`` over the kept im2col columns only
     (``weight``, ``kept`` from :func:`pack_taps`), + bias, + residual, ReLU; float32 CPU,
     channels_last output. ``padding``: (top, bottom, left, right), symmetric."""
+    return bound_taps(x, weight, kept, bias, kernel_size, stride, padding, dilation, residual, relu)[0]
+
+
+def bound_taps(x: torch.Tensor, weight: torch.Tensor, kept: torch.Tensor, bias: Optional[torch.Tensor],
+               kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+               residual: Optional[torch.Tensor] = None, relu: bool = False) -> tuple[torch.Tensor, Optional[Bound]]:
+    """:func:`conv_taps`, and the :class:`Bound` of its checked plan for the layer's next call
+    (its weights: ``(weight, kept)``; None when the plan reads a copy of ``weight`` or the
+    bias, which would not see later writes, or when the output is empty)."""
     lib = _require()
     from trp_kernels.reference import checked_output_hw
 
@@ -434,11 +443,18 @@ def conv_taps(x: torch.Tensor, weight: torch.Tensor, kept: torch.Tensor, bias: O
     x = _checked(x, "x").contiguous(memory_format=torch.channels_last)
     ho, wo = checked_output_hw("conv_taps", x.shape[-2:], (kh, kw), stride, padding, dilation)
     out = torch.empty((x.shape[0], weight.shape[1], ho, wo), dtype=torch.float32, memory_format=torch.channels_last)
-    if out.numel():
-        ra = None
-        if residual is not None:
-            ra = _nhwc(_checked(residual, "residual").contiguous(memory_format=torch.channels_last))
-        lib.conv_taps(_nhwc(x), _array(weight, "weight"), kept.numpy(), None if bias is None else _array(bias, "bias"),
-                      ra, _nhwc(out), kh, kw, (int(stride[0]), int(stride[1])), (int(padding[0]), int(padding[2])),
-                      (int(dilation[0]), int(dilation[1])), bool(relu), torch.get_num_threads())
-    return out
+    if not out.numel():
+        return out, None
+    ra = None
+    if residual is not None:
+        residual = _checked(residual, "residual").contiguous(memory_format=torch.channels_last)
+        ra = _nhwc(residual)
+    if not isinstance(kept, torch.Tensor) or kept.dtype != torch.int64 or kept.device.type != "cpu":
+        raise ValueError(f"conv_taps: kept must be an int64 CPU tensor of im2col columns, got {kept!r:.60}")
+    plan = lib.LowRankPlan.taps(_nhwc(x), _array(weight, "weight"), kept.contiguous().numpy(),
+                                None if bias is None else _array(bias, "bias"), ra, _nhwc(out), kh, kw,
+                                (int(stride[0]), int(stride[1])), (int(padding[0]), int(padding[2])),
+                                (int(dilation[0]), int(dilation[1])), bool(relu))
+    plan.run(x.data_ptr(), out.data_ptr(), 0 if residual is None else residual.data_ptr(), torch.get_num_threads())
+    views = all(t is None or (t.is_contiguous() and not t.is_neg()) for t in (weight, bias))
+    return out, Bound(plan, x, (weight, kept), bias, tuple(out.shape), residual, relu) if views else None

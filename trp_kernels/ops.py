@@ -423,14 +423,19 @@ def _(x, taps, kept, bias, residual, kernel_size, stride, padding, dilation, rel
 
 def conv_taps(x: torch.Tensor, taps: torch.Tensor, kept: torch.Tensor, bias: Optional[torch.Tensor],
               kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
-              residual: Optional[torch.Tensor] = None, relu: bool = False, backend: str = "auto") -> torch.Tensor:
+              residual: Optional[torch.Tensor] = None, relu: bool = False, backend: str = "auto",
+              plan: Optional[list] = None) -> torch.Tensor:
     """A tap-sparse conv (SPP's pruned convs) at the cost of its kept taps: the conv over the
     im2col columns ``kept`` only, their weights ``taps`` (n_kept, n) (the packed form of
     :func:`trp_kernels.reference.pack_taps`), + bias, + residual, ReLU. ``padding``: (top,
     bottom, left, right). The fused C++ kernel on CPU float32, the Triton kernel on CUDA,
     else the reference; a call that needs gradients runs the reference (differentiable in
     ``taps``, so pruned taps get none), and so does ONNX export (a dense conv whose pruned
-    taps are zero: exact)."""
+    taps are zero: exact).
+
+    ``plan``: as :func:`conv_chain`'s ``kept``, a one-element list the calling layer owns,
+    where a direct call of the C++ kernel stores what lets :func:`run_kept` repeat it (with
+    weights ``(taps, kept)``)."""
     if torch.onnx.is_in_onnx_export():
         return reference.conv_taps(x, taps, kept, bias, kernel_size, stride, padding, dilation, residual, relu)
     name = _backend_for(backend, x.device.type, x.dtype, None, tuple(kernel_size))
@@ -441,5 +446,8 @@ def conv_taps(x: torch.Tensor, taps: torch.Tensor, kept: torch.Tensor, bias: Opt
         x = x.contiguous(memory_format=torch.channels_last)
     args = (x, taps, kept, bias, residual, list(kernel_size), list(stride), list(padding), list(dilation), relu, name)
     if _plain_eager(x, taps, kept, bias, residual):
+        if plan is not None and _runs_cpp_kernel(x, name):
+            out, plan[0] = cpp.bound_taps(x, taps, kept, bias, kernel_size, stride, padding, dilation, residual, relu)
+            return out
         return _run_taps(*args)
     return torch.ops.trp.conv_taps(*args)

@@ -190,7 +190,7 @@ def test_plan_values_are_checked():
         LayerChoice("svd", 3)
     with pytest.raises(ValueError, match=r"ranks must be an int >= 1 or a tuple of them, got 0"):
         LayerChoice("channel", 0)
-    with pytest.raises(TypeError, match=r"plan\['a'\] must be a trp.plan.LayerChoice, got int"):
+    with pytest.raises(TypeError, match=r"plan\['a'\] must be a trp.plan.LayerChoice or TapChoice, got int"):
         Plan({"a": 3})
     plan = Plan({"a": LayerChoice("tucker", [3, 4]), "b": LayerChoice("channel", (5,))})
     assert plan["a"].ranks == (3, 4) and plan["b"].ranks == 5

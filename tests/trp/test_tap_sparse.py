@@ -62,14 +62,24 @@ def test_tap_sparse_conv_runs_the_fused_kernel_on_cpu():
     layer = TapSparseConv2d.from_conv(conv, keep)
     assert layer.resolved_backend() == "cpp"
     calls = []
-    real = cpp.conv_taps
+    real = cpp.bound_taps
+    x = torch.randn(1, 12, 8, 8)
     try:
-        cpp.conv_taps = lambda *a, **k: calls.append(1) or real(*a, **k)
+        cpp.bound_taps = lambda *a, **k: calls.append(1) or real(*a, **k)
         with torch.no_grad():
-            out = layer(torch.randn(1, 12, 8, 8))
+            out = layer(x)
+            again = layer(x.contiguous(memory_format=torch.channels_last))
     finally:
-        cpp.conv_taps = real
-    assert calls == [1] and out.is_contiguous(memory_format=torch.channels_last)
+        cpp.bound_taps = real
+    assert calls == [1]  # the second call ran the plan the first one kept
+    assert out.is_contiguous(memory_format=torch.channels_last) and torch.equal(again, out)
+    with torch.no_grad():  # new kept columns (a load): the kept plan is dropped, the call checked anew
+        state = layer.state_dict()
+        state["kept"] = state["kept"][:-1].clone()
+        state["taps"] = state["taps"][:-1].clone()
+        smaller = TapSparseConv2d(12, 20, 3, layer.n_kept - 1, padding=1)
+        smaller.load_state_dict(state)
+        assert torch.allclose(smaller(x).double(), _expect(conv, smaller.keep_mask(), x), atol=1e-5)
 
 
 def test_training_a_tap_sparse_conv_trains_the_kept_taps_only():
@@ -214,3 +224,23 @@ def test_tap_sparse_model_exports_to_onnx_exactly(tmp_path):
     report = trp.deploy(compiled, torch.randn(1, 3, 16, 16), tmp_path / "spp.onnx")
     assert report.checked_with.startswith("onnxruntime") and report.rel_err < 1e-5
     assert report.operators.get("Conv", 0) >= 1
+
+
+def test_a_tap_sparse_model_runs_as_one_cpp_program():
+    if not cpp.has_fused_kernels():
+        pytest.skip("the C++ extension is not built")
+    from trp import program
+
+    model, method = _pruned_resnet(fraction=0.75)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        want = model(x)
+        compiled = trp.compile(model, plan=method.plan())
+        runner = program.runner(compiled)
+        assert runner is not None
+        got = [compiled(x) for _ in range(3)]
+    assert not runner.refused and x.shape in runner.programs
+    steps = {name for seg in runner.programs[x.shape].segments for name in seg.step_names}
+    assert set(method.targets) <= steps  # every tap-sparse conv is a step of a C++ program
+    for y in got:
+        assert torch.allclose(y, want, atol=1e-4)
