@@ -17,7 +17,7 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from trp import decompose, epilogue, families, layout, program
+from trp import channels, decompose, epilogue, families, layout, program
 from trp.plan import Plan, TapChoice
 from trp.modules import (CONV_TYPES, LAYER_TYPES, LOWRANK_TYPES, NAME_ATTR, LowRankConv2d, TapSparseConv2d,
                          check_backend, from_factors, parameter_of)
@@ -581,6 +581,8 @@ def compile(model: nn.Module, *, energy: Optional[float] = None, rank: Optional[
         setattr(m, NOTE_ATTR, note)
     for parent, name, new, _old in swaps:
         setattr(parent, name, new)
+    if any(isinstance(m, TapSparseConv2d) for m in model.modules()):
+        channels.drop_dead_channels(model, trace(model))
     for fqn, m, _, _ in walk(model):
         if isinstance(m, LAYER_TYPES):
             m.backend = cfg.backend

@@ -35,6 +35,7 @@ from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
 from trp import epilogue, files, layout, program
+from trp.channels import CHANNELS_ATTR
 from trp.compile import FOLDED_ATTR, NOTE_ATTR, walk
 from trp.epilogue import EPILOGUE_ATTR
 from trp.modules import CONV_TYPES, LAYER_TYPES, NAME_ATTR, LowRankLinear
@@ -76,8 +77,10 @@ def save(model: nn.Module, path) -> str:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     path = Path(path)
-    layers, folded, notes, epilogues = {}, {}, {}, {}
+    layers, folded, notes, epilogues, channels = {}, {}, {}, {}, {}
     for fqn, m, _, _ in walk(model):
+        if getattr(m, CHANNELS_ATTR, None):  # channels removed: [built in, built out, in, out]
+            channels[fqn] = [*map(int, getattr(m, CHANNELS_ATTR)), m.in_channels, m.out_channels]
         if isinstance(m, LAYER_TYPES):
             layers[fqn] = {"type": type(m).__name__, "config": m.config()}
             if getattr(m, EPILOGUE_ATTR, None):
@@ -101,7 +104,7 @@ def save(model: nn.Module, path) -> str:
         storages.add(ptr)
         tensors[name] = t
     meta = {"format": FORMAT, "layers": layers, "folded": folded, "notes": notes, "epilogues": epilogues,
-            "aliases": aliases, "channels_last": layout.is_channels_last(model),
+            "aliases": aliases, "channels_last": layout.is_channels_last(model), "channels": channels,
             "sha256": {k: _tensor_digest(v) for k, v in tensors.items()}}
     meta["digest"] = _structure_digest(meta, tensors)
     data = save_bytes(tensors, metadata={_META_KEY: json.dumps(meta)})
@@ -171,7 +174,7 @@ def _check_schema(meta, path: Path) -> None:
     required = {"format", "layers", "folded", "notes", "aliases", "sha256"}
     if found == FORMAT:
         required |= {"epilogues", "channels_last", "digest"}
-    allowed = required | {"epilogues", "channels_last"}
+    allowed = required | {"epilogues", "channels_last", "channels"}
     missing, unknown = required - set(meta), set(meta) - allowed
     if missing or unknown:
         raise TrpFileError(f"{path}: trp metadata lacks {sorted(missing)}" if missing else
@@ -186,6 +189,13 @@ def _check_schema(meta, path: Path) -> None:
         if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                                   for k, v in value.items()):
             raise TrpFileError(f"{path}: trp metadata's {key!r} must map layer or tensor names to strings")
+    entries = meta.get("channels", {})
+    if not isinstance(entries, dict) or not all(
+            isinstance(k, str) and isinstance(v, list) and len(v) == 4
+            and all(isinstance(n, int) and not isinstance(n, bool) and 0 < n <= 1 << 20 for n in v)
+            for k, v in entries.items()):
+        raise TrpFileError(f"{path}: trp metadata's 'channels' must map layer names to [in, out, in, out] "
+                           "channel counts")
     if not isinstance(meta["layers"], dict):
         raise TrpFileError(f"{path}: trp metadata's 'layers' must be an object")
     for fqn, entry in meta["layers"].items():
@@ -306,6 +316,27 @@ def _apply(meta: dict, tensors: dict, model: nn.Module, path: Path, device=None)
     for alias, name in meta["aliases"].items():
         state[alias] = tensors[name]
     built = {}  # the new layers, built and filled before the model is changed
+    cut = meta.get("channels", {})
+    for fqn, (n_in, n_out, now_in, now_out) in cut.items():
+        old = module_at(fqn)
+        if not isinstance(old, nn.Conv2d) or (old.in_channels, old.out_channels) != (n_in, n_out):
+            raise TrpFileError(f"model does not match the file: {fqn!r} is {type(old).__name__}"
+                               + (f" ({old.in_channels} -> {old.out_channels} channels)" if isinstance(old, nn.Conv2d)
+                                  else "") + f", the file has a conv of {n_in} -> {n_out} channels there")
+        if fqn in meta["layers"]:
+            continue
+        ref = tensors.get(f"{fqn}.weight")
+        try:
+            new = nn.Conv2d(now_in, now_out, old.kernel_size, old.stride, old.padding, old.dilation, old.groups,
+                            bias=f"{fqn}.bias" in tensors, padding_mode=old.padding_mode,
+                            device=device or old.weight.device, dtype=ref.dtype if ref is not None else None)
+            new.load_state_dict({k[len(fqn) + 1:]: v for k, v in state.items() if k.startswith(fqn + ".")},
+                                assign=device == "meta")
+        except (RuntimeError, ValueError) as e:
+            raise TrpFileError(f"model does not match the file {path} at {fqn!r}: {e}") from None
+        new.train(old.training)
+        setattr(new, CHANNELS_ATTR, (n_in, n_out))
+        built[fqn] = new
     for fqn, entry in meta["layers"].items():
         old, cls, cfg = module_at(fqn), _LAYER_TYPES[entry["type"]], dict(entry["config"])
         dense = nn.Linear if cls is LowRankLinear else nn.Conv2d
@@ -326,6 +357,9 @@ def _apply(meta: dict, tensors: dict, model: nn.Module, path: Path, device=None)
         except (TypeError, ValueError) as e:
             raise TrpFileError(f"{path}: bad layer config at {fqn!r}: {e}") from None
         want, have = _geometry(new), _geometry(old)
+        if fqn in cut:  # channels removed: the model's layer has the counts it was built with
+            want["in_channels"], want["out_channels"] = cut[fqn][:2]
+            setattr(new, CHANNELS_ATTR, tuple(cut[fqn][:2]))
         if fqn not in meta["folded"] and isinstance(new, CONV_TYPES):
             want["bias"], have["bias"] = new.bias is not None, old.bias is not None
         diff = {k: (have[k], want[k]) for k in want if have[k] != want[k]}

@@ -498,6 +498,35 @@ class TapSparseConv2d(_Layer):
         new.train(conv.training)
         return new
 
+    def select_channels(self, inputs: Optional[torch.Tensor] = None,
+                        outputs: Optional[torch.Tensor] = None) -> "TapSparseConv2d":
+        """A new layer reading only the input channels ``inputs`` and computing only the output
+        channels ``outputs`` (bool masks, None: all), with the kept taps of those channels."""
+        dev = self.kept.device
+        inputs = torch.ones(self.in_channels, dtype=torch.bool) if inputs is None else inputs.to(torch.bool).cpu()
+        outputs = torch.ones(self.out_channels, dtype=torch.bool) if outputs is None else outputs.to(torch.bool).cpu()
+        if inputs.shape != (self.in_channels,) or outputs.shape != (self.out_channels,):
+            raise ValueError(f"inputs and outputs must be bool masks of shapes ({self.in_channels},) and "
+                             f"({self.out_channels},), got {tuple(inputs.shape)} and {tuple(outputs.shape)}")
+        kept = self.kept.cpu()
+        tap, ci = kept // self.in_channels, kept % self.in_channels
+        stays = inputs[ci]
+        renumber = torch.cumsum(inputs.long(), 0) - 1
+        n_in = int(inputs.sum())
+        columns = tap[stays] * n_in + renumber[ci[stays]]
+        p = self.taps
+        new = TapSparseConv2d(n_in, int(outputs.sum()), self.kernel_size, int(columns.numel()), self.stride,
+                              self.padding, self.dilation, self.bias is not None, self._backend, device=p.device,
+                              dtype=p.dtype)
+        with torch.no_grad():
+            new.kept = columns.to(dev)
+            new.taps.copy_(self.taps[stays.to(p.device)][:, outputs.to(p.device)])
+            if self.bias is not None:
+                new.bias.copy_(self.bias[outputs.to(p.device)])
+        new.relu = self.relu
+        new.train(self.training)
+        return new
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from trp import decompose, families
+from trp.channels import CHANNELS_ATTR
 from trp.compile import FOLDED_ATTR, NOTE_ATTR, ROUNDED
 from trp.epilogue import EPILOGUE_ATTR
 from trp.modules import LAYER_TYPES, LowRankConv2d, LowRankLinear, TapSparseConv2d, parameter_of
@@ -147,6 +148,16 @@ def _row(fqn: str, m: nn.Module, shapes: list, batch: int) -> dict:
     folded = getattr(m, FOLDED_ATTR, None)
     if folded:
         note = f"{folded} folded" + (f"; {note}" if note else "")
+    built = getattr(m, CHANNELS_ATTR, None)
+    if built:  # channels removed (trp.channels): the dense columns are the layer as it was built
+        n_in, n_out = built
+        scale = n_in * n_out / (m.in_channels * m.out_channels)
+        row["macs_dense"] = round(row["macs_dense"] * scale)
+        k = m.kernel_size[0] * m.kernel_size[1]
+        row["params_dense"] = n_in * n_out * k + (0 if m.bias is None else n_out)
+        cut = [f"{what} {a}->{b}" for what, a, b in (("in", n_in, m.in_channels), ("out", n_out, m.out_channels))
+               if a != b]
+        note = (f"{note}; " if note else "") + "channels removed: " + ", ".join(cut)
     fused = getattr(m, EPILOGUE_ATTR, None)
     if fused:
         note = (f"{note}; " if note else "") + f"epilogue: {fused}"

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import trp
 from trp import models
+from trp.channels import CHANNELS_ATTR
 from trp.modules import TapSparseConv2d
 from trp.plan import Plan, TapChoice
 from trp_kernels import cpp, ops, reference
@@ -139,6 +140,12 @@ def _pruned_resnet(seed=0, fraction=0.5):
     return model.eval(), method
 
 
+def _kept(method, fqn, layer):
+    """The taps SPP kept at ``fqn``, without the input channels compile removed (every tap pruned)."""
+    keep = ~method.pruned[fqn].view(method.targets[fqn][0].weight.shape[1:])
+    return keep[keep.flatten(1).any(1)] if layer.in_channels < keep.shape[0] else keep
+
+
 def test_compile_an_spp_model_into_tap_sparse_convs(tmp_path):
     model, method = _pruned_resnet()
     x = torch.randn(2, 3, 16, 16)
@@ -151,7 +158,7 @@ def test_compile_an_spp_model_into_tap_sparse_convs(tmp_path):
     layers = {f: m for f, m in compiled.named_modules() if isinstance(m, TapSparseConv2d)}
     assert set(layers) == set(method.targets)
     for fqn, m in layers.items():
-        assert torch.equal(m.keep_mask(), ~method.pruned[fqn].view(m.keep_mask().shape))
+        assert torch.equal(m.keep_mask(), _kept(method, fqn, m))
     assert any(m.relu for m in layers.values())  # the epilogue pass fused their ReLUs / residual adds
     with torch.no_grad():
         got = compiled(x)
@@ -160,7 +167,10 @@ def test_compile_an_spp_model_into_tap_sparse_convs(tmp_path):
     for fqn, m in layers.items():
         r = rows[fqn]
         assert r["scheme"] == "taps" and (r["rank"], r["full_rank"]) == (m.n_kept, m.n_taps)
-        assert r["macs"] == r["macs_dense"] * m.n_kept // m.n_taps  # at the kept taps' share
+        built_in, built_out = getattr(m, CHANNELS_ATTR, (m.in_channels, m.out_channels))
+        taps_built = built_in * m.kernel_size[0] * m.kernel_size[1]
+        # at the kept taps' share (of the layer as built, before compile removed any channel)
+        assert r["macs"] == pytest.approx(r["macs_dense"] * m.out_channels / built_out * m.n_kept / taps_built)
         assert "folded" in r["note"]
 
     path = tmp_path / "spp.safetensors"
@@ -203,7 +213,7 @@ def test_fine_tune_a_tap_sparse_model_then_fold_its_bns():
         assert torch.allclose(folded(x), want, atol=1e-4)
     for fqn, m in folded.named_modules():
         if isinstance(m, TapSparseConv2d):  # still without the pruned taps
-            assert torch.equal(m.keep_mask(), ~method.pruned[fqn].view(m.keep_mask().shape))
+            assert torch.equal(m.keep_mask(), _kept(method, fqn, m))
 
 
 def test_tap_sparse_conv_under_torch_compile():
@@ -244,3 +254,69 @@ def test_a_tap_sparse_model_runs_as_one_cpp_program():
     assert set(method.targets) <= steps  # every tap-sparse conv is a step of a C++ program
     for y in got:
         assert torch.allclose(y, want, atol=1e-4)
+
+
+def _with_dead_channels(model, method, fqn, channels):
+    """Prune every tap of input ``channels`` of SPP target ``fqn``."""
+    m = method.targets[fqn][0]
+    with torch.no_grad():
+        pruned = method.pruned[fqn].view(m.weight.shape[1:])
+        pruned[channels] = True
+        method.epoch_end(0)
+
+
+def test_input_channels_with_every_tap_pruned_are_removed_with_the_producers_outputs(tmp_path):
+    model, method = _pruned_resnet(fraction=0.3)
+    _with_dead_channels(model, method, "layer1.0.conv2", [1, 5])
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        want = model(x)
+    compiled = trp.compile(model, plan=method.plan(), inplace=False)
+    consumer, producer = compiled.layer1[0].conv2, compiled.layer1[0].conv1
+    assert (consumer.in_channels, producer.out_channels) == (14, 14)  # 16 - 2, both sides
+    assert consumer.n_kept == int((~method.pruned["layer1.0.conv2"]).sum())  # every kept tap is still there
+    with torch.no_grad():
+        got = compiled(x)
+    assert torch.allclose(got, want, atol=1e-4)
+    rows = {r["name"]: r for r in trp.summary(compiled, x).rows}
+    assert "channels removed: in 16->14" in rows["layer1.0.conv2"]["note"]
+    assert "channels removed: out 16->14" in rows["layer1.0.conv1"]["note"]
+    assert rows["layer1.0.conv1"]["macs"] < rows["layer1.0.conv1"]["macs_dense"] * (1 - 0.3) * 15 / 16
+    path = tmp_path / "cut.safetensors"
+    trp.save(compiled, path)
+    loaded = trp.load(path, models.resnet_cifar(8).eval())
+    with torch.no_grad():
+        assert torch.equal(loaded(x), got)
+    assert loaded.layer1[0].conv1.out_channels == 14
+
+
+def test_a_dense_producer_loses_the_channels_its_consumer_does_not_read(tmp_path):
+    torch.manual_seed(0)
+
+    def build():
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 6, 3, padding=1),
+                             nn.ReLU(), nn.Conv2d(6, 4, 3, padding=1, bias=False)).eval()
+
+    model = build()
+    method = trp.SPP(model, target=0.5)
+    assert set(method.targets) == {"3", "5"}  # the stem (0) stays dense
+    _with_dead_channels(model, method, "3", [0, 7])
+    _with_dead_channels(model, method, "5", [2])
+    x = torch.randn(2, 3, 9, 9)
+    with torch.no_grad():
+        want = model(x)
+    compiled = trp.compile(model, plan=method.plan(), inplace=False)
+    assert type(compiled[0]) is nn.Conv2d and compiled[0].out_channels == 6  # the dense stem, thinner
+    assert (compiled[3].in_channels, compiled[3].out_channels, compiled[5].in_channels) == (6, 5, 5)
+    with torch.no_grad():
+        got = compiled(x)
+    assert torch.allclose(got, want, atol=1e-5)
+    path = tmp_path / "dense.safetensors"
+    trp.save(compiled, path)
+    loaded = trp.load(path, build())
+    with torch.no_grad():
+        assert torch.equal(loaded(x), got)
+    with pytest.raises(trp.io.TrpFileError, match=r"'0' is Conv2d \(3 -> 4 channels\), the file has a conv of 3 -> 8"):
+        other = build()
+        other[0] = nn.Conv2d(3, 4, 3, padding=1)
+        trp.load(path, other)
