@@ -1,8 +1,8 @@
 """SPP on the digits: ResNet-20 trained with trp.SPP at the tap fraction that gives 2x (and
 4x) fewer conv MACs, counted at the kept taps' cost (what a tap-sparse kernel would run),
-for several seeds; the dense model trained alike for reference. Accuracy only: the
-tap-sparse kernel path does not exist yet, so no latency is measured (the trained model runs
-as a dense conv with zeros).
+for several seeds; the dense model trained alike for reference. Accuracy only (the trained
+model as it leaves training); ``python -m trp demo --methods trp,spp`` compiles the same
+models to tap-sparse convs and times them (benches/results/methods-digits-spp/).
 
     python benches/spp_digits.py --seeds 0,1,2 --json benches/results/spp-digits/spp.json
 """

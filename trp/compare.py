@@ -189,7 +189,11 @@ def run(methods: Sequence[str] = METHODS, budgets: Sequence[float] = (2.0, 4.0),
                     model = models.resnet_cifar(20)
                     method = trp.SPP(model, target=fraction, seed=seed)
                     history = fit(model, epochs, lr, method)
-                    extra = {"target": fraction, "final_record": dict(history[-1])}
+                    extra = {"target": fraction, "final_record": dict(history[-1]),
+                             "layers_done": sum(method.done.values()), "layers": len(method.done)}
+                    if extra["layers_done"] < extra["layers"]:
+                        log(f"  spp: only {extra['layers_done']} of {extra['layers']} layers reached their target in "
+                            f"{epochs} epochs: the budget is not met (train longer)")
                     source, plan = model.eval(), method.plan()
                 else:
                     budget_of = Budget(dense, x1, targets)

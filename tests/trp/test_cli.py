@@ -52,7 +52,7 @@ def test_no_command_is_an_error():
     (["--epochs", "x"], "--epochs: must be a number, got 'x'"),
     (["--scheme", "cp"], "--scheme: must be one of channel, spatial, tucker, pointwise or a comma-separated list"),
     (["--scheme", "tucker,tucker"], "--scheme: must be one of"),
-    (["--methods", "trp,obs"], "--methods: expected distinct names from trp,admm,eigendamage,svd,tucker-svd"),
+    (["--methods", "trp,obs"], "--methods: expected distinct names from trp,admm,eigendamage,svd,tucker-svd,spp"),
     (["--methods", "trp", "--budgets", "2,0.5"], "--budgets: expected comma-separated numbers > 1"),
     (["--methods", "trp", "--seeds", "a"], "--seeds: expected comma-separated integers"),
 ])
