@@ -1,7 +1,8 @@
 """The tap-sparse conv (SPP) against the dense conv, layer by layer: ResNet-18's 3x3 stride-1
 shapes at batch 1 and 8, with 50% and 75% of the im2col columns pruned (random columns),
-bias + residual + ReLU epilogue, float32, channels_last. One process, the variants of a
-layer timed call by call in rotating order (trp.timing.compare, interleave=True), median ms.
+bias + residual + ReLU epilogue, float32, channels_last. One process; trp's kernels timed
+call by call in rotating order (trp.timing.compare, interleave=True), PyTorch's oneDNN conv
+in blocks of its own (its thread pool is not trp's), median ms.
 
 Columns: trp's dense kernel with Winograd where it wins (its default), the same direct (no
 Winograd: the multiplies the tap-sparse kernel is measured against), PyTorch's oneDNN conv,
@@ -62,7 +63,10 @@ def main(repeats: int = 30) -> None:
                     exact = torch.relu(F.conv2d(x.double(), wz.double(), bias.double(), 1, 1) + res.double())
                     err = (fns["taps"]().double() - exact).abs().max().item() / exact.abs().max().item()
                     assert err < 1e-5, err
-                    t = compare(fns, warmup=3, repeats=repeats, interleave=True)
+                    # trp's kernels (its OpenMP pool) call by call; PyTorch's conv in blocks of its
+                    # own, after its pool and trp's have gone idle
+                    pools = {"winograd": "trp", "direct": "trp", "taps": "trp", "onednn": "torch"}
+                    t = compare(fns, warmup=3, repeats=repeats, interleave=True, pools=pools)
                 ms = {k: v["median_ms"] for k, v in t.items()}
                 ideal = cols.numel() and keep.numel() / cols.numel()
                 speed = ms["direct"] / ms["taps"]

@@ -11,7 +11,6 @@ the thinner layer on a freshly built model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -23,15 +22,6 @@ from trp.modules import TapSparseConv2d
 
 CHANNELS_ATTR = "_trp_channels"  # (in_channels, out_channels) as the layer was before channels were removed
 _RELU_FNS = (torch.relu, torch.relu_, F.relu)
-
-
-@dataclass
-class ChannelCut:
-    """``channels`` input channels of ``consumer`` (a tap-sparse conv) and the matching output
-    channels of ``producer``, removed."""
-    consumer: str
-    producer: str
-    channels: int
 
 
 def _channelwise(node: torch.fx.Node, modules: dict) -> bool:
@@ -51,11 +41,18 @@ def _trp_attrs(old: nn.Module, new: nn.Module) -> None:
         setattr(new, CHANNELS_ATTR, (old.in_channels, old.out_channels))
 
 
+def conv_like(conv: nn.Conv2d, in_channels: int, out_channels: int, bias: bool, device=None,
+              dtype=None) -> nn.Conv2d:
+    """A new ``nn.Conv2d`` with ``conv``'s geometry and these channels (what a thinner layer
+    is built as, here and by ``trp.load``)."""
+    return nn.Conv2d(in_channels, out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                     conv.groups, bias=bias, padding_mode=conv.padding_mode, device=device, dtype=dtype)
+
+
 def conv_without_outputs(conv: nn.Conv2d, live: torch.Tensor) -> nn.Conv2d:
     """``conv`` computing only its output channels ``live`` (bool (out,))."""
     p = conv.weight
-    new = nn.Conv2d(conv.in_channels, int(live.sum()), conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                    bias=conv.bias is not None, padding_mode=conv.padding_mode, device=p.device, dtype=p.dtype)
+    new = conv_like(conv, conv.in_channels, int(live.sum()), conv.bias is not None, p.device, p.dtype)
     with torch.no_grad():
         new.weight.copy_(conv.weight[live.to(p.device)])
         if conv.bias is not None:
@@ -65,12 +62,12 @@ def conv_without_outputs(conv: nn.Conv2d, live: torch.Tensor) -> nn.Conv2d:
     return new
 
 
-def drop_dead_channels(model: nn.Module, graph: Optional[torch.fx.Graph]) -> list[ChannelCut]:
+def drop_dead_channels(model: nn.Module, graph: Optional[torch.fx.Graph]) -> None:
     """Remove, in place, the input channels no tap of a tap-sparse conv reads and the
-    producing conv's matching output channels (see the module docstring); the cuts made.
-    ``graph``: the model's fx graph with trp's layers as leaves (None: nothing is done)."""
+    producing conv's matching output channels (see the module docstring). ``graph``: the
+    model's fx graph with trp's layers as leaves (None: nothing is done)."""
     if graph is None:
-        return []
+        return
     modules = dict(model.named_modules())
     calls: dict[str, int] = {}
     for node in graph.nodes:
@@ -89,7 +86,6 @@ def drop_dead_channels(model: nn.Module, graph: Optional[torch.fx.Graph]) -> lis
         modules[fqn] = new
         counts[id(new)] = 1  # (it may be cut again, as the consumer or the producer of a later cut)
 
-    cuts = []
     for node in graph.nodes:
         consumer = modules.get(node.target) if node.op == "call_module" else None
         if not isinstance(consumer, TapSparseConv2d) or not once(node.target) or not node.args:
@@ -115,5 +111,3 @@ def drop_dead_channels(model: nn.Module, graph: Optional[torch.fx.Graph]) -> lis
         _trp_attrs(consumer, new)
         replace(cur.target, thin)
         replace(node.target, new)
-        cuts.append(ChannelCut(node.target, cur.target, int((~live).sum())))
-    return cuts

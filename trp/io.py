@@ -35,7 +35,7 @@ from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
 from trp import epilogue, files, layout, program
-from trp.channels import CHANNELS_ATTR
+from trp.channels import CHANNELS_ATTR, conv_like
 from trp.compile import FOLDED_ATTR, NOTE_ATTR, walk
 from trp.epilogue import EPILOGUE_ATTR
 from trp.modules import CONV_TYPES, LAYER_TYPES, NAME_ATTR, LowRankLinear
@@ -327,9 +327,8 @@ def _apply(meta: dict, tensors: dict, model: nn.Module, path: Path, device=None)
             continue
         ref = tensors.get(f"{fqn}.weight")
         try:
-            new = nn.Conv2d(now_in, now_out, old.kernel_size, old.stride, old.padding, old.dilation, old.groups,
-                            bias=f"{fqn}.bias" in tensors, padding_mode=old.padding_mode,
-                            device=device or old.weight.device, dtype=ref.dtype if ref is not None else None)
+            new = conv_like(old, now_in, now_out, f"{fqn}.bias" in tensors, device or old.weight.device,
+                            ref.dtype if ref is not None else None)
             new.load_state_dict({k[len(fqn) + 1:]: v for k, v in state.items() if k.startswith(fqn + ".")},
                                 assign=device == "meta")
         except (RuntimeError, ValueError) as e:

@@ -75,12 +75,12 @@ class _Layer(nn.Module):
     @backend.setter
     def backend(self, value: str) -> None:
         self._backend = check_backend(value)
-        self._kept = [None]  # what the last call kept (ops' kept plan) was for the old backend
+        self._bound = [None]  # the last call's kept plan (ops.run_kept) was for the old backend
 
     def __getstate__(self):
         state = super().__getstate__()
-        if "_kept" in state:  # a plan for this process's memory: a copy or a pickle starts without it
-            state = {**state, "_kept": [None]}
+        if "_bound" in state:  # a plan for this process's memory: a copy or a pickle starts without it
+            state = {**state, "_bound": [None]}
         return state
 
     def _describe(self) -> str:
@@ -89,6 +89,28 @@ class _Layer(nn.Module):
 
     def lay_out(self) -> None:
         """Put the weights in the layout the backend's kernel reads in place (no-op here)."""
+
+    def _rank_limit(self) -> Optional[int]:
+        """The widest intermediate, for the backends' limits (None: none)."""
+        return None
+
+    def resolved_backend(self, device=None, dtype=None) -> str:
+        """The backend a call with tensors of ``device``/``dtype`` would run (default: the
+        parameters'); raises :class:`trp_kernels.ops.BackendError` if an explicit backend
+        cannot run them."""
+        p = parameter_of(self)
+        return ops.resolve_backend(self._backend, device or p.device, dtype or p.dtype, self._rank_limit(),
+                                   getattr(self, "kernel_size", (1, 1)))
+
+    def _filled(self, dense: nn.Module) -> nn.Module:
+        """``dense`` (a new nn.Conv2d or nn.Linear of this layer's shape) holding
+        :meth:`dense_weight` and the bias, in this layer's train/eval mode."""
+        with torch.no_grad():
+            dense.weight.copy_(self.dense_weight())
+            if self.bias is not None:
+                dense.bias.copy_(self.bias)
+        dense.train(self.training)
+        return dense
 
     # -- what both conv layers share ----------------------------------------------------
     def _set_geometry(self, in_channels, out_channels, kernel_size, stride, padding, dilation) -> None:
@@ -141,18 +163,12 @@ class _Layer(nn.Module):
             s += f", dilation={self.dilation}"
         return s + (", bias=False" if self.bias is None else "")
 
-    def _dense_conv(self) -> nn.Conv2d:
-        """An ``nn.Conv2d`` holding :meth:`dense_weight` (and the bias)."""
+    def to_dense(self) -> nn.Conv2d:
+        """An ``nn.Conv2d`` computing the same function (up to rounding)."""
         p = parameter_of(self)
-        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
-                         self.padding, self.dilation, bias=self.bias is not None,
-                         device=p.device, dtype=p.dtype)
-        with torch.no_grad():
-            conv.weight.copy_(self.dense_weight())
-            if self.bias is not None:
-                conv.bias.copy_(self.bias)
-        conv.train(self.training)
-        return conv
+        return self._filled(nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
+                                      self.padding, self.dilation, bias=self.bias is not None,
+                                      device=p.device, dtype=p.dtype))
 
 
 class _LowRank(_Layer):
@@ -174,13 +190,8 @@ class _LowRank(_Layer):
         """The factors, stage by stage (``weight1``, ``weight2``, ...)."""
         return [self._parameters[f"weight{i + 1}"] for i in range(self._n_stages)]
 
-    def resolved_backend(self, device=None, dtype=None) -> str:
-        """The backend a call with tensors of ``device``/``dtype`` would run (default: the
-        parameters'); raises :class:`trp_kernels.ops.BackendError` if an explicit backend
-        cannot run them."""
-        p = self.weight1
-        return ops.resolve_backend(self._backend, device or p.device, dtype or p.dtype, max(self.ranks),
-                                   getattr(self, "kernel_size", (1, 1)))
+    def _rank_limit(self) -> Optional[int]:
+        return max(self.ranks)
 
     def lay_out(self) -> None:
         """Put the factors (and their gradients, so that an optimizer sees one layout) in the
@@ -299,13 +310,9 @@ class LowRankConv2d(_LowRank):
         """The (n, c, kh, kw) weight that the factors multiply out to."""
         return self.family.compose(self.stage_weights())
 
-    def to_dense(self) -> nn.Conv2d:
-        """An ``nn.Conv2d`` computing the same function (up to rounding)."""
-        return self._dense_conv()
-
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         weights = self.stage_weights()
-        out = ops.run_kept(self._kept, x, weights, self.bias, residual, self.relu)
+        out = ops.run_kept(self._bound, x, weights, self.bias, residual, self.relu)
         if out is not None:  # the same call as the last one: its checks hold
             return out
         x, residual, unbatched, fused = self._conv_input(x, residual)
@@ -313,7 +320,7 @@ class LowRankConv2d(_LowRank):
         if not fused:
             out = epilogue(ops.conv_chain(x, *chain, backend=self._backend), residual, self.relu)
         else:
-            out = ops.conv_chain(x, *chain, residual, self.relu, self._backend, None if unbatched else self._kept)
+            out = ops.conv_chain(x, *chain, residual, self.relu, self._backend, None if unbatched else self._bound)
         return out.squeeze(0) if unbatched else out
 
     def config(self) -> dict:
@@ -377,14 +384,8 @@ class LowRankLinear(_LowRank):
 
     def to_dense(self) -> nn.Linear:
         p = self.weight1
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device=p.device, dtype=p.dtype)
-        with torch.no_grad():
-            linear.weight.copy_(self.dense_weight())
-            if self.bias is not None:
-                linear.bias.copy_(self.bias)
-        linear.train(self.training)
-        return linear
+        return self._filled(nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                                      device=p.device, dtype=p.dtype))
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         if x.dim() == 0 or x.shape[-1] != self.in_features:
@@ -434,7 +435,7 @@ class TapSparseConv2d(_Layer):
             if kept.dtype is not torch.bool or tuple(kept.shape) != shape:
                 raise ValueError(f"kept must be a bool mask of shape {shape} (in_channels, kh, kw) or an int, got "
                                  f"{kept.dtype} {tuple(kept.shape)}")
-            columns = reference.pack_taps(torch.empty((1, *shape), device="meta"), kept.cpu())[1]
+            columns = reference.tap_columns(kept.cpu())
         elif isinstance(kept, int) and not isinstance(kept, bool) and 0 <= kept <= cols:
             columns = torch.arange(kept, dtype=torch.int64)
         else:
@@ -460,10 +461,7 @@ class TapSparseConv2d(_Layer):
 
     def keep_mask(self) -> torch.Tensor:
         """The kept taps as a bool mask (in_channels, kh, kw)."""
-        kh, kw = self.kernel_size
-        flat = torch.zeros(kh * kw * self.in_channels, dtype=torch.bool, device=self.kept.device)
-        flat[self.kept] = True
-        return flat.reshape(kh, kw, self.in_channels).permute(2, 0, 1)
+        return reference.tap_mask(self.kept, self.in_channels, self.kernel_size)
 
     def reset_parameters(self) -> None:
         fan_in = max(self.n_kept, 1)
@@ -488,11 +486,15 @@ class TapSparseConv2d(_Layer):
             raise ValueError(f"weight must have the conv's shape {tuple(conv.weight.shape)}, got {tuple(w.shape)}")
         if keep is None:
             keep = (w != 0).any(0)
+        elif not isinstance(keep, torch.Tensor) or keep.dtype is not torch.bool or keep.shape != w.shape[1:]:
+            raise ValueError(f"keep must be a bool mask of shape {tuple(w.shape[1:])} (in_channels, kh, kw), got "
+                             f"{keep.dtype if isinstance(keep, torch.Tensor) else type(keep).__name__} "
+                             f"{tuple(getattr(keep, 'shape', ()))}")
         bias = conv.bias if isinstance(bias, str) and bias == "conv" else bias
-        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, keep.to(torch.bool), conv.stride,
+        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, keep, conv.stride,
                   conv.padding, conv.dilation, bias is not None, backend, device=w.device, dtype=w.dtype)
         with torch.no_grad():
-            new.taps.copy_(reference.pack_taps(w, keep.to(device=w.device, dtype=torch.bool))[0])
+            new.taps.copy_(reference.pack_taps(w, keep.to(w.device))[0])
             if bias is not None:
                 new.bias.copy_(bias)
         new.train(conv.training)
@@ -502,25 +504,19 @@ class TapSparseConv2d(_Layer):
                         outputs: Optional[torch.Tensor] = None) -> "TapSparseConv2d":
         """A new layer reading only the input channels ``inputs`` and computing only the output
         channels ``outputs`` (bool masks, None: all), with the kept taps of those channels."""
-        dev = self.kept.device
         inputs = torch.ones(self.in_channels, dtype=torch.bool) if inputs is None else inputs.to(torch.bool).cpu()
         outputs = torch.ones(self.out_channels, dtype=torch.bool) if outputs is None else outputs.to(torch.bool).cpu()
         if inputs.shape != (self.in_channels,) or outputs.shape != (self.out_channels,):
             raise ValueError(f"inputs and outputs must be bool masks of shapes ({self.in_channels},) and "
                              f"({self.out_channels},), got {tuple(inputs.shape)} and {tuple(outputs.shape)}")
-        kept = self.kept.cpu()
-        tap, ci = kept // self.in_channels, kept % self.in_channels
-        stays = inputs[ci]
-        renumber = torch.cumsum(inputs.long(), 0) - 1
-        n_in = int(inputs.sum())
-        columns = tap[stays] * n_in + renumber[ci[stays]]
         p = self.taps
-        new = TapSparseConv2d(n_in, int(outputs.sum()), self.kernel_size, int(columns.numel()), self.stride,
+        keep = self.keep_mask().cpu()[inputs]
+        weight = self.dense_weight().detach()[outputs.to(p.device)][:, inputs.to(p.device)]
+        new = TapSparseConv2d(int(inputs.sum()), int(outputs.sum()), self.kernel_size, keep, self.stride,
                               self.padding, self.dilation, self.bias is not None, self._backend, device=p.device,
                               dtype=p.dtype)
         with torch.no_grad():
-            new.kept = columns.to(dev)
-            new.taps.copy_(self.taps[stays.to(p.device)][:, outputs.to(p.device)])
+            new.taps.copy_(reference.pack_taps(weight, keep.to(p.device))[0])
             if self.bias is not None:
                 new.bias.copy_(self.bias[outputs.to(p.device)])
         new.relu = self.relu
@@ -532,29 +528,19 @@ class TapSparseConv2d(_Layer):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         self.kept = self.kept.clone()  # a new tensor: plans kept for the old columns no longer match
-        self._kept = [None]
+        self._bound = [None]
         k = self.kept.cpu()
         if k.numel() and (k.dtype != torch.int64 or int(k.min()) < 0 or int(k.max()) >= self.n_taps
                           or (k.numel() > 1 and not bool((k[1:] > k[:-1]).all()))):
             error_msgs.append(f"{prefix}kept must hold ascending column numbers in [0, {self.n_taps}), "
                               f"got {k.tolist()[:8]}...")
 
-    def resolved_backend(self, device=None, dtype=None) -> str:
-        """The backend a call with tensors of ``device``/``dtype`` would run (default: the
-        weights'); raises :class:`trp_kernels.ops.BackendError` if an explicit backend cannot."""
-        p = self.taps
-        return ops.resolve_backend(self._backend, device or p.device, dtype or p.dtype, None, self.kernel_size)
-
     def dense_weight(self) -> torch.Tensor:
         """The (out, in, kh, kw) weight, zero at the pruned taps."""
         return reference.unpack_taps(self.taps, self.kept, self.in_channels, self.kernel_size)
 
-    def to_dense(self) -> nn.Conv2d:
-        """An ``nn.Conv2d`` computing the same function (its pruned taps zero)."""
-        return self._dense_conv()
-
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        out = ops.run_kept(self._kept, x, (self.taps, self.kept), self.bias, residual, self.relu)
+        out = ops.run_kept(self._bound, x, (self.taps, self.kept), self.bias, residual, self.relu)
         if out is not None:  # the same call as the last one: its checks hold
             return out
         x, residual, unbatched, fused = self._conv_input(x, residual)
@@ -562,7 +548,7 @@ class TapSparseConv2d(_Layer):
         if not fused:
             out = epilogue(ops.conv_taps(x, *args, backend=self._backend), residual, self.relu)
         else:
-            out = ops.conv_taps(x, *args, residual, self.relu, self._backend, None if unbatched else self._kept)
+            out = ops.conv_taps(x, *args, residual, self.relu, self._backend, None if unbatched else self._bound)
         return out.squeeze(0) if unbatched else out
 
     def config(self) -> dict:

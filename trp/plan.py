@@ -56,11 +56,6 @@ class TapChoice:
             raise TypeError(f"keep must be a bool tensor (in_channels, kh, kw), got {self.keep!r:.80}")
         object.__setattr__(self, "keep", self.keep.detach().cpu())
 
-    @property
-    def ranks(self) -> int:
-        """How many taps it keeps."""
-        return int(self.keep.sum())
-
 
 class Plan(dict):
     """``{fqn: LayerChoice}``: the layers to factor and how. Layers not in it stay dense."""

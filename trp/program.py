@@ -248,7 +248,7 @@ def _classify(node: torch.fx.Node, modules: dict, values: dict, uses: Optional[d
         if isinstance(m, nn.Identity) and len(node.args) == 1 and not node.kwargs and tensor_args(node.args[0]):
             return _Step(node, "alias", node.args, m)
         if isinstance(m, CONV_TYPES):
-            bound = m._kept[0]
+            bound = m._bound[0]
             res = node.kwargs.get("residual")
             if (bound is None or len(node.args) != 1 or set(node.kwargs) - {"residual"} or not tensor_args(node.args[0])
                     or bound.x_shape != values[node.args[0]].shape or bound.residual != (res is not None)
@@ -447,7 +447,7 @@ def _build_segment(run: list[_Step], values: dict, graph_out_users: set, modules
         reads = [slot[resolve(r)] for r in s.reads]
         out = slot[s.node]
         if s.op == "conv":
-            bound = s.module._kept[0]
+            bound = s.module._bound[0]
             prog.add_conv(bound.plan, reads[0], reads[1] if len(reads) > 1 else -1, out)
             plans.append((s.module, bound))
         elif s.op == "dense":

@@ -439,6 +439,8 @@ def bound_taps(x: torch.Tensor, weight: torch.Tensor, kept: torch.Tensor, bias: 
     lib = _require()
     from trp_kernels.reference import checked_output_hw
 
+    if not isinstance(kept, torch.Tensor) or kept.dtype != torch.int64 or kept.device.type != "cpu":
+        raise ValueError(f"conv_taps: kept must be an int64 CPU tensor of im2col columns, got {kept!r:.60}")
     kh, kw = (int(k) for k in kernel_size)
     x = _checked(x, "x").contiguous(memory_format=torch.channels_last)
     ho, wo = checked_output_hw("conv_taps", x.shape[-2:], (kh, kw), stride, padding, dilation)
@@ -449,8 +451,6 @@ def bound_taps(x: torch.Tensor, weight: torch.Tensor, kept: torch.Tensor, bias: 
     if residual is not None:
         residual = _checked(residual, "residual").contiguous(memory_format=torch.channels_last)
         ra = _nhwc(residual)
-    if not isinstance(kept, torch.Tensor) or kept.dtype != torch.int64 or kept.device.type != "cpu":
-        raise ValueError(f"conv_taps: kept must be an int64 CPU tensor of im2col columns, got {kept!r:.60}")
     plan = lib.LowRankPlan.taps(_nhwc(x), _array(weight, "weight"), kept.contiguous().numpy(),
                                 None if bias is None else _array(bias, "bias"), ra, _nhwc(out), kh, kw,
                                 (int(stride[0]), int(stride[1])), (int(padding[0]), int(padding[2])),

@@ -346,6 +346,20 @@ def lowrank_linear_backward(grad_out, x, weight1, weight2, has_bias, needs):
 
 # --- tap-sparse convs (SPP) -------------------------------------------------------------
 
+def tap_columns(keep: torch.Tensor) -> torch.Tensor:
+    """The kept im2col columns of a bool mask ``keep`` (c, kh, kw), in the kernels' order:
+    each ``(ki * kw + kj) * c + ci``, ascending (int64)."""
+    return torch.nonzero(keep.permute(1, 2, 0).reshape(-1)).flatten().to(torch.int64).contiguous()
+
+
+def tap_mask(kept: torch.Tensor, in_channels: int, kernel_size: Sequence[int]) -> torch.Tensor:
+    """:func:`tap_columns` undone: the bool mask (in_channels, kh, kw) of the columns ``kept``."""
+    kh, kw = (int(k) for k in kernel_size)
+    flat = torch.zeros(kh * kw * int(in_channels), dtype=torch.bool, device=kept.device)
+    flat[kept] = True
+    return flat.reshape(kh, kw, int(in_channels)).permute(2, 0, 1)
+
+
 def pack_taps(weight: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A conv weight (n, c, kh, kw) and its kept im2col columns ``keep`` (bool (c, kh, kw))
     as :func:`conv_taps` takes them: the kept columns in the kernel's order, each
@@ -355,10 +369,9 @@ def pack_taps(weight: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, t
         raise ValueError(f"pack_taps: keep must be a bool tensor of shape {tuple(weight.shape[1:])} (the weight's "
                          f"(in, kh, kw)), got {keep.dtype} {tuple(keep.shape)}")
     hwio = weight.detach().permute(2, 3, 1, 0)            # (kh, kw, c, n): rows in the kernel's column order
-    mask = keep.permute(1, 2, 0).reshape(-1)
-    kept = torch.nonzero(mask).flatten()
-    rows = hwio.reshape(-1, weight.shape[0])[kept]
-    return rows.contiguous(), kept.to(torch.int64).contiguous()
+    kept = tap_columns(keep)
+    rows = hwio.reshape(-1, weight.shape[0])[kept.to(weight.device)]
+    return rows.contiguous(), kept
 
 
 def unpack_taps(taps: torch.Tensor, kept: torch.Tensor, in_channels: int, kernel_size: Sequence[int]) -> torch.Tensor:

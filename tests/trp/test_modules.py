@@ -229,11 +229,11 @@ def test_a_repeated_call_runs_what_the_last_one_kept_and_leaves_it_when_anything
         return out.relu() if relu else out
 
     def kept_runs(inp, r=None):
-        return ops.run_kept(layer._kept, inp, layer.stage_weights(), layer.bias, r, layer.relu) is not None
+        return ops.run_kept(layer._bound, inp, layer.stage_weights(), layer.bias, r, layer.relu) is not None
 
     with torch.no_grad():
         first = layer(x, res)
-        assert isinstance(layer._kept[0], cpp.Bound)
+        assert isinstance(layer._bound[0], cpp.Bound)
         assert kept_runs(x, res) and torch.equal(layer(x, res), first)
         assert rel_err(first, want(x, res)) < 1e-5
         # Another shape, layout, a missing residual or another epilogue: the checked way.
@@ -249,10 +249,10 @@ def test_a_repeated_call_runs_what_the_last_one_kept_and_leaves_it_when_anything
         assert not kept_runs(x, res) and rel_err(layer(x, res), want(x, res, relu=True)) < 1e-5
         # Copies and pickles start without a plan, and compute the same.
         for other in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
-            assert other._kept == [None]
+            assert other._bound == [None]
             assert torch.equal(other(x, res), layer(x, res))
         layer.backend = "torch"
-        assert layer._kept == [None] and rel_err(layer(x, res), want(x, res, relu=True)) < 1e-5
+        assert layer._bound == [None] and rel_err(layer(x, res), want(x, res, relu=True)) < 1e-5
     layer.backend = "auto"
     layer(x, res)
     # With gradients to record the call goes through the op, whatever was kept.

@@ -107,6 +107,9 @@ def test_tap_sparse_conv_arguments():
         TapSparseConv2d(12, 20, 3, torch.ones(12, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"kept must be a bool mask of shape \(12, 3, 3\) or an int in \[0, 108\]"):
         TapSparseConv2d(12, 20, 3, 109)
+    with pytest.raises(ValueError, match=r"keep must be a bool mask of shape \(12, 3, 3\) \(in_channels, kh, kw\), "
+                                         r"got torch.float32 \(12, 3, 3\)"):
+        TapSparseConv2d.from_conv(conv, keep.float())
     with pytest.raises(ValueError, match="cannot make this conv tap-sparse: grouped conv"):
         TapSparseConv2d.from_conv(nn.Conv2d(4, 4, 3, groups=2))
     layer = TapSparseConv2d.from_conv(conv, keep)
